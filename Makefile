@@ -1,0 +1,45 @@
+# rlcm-exp. `make help` lists the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help install demo test test-all lint format toy-model bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev,launchers]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package (torch pinned first)
+
+demo: $(STAMP)  ## the quickstart: RLCM on the toy world, a few minutes on a CPU
+	$(BIN)/python -m rlcm_exp experiment=quickstart
+
+test: $(STAMP)  ## the test suite (CPU; gpu/slow/hub markers skipped)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)  ## also the slow tests (gpu and hub still need -m)
+	$(BIN)/python -m pytest -q -m "not gpu and not hub"
+
+lint: $(STAMP)  ## ruff lint + format check, mypy on src/
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~1 h on a 2-core CPU)
+	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0
+
+clean:  ## remove run outputs (not the venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,139 @@
+"""`python -m rlcm_exp [overrides]`: compose -> save resolved config -> seed -> build -> train.
+
+With no overrides this is the paper's RLCM aesthetic run; `model=toy task=toy_compression` runs
+on a laptop CPU. See conf/config.yaml for every key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rlcm_exp.batching import plan_batches
+from rlcm_exp.checkpoint import save_lora
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.models import attach_lora
+from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.train import Trainer
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
+    """Instantiate the reward; model-based builders take the run's device."""
+    import inspect
+
+    target = hydra.utils.get_method(reward_cfg._target_)
+    extra = {"device": str(device)} if "device" in inspect.signature(target).parameters and "device" not in reward_cfg else {}
+    return instantiate(reward_cfg, **extra)
+
+
+def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Any:
+    t = cfg.train
+    return plan_batches(
+        world_size=world_size, samples_per_epoch=t.samples_per_epoch, sample_batch_size=t.sample_batch_size,
+        train_batch_size=t.train_batch_size, samples_per_step=t.samples_per_step, inner_epochs=t.inner_epochs,
+        transitions_per_trajectory=transitions, timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Run one training job into `run_dir` (created by Hydra; the same on every process)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    precision = ("no" if cpu else "fp16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
+
+    # 1. record what runs: resolved config and code version
+    if accelerator.is_main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
+    set_seed(cfg.seed, device_specific=True)  # seed + process index
+
+    # 2. build: model family -> policy (sampler over one member) -> LoRA -> reward, prompts, optimizer
+    family = instantiate(cfg.model)
+    # objects go in through a partial: instantiate() would turn a dataclass kwarg into a config node
+    policy = instantiate(cfg.sampler, _partial_=True)(family=family, device=accelerator.device)
+    params = attach_lora(policy.unet, **cfg.algo.lora)
+    plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
+    reward_fn = build_reward(cfg.reward, accelerator.device)
+    prompts = instantiate(cfg.task.prompts)
+    optimizer = instantiate(cfg.optimizer)(params)
+    total_steps = cfg.train.epochs * plan.optimizer_steps_per_epoch
+    lr_scheduler = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=cfg.algo.lr_end_factor, total_iters=max(total_steps, 1)
+    )
+    policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    logger = instantiate(cfg.logger) if accelerator.is_main_process else instantiate({"_target_": "rlcm_exp.tracking.null_logger"})
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True) | {"batch_plan": plan.as_dict()}, run_dir.name)
+    if accelerator.is_main_process:
+        print(plan.describe())
+        print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; run dir: {run_dir}")
+        (run_dir / "batch_plan.json").write_text(json.dumps(plan.as_dict(), indent=1))
+
+    trainer = Trainer(
+        policy=policy, reward_fn=reward_fn, prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        params=params, tracker=PerPromptStatTracker(**cfg.algo.stat_tracker), plan=plan,
+        settings=instantiate(cfg.train), ppo=instantiate(cfg.algo.ppo), accelerator=accelerator,
+        run_dir=run_dir, seed=cfg.seed, logger=logger,
+    )
+
+    # 3. train
+    records = []
+    try:
+        for epoch in range(trainer.epoch, cfg.train.epochs):
+            rec = trainer.run_epoch(epoch)
+            records.append(rec)
+            if accelerator.is_main_process:
+                print(
+                    f"epoch {epoch}: reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f}  "
+                    f"kl {rec['approx_kl']:.2e}  clipfrac {rec['clipfrac']:.3f}  ratio_first {rec['ratio_first']:.6f}  "
+                    f"t {rec['wallclock_s']:.1f}s"
+                )
+    finally:
+        trainer.close()
+        logger.finish()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_lora(accelerator.unwrap_model(policy.unet), run_dir / "checkpoints" / "final")
+        if records:
+            print(f"reward: first epoch {records[0]['reward_mean']:.4f} -> last epoch {records[-1]['reward_mean']:.4f}")
+    return records
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

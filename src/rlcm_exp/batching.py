@@ -1,0 +1,119 @@
+"""Batch arithmetic, stated once: global sizes in the config, per-process sizes derived and checked.
+
+Sizes that decide the algorithm (trajectories per epoch, per optimizer step) are global, so a run
+means the same thing on 1 GPU or 8; sizes that decide memory (sampling and training chunks) are
+per process. Every mismatch is refused before any model loads, naming the keys involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rlcm_exp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    samples_per_epoch: int  # global trajectories sampled per epoch
+    samples_per_process: int  # trajectories each process samples per epoch
+    sampling_batches: int  # sampling forward chunks per process per epoch
+    sample_batch_size: int  # per process
+    train_batch_size: int  # per process minibatch
+    minibatches_per_inner_epoch: int  # per process
+    grad_accum_minibatches: int  # per process minibatches summed into one optimizer step
+    samples_per_step: int  # global trajectories per optimizer step
+    optimizer_steps_per_epoch: int
+    transitions_per_trajectory: int  # T: stochastic transitions the policy records
+    trained_transitions: int  # T_train = floor(T * timestep_fraction): trained per trajectory per inner epoch
+    inner_epochs: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"batch plan: {self.samples_per_epoch} trajectories/epoch over {self.world_size} process(es) "
+            f"= {self.sampling_batches} x {self.sample_batch_size} per process; "
+            f"{self.trained_transitions}/{self.transitions_per_trajectory} transitions trained per trajectory; "
+            f"{self.optimizer_steps_per_epoch} optimizer step(s)/epoch, each over {self.samples_per_step} "
+            f"trajectories = {self.world_size} process(es) x {self.grad_accum_minibatches} minibatches x "
+            f"{self.train_batch_size}; {self.inner_epochs} inner epoch(s)"
+        )
+
+
+def plan_batches(
+    *,
+    world_size: int,
+    samples_per_epoch: int,
+    sample_batch_size: int,
+    train_batch_size: int,
+    samples_per_step: int,
+    inner_epochs: int,
+    transitions_per_trajectory: int,
+    timestep_fraction: float,
+) -> BatchPlan:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for key, value in [
+        ("train.samples_per_epoch", samples_per_epoch),
+        ("train.sample_batch_size", sample_batch_size),
+        ("train.train_batch_size", train_batch_size),
+        ("train.samples_per_step", samples_per_step),
+        ("train.inner_epochs", inner_epochs),
+    ]:
+        need(value >= 1, f"{key}={value} must be a positive integer")
+    need(
+        0.0 < timestep_fraction <= 1.0,
+        f"algo.timestep_fraction={timestep_fraction} must be in (0, 1]: the fraction of each trajectory's "
+        "transitions trained per inner epoch",
+    )
+    need(
+        samples_per_epoch % world_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} (global) is not divisible by the {world_size} processes; "
+        f"use a multiple of {world_size}",
+    )
+    per_process = samples_per_epoch // world_size
+    need(
+        per_process % sample_batch_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} gives {per_process} trajectories per process, which "
+        f"train.sample_batch_size={sample_batch_size} (per process) does not divide",
+    )
+    need(
+        per_process % train_batch_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} gives {per_process} trajectories per process, which "
+        f"train.train_batch_size={train_batch_size} (per process) does not divide",
+    )
+    need(
+        samples_per_step % (world_size * train_batch_size) == 0,
+        f"train.samples_per_step={samples_per_step} (global) must be a multiple of {world_size} process(es) x "
+        f"train.train_batch_size={train_batch_size} = {world_size * train_batch_size}",
+    )
+    need(
+        samples_per_epoch % samples_per_step == 0,
+        f"train.samples_per_step={samples_per_step} (global) must divide train.samples_per_epoch="
+        f"{samples_per_epoch}: an optimizer step may not straddle two sampling rounds",
+    )
+    trained = int(transitions_per_trajectory * timestep_fraction)
+    need(
+        trained >= 1,
+        f"algo.timestep_fraction={timestep_fraction} x {transitions_per_trajectory} transitions trains no "
+        "transition; raise it or sampler.num_steps",
+    )
+    return BatchPlan(
+        world_size=world_size,
+        samples_per_epoch=samples_per_epoch,
+        samples_per_process=per_process,
+        sampling_batches=per_process // sample_batch_size,
+        sample_batch_size=sample_batch_size,
+        train_batch_size=train_batch_size,
+        minibatches_per_inner_epoch=per_process // train_batch_size,
+        grad_accum_minibatches=samples_per_step // (world_size * train_batch_size),
+        samples_per_step=samples_per_step,
+        optimizer_steps_per_epoch=inner_epochs * (samples_per_epoch // samples_per_step),
+        transitions_per_trajectory=transitions_per_trajectory,
+        trained_transitions=trained,
+        inner_epochs=inner_epochs,
+    )

@@ -1,0 +1,31 @@
+"""The record of a batch of rollouts, shared by every policy (data only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Trajectory:
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (B, L, D) text-encoder states the UNet saw (conditional only)
+    latents: torch.Tensor  # (B, T, C, h, w) state x before each trained transition
+    next_latents: torch.Tensor  # (B, T, C, h, w) the action: x after each trained transition
+    log_probs: torch.Tensor  # (B, T) float32 log pi_old(next | latents), element-averaged
+    images: torch.Tensor  # (B, 3, H, W) float32 decoded final images in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        return Trajectory(
+            prompts=[p for t in parts for p in t.prompts],
+            prompt_embeds=torch.cat([t.prompt_embeds for t in parts]),
+            latents=torch.cat([t.latents for t in parts]),
+            next_latents=torch.cat([t.next_latents for t in parts]),
+            log_probs=torch.cat([t.log_probs for t in parts]),
+            images=torch.cat([t.images for t in parts]),
+        )

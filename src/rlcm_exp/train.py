@@ -1,0 +1,262 @@
+"""The epoch loop, shared by RLCM and DDPO: sample -> reward -> advantages -> clipped PG update.
+
+Nothing here knows which algorithm runs: the policy (LCM or DDIM sampler) supplies rollouts and
+log-probs, the config supplies the numbers. Read it top to bottom; one epoch is `run_epoch`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from rlcm_exp.batching import BatchPlan
+from rlcm_exp.policies.trajectory import Trajectory
+from rlcm_exp.rl.ppo import PPOSettings, clip_advantages, ppo_loss
+from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.tracking import MetricsFile
+
+RewardFn = Callable[[torch.Tensor, list[str]], Any]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 100  # sampling rounds
+    samples_per_epoch: int = 320  # GLOBAL trajectories sampled per epoch (all processes)
+    sample_batch_size: int = 8  # PER PROCESS trajectories per sampling forward
+    train_batch_size: int = 2  # PER PROCESS trajectories per training minibatch
+    samples_per_step: int = 32  # GLOBAL trajectories per optimizer step
+    inner_epochs: int = 1  # passes over each round's samples
+    max_grad_norm: float = 5.0  # clip of the LoRA gradient norm
+    save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
+    save_images_every: int = 0  # also save a grid every N epochs (0: only first and last)
+    reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
+    max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
+    reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, process, purpose): per-epoch streams make resumed runs exact."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _as_reward_dict(result: Any, n: int) -> dict[str, torch.Tensor]:
+    parts = result if isinstance(result, dict) else {"reward": result}
+    out = {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1) for k, v in parts.items()}
+    if "reward" not in out or any(len(v) != n for v in out.values()):
+        shapes = {k: tuple(v.shape) for k, v in out.items()}
+        raise RuntimeError(f"the reward returned {shapes} for {n} images; expected 'reward' of shape ({n},)")
+    return out
+
+
+class Trainer:
+    """Holds what persists across epochs (optimizer, tracker, counters); `run_epoch` is the algorithm."""
+
+    def __init__(
+        self,
+        policy: Any,
+        reward_fn: RewardFn,
+        prompts: list[str],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        params: list[torch.nn.Parameter],
+        tracker: PerPromptStatTracker,
+        plan: BatchPlan,
+        settings: TrainSettings,
+        ppo: PPOSettings,
+        accelerator: Accelerator,
+        run_dir: Path,
+        seed: int,
+        logger: Any,
+    ) -> None:
+        self.policy, self.reward_fn, self.prompts = policy, reward_fn, list(prompts)
+        self.optimizer, self.lr_scheduler, self.params = optimizer, lr_scheduler, params
+        self.tracker, self.plan, self.settings, self.ppo = tracker, plan, settings, ppo
+        self.accelerator, self.run_dir, self.seed, self.logger = accelerator, run_dir, seed, logger
+        self.rank = accelerator.process_index
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.pool = ThreadPoolExecutor(settings.reward_workers) if settings.reward_workers > 0 else None
+        self.epoch = 0
+        self.optimizer_steps = 0
+        self.reward_queries = 0
+        self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
+        self.nonfinite_in_a_row = 0
+
+    # ------------------------------------------------------------------ sampling and rewards
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        out = _as_reward_dict(self.reward_fn(images, prompts), len(prompts))
+        return out, time.perf_counter() - start
+
+    def sample_round(self, epoch: int) -> tuple[Trajectory, dict[str, torch.Tensor], dict[str, float]]:
+        """Sample this process's share of the epoch; rewards of batch i are scored while batch i+1 samples."""
+        plan, device = self.plan, self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, epoch, self.rank, 0))
+        prompt_rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
+        trajectories: list[Trajectory] = []
+        pending: list[Future | tuple] = []
+        t_sample = 0.0
+        for _ in tqdm(range(plan.sampling_batches), desc=f"epoch {epoch} sampling", leave=False,
+                      disable=not self.accelerator.is_local_main_process):
+            batch_prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size)]
+            start = time.perf_counter()
+            with self.accelerator.autocast():
+                traj = self.policy.sample(batch_prompts, generator)
+            t_sample += time.perf_counter() - start
+            trajectories.append(traj)
+            if self.pool is not None:
+                pending.append(self.pool.submit(self._score, traj.images, batch_prompts))
+            else:
+                pending.append(self._score(traj.images, batch_prompts))
+        start = time.perf_counter()
+        results = [p.result() if isinstance(p, Future) else p for p in pending]
+        t_wait = time.perf_counter() - start if self.pool is not None else 0.0
+        rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
+        timing = {"time_sample_s": t_sample, "time_reward_s": sum(r[1] for r in results), "time_reward_wait_s": t_wait}
+        return Trajectory.cat(trajectories), rewards, timing
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Gather rewards and prompts from every process, normalise per prompt, return this process's share."""
+        acc = self.accelerator
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu().numpy().astype(np.float64)
+        all_prompts = gather_object(prompts) if acc.num_processes > 1 else list(prompts)
+        finite = np.isfinite(all_rewards)
+        stats = self._count_nonfinite(all_rewards)
+        adv = np.zeros_like(all_rewards)
+        # non-finite rewards never reach the tracker; their samples get zero advantage, i.e. no gradient
+        if finite.any():
+            adv[finite] = self.tracker.update([p for p, f in zip(all_prompts, finite, strict=True) if f],
+                                              all_rewards[finite])
+        n = len(prompts)
+        local = torch.as_tensor(adv[self.rank * n : (self.rank + 1) * n], dtype=torch.float32)
+        stats.update(reward_mean=float(all_rewards[finite].mean()) if finite.any() else float("nan"),
+                     reward_std=float(all_rewards[finite].std()) if finite.any() else float("nan"))
+        return clip_advantages(local, self.ppo.adv_clip_max), stats
+
+    def _count_nonfinite(self, rewards: np.ndarray) -> dict[str, float]:
+        bad = ~np.isfinite(rewards)
+        for is_bad in bad:
+            self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if is_bad else 0
+            if self.nonfinite_in_a_row >= self.settings.max_nonfinite_in_a_row:
+                raise RuntimeError(
+                    f"{self.nonfinite_in_a_row} non-finite rewards in a row (train.max_nonfinite_in_a_row="
+                    f"{self.settings.max_nonfinite_in_a_row}): the reward is broken or the policy diverged. "
+                    f"Metrics so far are in {self.run_dir / 'metrics.jsonl'}."
+                )
+        return {"reward_nonfinite": float(bad.sum())}
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, epoch: int, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
+        """Inner epochs over shuffled minibatches x per-sample shuffled transitions; one step per accumulation."""
+        acc, plan, policy = self.accelerator, self.plan, self.policy
+        device = acc.device
+        adv = advantages.to(device)
+        n, t_all, t_train, bsz = len(traj), plan.transitions_per_trajectory, plan.trained_transitions, plan.train_batch_size
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        first: dict[str, float] = {}
+        for inner in range(plan.inner_epochs):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 2, inner))
+            order = torch.randperm(n, generator=g)
+            # independently per sample, a random order of its transitions; the first t_train are trained
+            steps = torch.argsort(torch.rand(n, t_all, generator=g), dim=1)[:, :t_train]
+            for mb in tqdm(range(plan.minibatches_per_inner_epoch), desc=f"epoch {epoch} training", leave=False,
+                           disable=not acc.is_local_main_process):
+                rows = order[mb * bsz : (mb + 1) * bsz]
+                sync = (mb + 1) % plan.grad_accum_minibatches == 0
+                ratios = []
+                for j in range(t_train):
+                    k = steps[rows, j]
+                    with acc.no_sync(policy.unet) if not (sync and j == t_train - 1) else nullcontext():
+                        with acc.autocast():
+                            new_lp = policy.log_prob(
+                                traj.latents[rows, k], traj.next_latents[rows, k], k, traj.prompt_embeds[rows]
+                            )
+                        loss, info = ppo_loss(new_lp, traj.log_probs[rows, k].to(device), adv[rows], self.ppo.clip_range)
+                        acc.backward(loss / (plan.grad_accum_minibatches * t_train))
+                    info["loss"] = loss.detach()
+                    for key, v in info.items():
+                        sums[key] = sums.get(key, 0.0) + v.float()
+                    count += 1
+                    if inner == 0 and mb == 0:
+                        ratios.append(torch.exp(new_lp.detach() - traj.log_probs[rows, k].to(device)))
+                if inner == 0 and mb == 0:  # before any optimizer step: training must recompute what sampling drew
+                    r = torch.cat(ratios)
+                    first = {"ratio_first": float(r.mean()), "ratio_first_max_dev": float((r - 1).abs().max())}
+                if sync:
+                    grad_norm = acc.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()  # after the optimizer (the reference code had it before)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer_steps += 1
+        out = {k: float(v) / count for k, v in sums.items() if k != "grad_norm"}
+        out["grad_norm"] = float(sums.get("grad_norm", 0.0)) / max(plan.optimizer_steps_per_epoch, 1)
+        return {**out, **first}
+
+    # ------------------------------------------------------------------ one epoch
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        acc = self.accelerator
+        start = time.perf_counter()
+        traj, rewards, timing = self.sample_round(epoch)
+        advantages, reward_stats = self.advantages(traj.prompts, rewards["reward"])
+        t_train = time.perf_counter()
+        update_stats = self.update(epoch, traj, advantages)
+        timing["time_train_s"] = time.perf_counter() - t_train
+        self.reward_queries += self.plan.samples_per_epoch
+        self.maybe_save_images(epoch, traj, rewards["reward"])
+        self.elapsed_s += time.perf_counter() - start
+        components = {f"reward/{k}": float(acc.gather(v.to(acc.device)).float().nanmean()) for k, v in rewards.items()
+                      if k != "reward"}
+        record = {
+            "epoch": epoch,
+            **reward_stats,
+            **components,
+            **update_stats,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "optimizer_steps": self.optimizer_steps,
+            "reward_queries": self.reward_queries,
+            "wallclock_s": self.elapsed_s,
+            "gpu_hours": self.elapsed_s * (acc.num_processes + self.settings.reward_server_gpus) / 3600.0,
+            **timing,
+        }
+        self.metrics.write(record)
+        if acc.is_main_process:
+            self.logger.log(record, step=epoch)
+        self.epoch = epoch + 1
+        return record
+
+    def maybe_save_images(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
+        s = self.settings
+        last = epoch == s.epochs - 1
+        periodic = s.save_images_every > 0 and epoch % s.save_images_every == 0
+        if not self.accelerator.is_main_process or s.save_images <= 0 or not (epoch == 0 or last or periodic):
+            return
+        from torchvision.utils import save_image
+
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        k = min(s.save_images, len(traj))
+        images = traj.images[:k].float().cpu()
+        save_image(images, folder / f"epoch_{epoch:04d}.png", nrow=int(math.ceil(math.sqrt(k))))
+        captions = [f"{p} | {r:.3f}" for p, r in zip(traj.prompts[:k], rewards[:k].tolist(), strict=True)]
+        (folder / f"epoch_{epoch:04d}.txt").write_text("\n".join(captions) + "\n")
+        self.logger.log_images("samples", images, captions, step=epoch)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
