@@ -126,9 +126,23 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
 def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"error: {config_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind an exception, if any (Hydra's instantiate wraps what builders raise)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main() -> None:

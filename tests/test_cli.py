@@ -1,0 +1,93 @@
+"""The whole loop, in process and through the real entry point; bad input gives one clear paragraph."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from rlcm_exp.__main__ import train
+from rlcm_exp.tracking import read_metrics
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL = [
+    "model=tiny", "task=compression", "sampler.num_steps=4", "train.samples_per_epoch=16",
+    "train.sample_batch_size=8", "train.train_batch_size=4", "train.samples_per_step=8", "train.save_images=4",
+]
+KEYS = {
+    "epoch", "reward_mean", "reward_std", "approx_kl", "clipfrac", "ratio_mean", "ratio_first", "loss", "lr",
+    "wallclock_s", "gpu_hours", "reward_queries", "time_sample_s", "time_reward_s", "time_train_s",
+}
+
+
+def run_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return train(cfg, run_dir)
+
+
+@pytest.mark.parametrize(
+    ("extra", "transitions"),
+    [
+        ([], 3),
+        (["train.train_batch_size=1", "train.samples_per_step=4"], 3),
+        (["sampler.noisy_final_step=true", "train.train_batch_size=8", "train.samples_per_step=16"], 4),
+        (["algo=ddpo", "sampler.num_steps=5"], 5),
+        (["algo=ddpo", "sampler.num_steps=5", "sampler.guidance_scale=1.0"], 5),
+    ],
+)
+def test_first_ratio_is_one_whatever_the_batching(tiny_cache, tmp_path, extra, transitions) -> None:
+    records = run_in_process([*SMALL, "train.epochs=2", *extra], tmp_path)
+    assert len(records) == 2
+    for rec in records:
+        # before any optimizer step, training recomputes exactly what sampling drew
+        assert rec["ratio_first_max_dev"] <= 1e-5, rec["ratio_first_max_dev"]
+        assert abs(rec["ratio_first"] - 1) <= 1e-5
+    plan = json.loads((tmp_path / "batch_plan.json").read_text())
+    assert plan["transitions_per_trajectory"] == transitions
+
+
+def test_smoke_run_writes_the_run_dir(tiny_cache, tmp_path) -> None:
+    """The README's command, through the real entry point (python -m rlcm_exp)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "rlcm_exp", *SMALL, "train.epochs=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["config.yaml", "git_commit.txt", "metrics.jsonl", "batch_plan.json", "samples/epoch_0000.png",
+                 "samples/epoch_0001.png", "checkpoints/final/pytorch_lora_weights.safetensors"]:
+        assert (run_dir / name).is_file(), name
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert KEYS <= set(records[0])
+    assert records[1]["reward_queries"] == 32 and records[1]["wallclock_s"] > records[0]["wallclock_s"]
+    assert "reward: first epoch" in proc.stdout
+
+
+def run_cli(args: list[str], tmp_path: Path, tiny_cache: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "rlcm_exp", *args, f"hydra.run.dir={tmp_path / 'bad'}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ([*SMALL, "sampler.num_steps=1"], "sampler.num_steps=1"),
+        ([*SMALL, "train.sample_batch_size=5"], "train.sample_batch_size=5"),
+        ([*SMALL, "train.samples_per_step=12"], "train.samples_per_step=12"),
+        ([*SMALL, "task.prompts.name=dinosaurs"], "unknown prompt set 'dinosaurs'"),
+        ([*SMALL, "model=dreamshaper_v7", "model.lcm.local_path=/nonexistent/lcm"], "model.lcm.local_path=/nonexistent/lcm"),
+        ([*SMALL, "model=dreamshaper_v7"], "model=tiny"),
+        ([*SMALL, "algo=ddpo", "sampler.eta=0.0"], "sampler.eta"),
+    ],
+)
+def test_bad_input_is_one_clear_paragraph(tiny_cache, tmp_path, args, needle) -> None:
+    proc = run_cli(args, tmp_path, tiny_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
