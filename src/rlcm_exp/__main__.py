@@ -96,8 +96,10 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         policy=policy, reward_fn=reward_fn, prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler,
         params=params, tracker=PerPromptStatTracker(**cfg.algo.stat_tracker), plan=plan,
         settings=instantiate(cfg.train), ppo=instantiate(cfg.algo.ppo), accelerator=accelerator,
-        run_dir=run_dir, seed=cfg.seed, logger=logger,
+        run_dir=run_dir, seed=cfg.seed, logger=logger, eval_prompts=instantiate(cfg.task.eval_prompts),
     )
+    if trainer._eval_due(0):  # the base model's held-out score, the "before" of every comparison
+        trainer.evaluate(0)
 
     # 3. train
     records = []

@@ -44,6 +44,8 @@ class TrainSettings:
     reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
     max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
+    eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
+    eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
 
 
 def derive_seed(*parts: int) -> int:
@@ -79,13 +81,16 @@ class Trainer:
         run_dir: Path,
         seed: int,
         logger: Any,
+        eval_prompts: list[str] | None = None,
     ) -> None:
         self.policy, self.reward_fn, self.prompts = policy, reward_fn, list(prompts)
+        self.eval_prompts = list(eval_prompts or [])
         self.optimizer, self.lr_scheduler, self.params = optimizer, lr_scheduler, params
         self.tracker, self.plan, self.settings, self.ppo = tracker, plan, settings, ppo
         self.accelerator, self.run_dir, self.seed, self.logger = accelerator, run_dir, seed, logger
         self.rank = accelerator.process_index
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.eval_file = MetricsFile(run_dir / "eval.jsonl", enabled=accelerator.is_main_process)
         self.pool = ThreadPoolExecutor(settings.reward_workers) if settings.reward_workers > 0 else None
         self.epoch = 0
         self.optimizer_steps = 0
@@ -231,14 +236,46 @@ class Trainer:
             "optimizer_steps": self.optimizer_steps,
             "reward_queries": self.reward_queries,
             "wallclock_s": self.elapsed_s,
-            "gpu_hours": self.elapsed_s * (acc.num_processes + self.settings.reward_server_gpus) / 3600.0,
+            "gpu_hours": self.gpu_hours(),
             **timing,
         }
+        if self._eval_due(epoch + 1):  # after this epoch's update; excluded from wallclock_s
+            record.update(self.evaluate(epoch + 1))
         self.metrics.write(record)
         if acc.is_main_process:
             self.logger.log(record, step=epoch)
         self.epoch = epoch + 1
         return record
+
+    def _eval_due(self, epochs_done: int) -> bool:
+        every = self.settings.eval_every
+        return bool(self.eval_prompts) and every > 0 and (epochs_done % every == 0 or epochs_done == self.settings.epochs)
+
+    def evaluate(self, epochs_done: int) -> dict[str, Any]:
+        """Held-out prompts x fixed seeds on the main process; its time is reported, not counted as training."""
+        from rlcm_exp.evaluate import evaluate_policy
+
+        start = time.perf_counter()
+        out: dict[str, Any] = {}
+        if self.accelerator.is_main_process:
+            with self.accelerator.autocast():
+                res = evaluate_policy(
+                    self.policy, self.reward_fn, self.eval_prompts, list(range(self.settings.eval_seeds)),
+                    self.plan.sample_batch_size, self.accelerator.device,
+                )
+            self.logger.log_images("eval_samples", res["eval_images"], res["eval_captions"], step=epochs_done)
+            out = {"eval_reward_mean": res["eval_reward_mean"], "eval_reward_std": res["eval_reward_std"]}
+            self.eval_file.write({
+                "epochs_done": epochs_done, **out, "eval_per_prompt": res["eval_per_prompt"],
+                "wallclock_s": self.elapsed_s, "gpu_hours": self.gpu_hours(), "reward_queries": self.reward_queries,
+            })
+        self.accelerator.wait_for_everyone()
+        out["time_eval_s"] = time.perf_counter() - start
+        return out
+
+    def gpu_hours(self) -> float:
+        """Device-hours so far: training wall-clock x (processes + reward-server GPUs)."""
+        return self.elapsed_s * (self.accelerator.num_processes + self.settings.reward_server_gpus) / 3600.0
 
     def maybe_save_images(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
         s = self.settings
