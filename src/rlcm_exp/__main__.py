@@ -7,6 +7,9 @@ on a laptop CPU. See conf/config.yaml for every key.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rlcm_exp.batching import plan_batches
-from rlcm_exp.checkpoint import save_lora
+from rlcm_exp.checkpoint import is_complete, latest_checkpoint, save_lora
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models import attach_lora
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.tracking import NullLogger
 from rlcm_exp.train import Trainer
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -57,13 +61,34 @@ def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Any
     )
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=auto continues
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE."""
+
+
+def shared_run_dir(accelerator: Accelerator, own: Path) -> Path:
+    """The main process's run dir on every process (each process's Hydra made its own timestamped one)."""
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([str(own)])[0]
+    if Path(chosen) != own and own.is_dir():
+        shutil.rmtree(own, ignore_errors=True)  # only Hydra's own files were written there
+    return Path(chosen)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """Run one training job into `run_dir` (created by Hydra; the same on every process)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Run one training job into `run_dir` (the main process's; shared by every process)."""
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     precision = ("no" if cpu else "fp16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    run_dir = shared_run_dir(accelerator, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
+    resume_from = find_resume(cfg.resume, run_dir, accelerator.num_processes)
 
     # 1. record what runs: resolved config and code version
     if accelerator.is_main_process:
@@ -75,6 +100,7 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     family = instantiate(cfg.model)
     # objects go in through a partial: instantiate() would turn a dataclass kwarg into a config node
     policy = instantiate(cfg.sampler, _partial_=True)(family=family, device=accelerator.device)
+    set_seed(cfg.seed, device_specific=True)  # LoRA init must not depend on what loading drew before it
     params = attach_lora(policy.unet, **cfg.algo.lora)
     plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
     reward_fn = build_reward(cfg.reward, accelerator.device)
@@ -85,23 +111,36 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         optimizer, start_factor=1.0, end_factor=cfg.algo.lr_end_factor, total_iters=max(total_steps, 1)
     )
     policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    logger = instantiate(cfg.logger) if accelerator.is_main_process else instantiate({"_target_": "rlcm_exp.tracking.null_logger"})
+    settings = instantiate(cfg.train)
+    trainer = Trainer(
+        policy=policy, reward_fn=reward_fn, prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        params=params, tracker=PerPromptStatTracker(**cfg.algo.stat_tracker), plan=plan,
+        settings=settings, ppo=instantiate(cfg.algo.ppo), accelerator=accelerator,
+        run_dir=run_dir, seed=cfg.seed, logger=None, eval_prompts=instantiate(cfg.task.eval_prompts),
+    )
+    if resume_from is not None:
+        trainer.restore(resume_from)
+        if accelerator.is_main_process:
+            print(f"resumed from {resume_from} at epoch {trainer.epoch}")
+    if trainer.logger_run_id:  # continue the same wandb run
+        os.environ.setdefault("WANDB_RUN_ID", trainer.logger_run_id)
+        os.environ.setdefault("WANDB_RESUME", "allow")
+    logger = instantiate(cfg.logger) if accelerator.is_main_process else NullLogger()
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True) | {"batch_plan": plan.as_dict()}, run_dir.name)
+    trainer.logger = logger
+    trainer.logger_run_id = getattr(getattr(logger, "run", None), "id", None)
     if accelerator.is_main_process:
         print(plan.describe())
         print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; run dir: {run_dir}")
         (run_dir / "batch_plan.json").write_text(json.dumps(plan.as_dict(), indent=1))
-
-    trainer = Trainer(
-        policy=policy, reward_fn=reward_fn, prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        params=params, tracker=PerPromptStatTracker(**cfg.algo.stat_tracker), plan=plan,
-        settings=instantiate(cfg.train), ppo=instantiate(cfg.algo.ppo), accelerator=accelerator,
-        run_dir=run_dir, seed=cfg.seed, logger=logger, eval_prompts=instantiate(cfg.task.eval_prompts),
-    )
-    if trainer._eval_due(0):  # the base model's held-out score, the "before" of every comparison
+    if trainer.epoch == 0 and trainer._eval_due(0):  # the base model's held-out score: the "before"
         trainer.evaluate(0)
 
-    # 3. train
+    # 3. train; SIGTERM/SIGUSR1 ask for a checkpoint at the next epoch boundary, then exit
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     records = []
     try:
         for epoch in range(trainer.epoch, cfg.train.epochs):
@@ -113,7 +152,15 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
                     f"kl {rec['approx_kl']:.2e}  clipfrac {rec['clipfrac']:.3f}  ratio_first {rec['ratio_first']:.6f}  "
                     f"t {rec['wallclock_s']:.1f}s"
                 )
+            stop = trainer.should_stop()
+            every = settings.checkpoint_every
+            if stop or (every > 0 and trainer.epoch % every == 0) or trainer.epoch == cfg.train.epochs:
+                trainer.save_checkpoint()
+            if stop:
+                raise Preempted(f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto")
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         trainer.close()
         logger.finish()
     accelerator.wait_for_everyone()
@@ -124,10 +171,28 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def find_resume(resume: str | None, run_dir: Path, world_size: int) -> Path | None:
+    """resume=null: fresh start; auto: the newest complete checkpoint in the run dir, if any; else a path."""
+    if resume in (None, "none", "null", False):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir, world_size)
+    folder = Path(str(resume)).expanduser()
+    if not is_complete(folder, world_size):
+        raise ConfigError(
+            f"resume={resume}: not a complete checkpoint folder (needs COMPLETE, state.json, optimizer.pt, ...). "
+            "Use resume=auto to continue the newest complete checkpoint of this run dir."
+        )
+    return folder
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Preempted as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as err:
         config_error = find_config_error(err)
         if config_error is None:

@@ -45,3 +45,168 @@ def resolve_lora_folder(path: str | Path) -> Path:
         f"checkpoint={path}: no pytorch_lora_weights.safetensors there. Give a run dir (its checkpoints/final "
         "is used) or a checkpoint folder written by training."
     )
+
+
+# ----------------------------------------------------------------------------- full training state
+#
+# RUN_DIR/checkpoints/epoch_000012/
+#   pytorch_lora_weights.safetensors   LoRA (diffusers format; pipe.load_lora_weights loads it)
+#   optimizer.pt, lr_scheduler.pt, scaler.pt   tensors + plain containers (torch.load weights_only=True)
+#   rng_rank{r}.pt                     python / numpy / torch CPU / CUDA RNG of each process
+#   state.json                         epoch, counters, time offsets, per-prompt buffers, wandb id
+#   COMPLETE                           written last, before the atomic rename
+
+import json  # noqa: E402
+import random  # noqa: E402
+import warnings  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+CHECKPOINT_PREFIX = "epoch_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG of this process as tensors and plain numbers, so it loads with weights_only=True."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
+    """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
+    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"the checkpoint's LoRA does not fit this model: unexpected keys {unexpected[:3]}...")
+
+
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{epoch:06d}"
+
+
+def write_checkpoint(
+    folder: Path,
+    *,
+    is_main: bool,
+    rank: int,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any,
+    state: dict[str, Any],
+    barrier: Any,
+    keep_last: int,
+) -> Path:
+    """Write every process's part into folder.tmp, then (main process) mark complete and rename.
+
+    A crash at any point leaves either the previous checkpoints only, or a `.tmp` folder that no
+    loader reads; `barrier` synchronises the processes (accelerator.wait_for_everyone).
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if is_main:
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "state.json").write_text(json.dumps(state))
+        barrier()
+        if is_main:
+            (tmp / "COMPLETE").write_text("ok\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            _prune(folder.parent, keep_last)
+    except Exception as err:  # OSError from files, RuntimeError from torch.save, SafetensorError: all "not written"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {folder}: {err}. The previous checkpoint (if any) is untouched; "
+            "free space or fix permissions, then resume with resume=auto."
+        ) from err
+    return folder
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(folder: Path, world_size: int) -> bool:
+    needed = ["COMPLETE", "state.json", "optimizer.pt", "lr_scheduler.pt", "pytorch_lora_weights.safetensors"]
+    needed += [f"rng_rank{r}.pt" for r in range(world_size)]
+    if not all((folder / n).is_file() for n in needed):
+        return False
+    try:
+        json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def latest_checkpoint(run_dir: Path, world_size: int) -> Path | None:
+    """Newest complete checkpoint under run_dir/checkpoints; torn or partial ones are skipped with a warning."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for folder in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+        if folder.name.endswith(".tmp") or not folder.is_dir():
+            continue
+        if is_complete(folder, world_size):
+            return folder
+        warnings.warn(f"skipping torn or partial checkpoint {folder}", stacklevel=2)
+    return None
+
+
+def read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:
+    """Load (never unpickle arbitrary objects: weights_only=True) the parts of a complete checkpoint."""
+    from safetensors.torch import load_file
+
+    def load(name: str) -> Any:
+        return torch.load(folder / name, map_location=device, weights_only=True)
+
+    return {
+        "lora": load_file(folder / "pytorch_lora_weights.safetensors"),
+        "optimizer": load("optimizer.pt"),
+        "lr_scheduler": load("lr_scheduler.pt"),
+        "scaler": load("scaler.pt") if (folder / "scaler.pt").is_file() else None,
+        "rng": torch.load(folder / f"rng_rank{rank}.pt", weights_only=True),
+        "state": json.loads((folder / "state.json").read_text()),
+    }

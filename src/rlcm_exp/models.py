@@ -165,7 +165,8 @@ def build_tiny_family_folders(root: str | Path, seed: int = 0) -> Path:
     tmp = root / f".{TINY_VERSION}.{os.getpid()}.tmp"
     tok_folder = write_clip_tokenizer(tmp / "_tokenizer", TINY_WORDS, model_max_length=16)
     tokenizer = CLIPTokenizer.from_pretrained(tok_folder)
-    parts = _tiny_components(seed, tokenizer)
+    with torch.random.fork_rng():  # building must not move the caller's RNG (a cached build would not)
+        parts = _tiny_components(seed, tokenizer)
     common = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, **_NO_SAFETY)
     StableDiffusionPipeline(unet=parts["unet"], scheduler=parts["ddim"], **common).save_pretrained(tmp / "diffusion")
     LatentConsistencyModelPipeline(unet=parts["lcm_unet"], scheduler=parts["lcm"], **common).save_pretrained(

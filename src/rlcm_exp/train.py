@@ -44,6 +44,8 @@ class TrainSettings:
     reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
     max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
+    checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
+    keep_last: int = 3  # complete checkpoints kept (older ones deleted)
     eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
     eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
 
@@ -97,6 +99,8 @@ class Trainer:
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
         self.nonfinite_in_a_row = 0
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
+        self.logger_run_id: str | None = None
 
     # ------------------------------------------------------------------ sampling and rewards
 
@@ -106,15 +110,21 @@ class Trainer:
         return out, time.perf_counter() - start
 
     def sample_round(self, epoch: int) -> tuple[Trajectory, dict[str, torch.Tensor], dict[str, float]]:
-        """Sample this process's share of the epoch; rewards of batch i are scored while batch i+1 samples."""
+        """Sample this process's share of the epoch; rewards of batch i are scored while batch i+1 samples.
+
+        Sampling batch b of the epoch (numbered globally, process r owning a contiguous block) draws
+        its prompts and noise from streams seeded by (seed, epoch, b): processes get different noise,
+        and the gathered round is the same whatever the number of processes.
+        """
         plan, device = self.plan, self.accelerator.device
-        generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, epoch, self.rank, 0))
-        prompt_rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
         trajectories: list[Trajectory] = []
         pending: list[Future | tuple] = []
         t_sample = 0.0
-        for _ in tqdm(range(plan.sampling_batches), desc=f"epoch {epoch} sampling", leave=False,
+        first = self.rank * plan.sampling_batches
+        for b in tqdm(range(first, first + plan.sampling_batches), desc=f"epoch {epoch} sampling", leave=False,
                       disable=not self.accelerator.is_local_main_process):
+            generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, epoch, b, 0))
+            prompt_rng = np.random.default_rng([self.seed, epoch, b, 1])
             batch_prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size)]
             start = time.perf_counter()
             with self.accelerator.autocast():
@@ -293,6 +303,63 @@ class Trainer:
         captions = [f"{p} | {r:.3f}" for p, r in zip(traj.prompts[:k], rewards[:k].tolist(), strict=True)]
         (folder / f"epoch_{epoch:04d}.txt").write_text("\n".join(captions) + "\n")
         self.logger.log_images("samples", images, captions, step=epoch)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """Everything besides weights/optimizer that an exact resume needs (sampling and shuffling
+        streams derive from (seed, epoch, ...), so the epoch number restores them)."""
+        return {
+            "epoch": self.epoch,
+            "optimizer_steps": self.optimizer_steps,
+            "reward_queries": self.reward_queries,
+            "elapsed_s": self.elapsed_s,
+            "gpu_hours": self.gpu_hours(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "stat_tracker": self.tracker.state_dict(),
+            "logger_run_id": self.logger_run_id,
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def save_checkpoint(self) -> Path:
+        from rlcm_exp.checkpoint import checkpoint_dir, write_checkpoint
+
+        acc = self.accelerator
+        return write_checkpoint(
+            checkpoint_dir(self.run_dir, self.epoch), is_main=acc.is_main_process, rank=self.rank,
+            unet=acc.unwrap_model(self.policy.unet), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            scaler=acc.scaler, state=self.state(), barrier=acc.wait_for_everyone, keep_last=self.settings.keep_last,
+        )
+
+    def restore(self, folder: Path) -> None:
+        from rlcm_exp.checkpoint import load_lora_into, read_checkpoint, set_rng_state
+
+        acc = self.accelerator
+        ckpt = read_checkpoint(folder, self.rank, acc.device)
+        state = ckpt["state"]
+        if state["world_size"] != acc.num_processes:
+            raise RuntimeError(
+                f"{folder} was written by {state['world_size']} processes, this run has {acc.num_processes}: "
+                "resume with the same number of processes"
+            )
+        load_lora_into(acc.unwrap_model(self.policy.unet), ckpt["lora"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt["scaler"] is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.tracker.load_state_dict(state["stat_tracker"])
+        self.epoch, self.optimizer_steps = state["epoch"], state["optimizer_steps"]
+        self.reward_queries, self.elapsed_s = state["reward_queries"], state["elapsed_s"]
+        self.nonfinite_in_a_row, self.logger_run_id = state["nonfinite_in_a_row"], state["logger_run_id"]
+        if acc.is_main_process:  # records past the checkpoint will be written again, identically
+            for f in (self.metrics, self.eval_file):
+                f.truncate(lambda r: r.get("epoch", r.get("epochs_done", 0) - 1) < self.epoch)
+
+    def should_stop(self) -> bool:
+        """True on every process if any process was asked to stop (signals may reach only some)."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max().item() > 0)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -1,0 +1,247 @@
+"""LAION aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE"): scores about 1..10.
+
+    score = MLP(normalize(CLIP ViT-L/14 image embedding)),  MLP: 768-1024-128-64-16-1
+
+The MLP has dropout between its first layers and no activations (the "linear" in its name: the
+ReLUs are commented out in LAION's training code), so the layer indices of its state dict are
+0, 2, 4, 6, 7 -- `layers.0.weight` ... `layers.7.bias`, which `AestheticHead` reproduces so the
+public file loads without renaming.
+
+The head's weights are fetched once from `head_url`, checked against the pinned `head_sha256`,
+cached under `cache_dir`, and loaded with `torch.load(weights_only=True)` (or from safetensors),
+so a swapped file can neither run code nor silently change the reward. Offline clusters point
+`head_local_path` at a copy instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import urllib.request
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards.clip import ClipEmbedder, check_images, describe_source, load_clip_embedder
+
+# LAION's repository pinned at a commit, so the URL cannot move to another file under us
+LAION_HEAD_URL = (
+    "https://raw.githubusercontent.com/christophschuhmann/improved-aesthetic-predictor/"
+    "6934dd81792f086e613a121dbce43082cb8be85e/sac+logos+ava1-l14-linearMSE.pth"
+)
+LAION_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # 3,714,759 bytes
+_MAX_DOWNLOAD_BYTES = 256 * 2**20  # the real head is 3.7 MB; a wrong URL must not fill the disk
+
+
+class AestheticHead(torch.nn.Module):
+    """LAION's MLP, with the module indices of its public state dict (dropouts at 1, 3, 5)."""
+
+    def __init__(self, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(embed_dim, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) L2-normalised CLIP image embeddings -> (B,) scores."""
+        return self.layers(embedding).squeeze(-1)
+
+
+def default_cache_dir() -> Path:
+    """$RLCM_EXP_CACHE, else $XDG_CACHE_HOME/rlcm_exp, else ~/.cache/rlcm_exp."""
+    if "RLCM_EXP_CACHE" in os.environ:
+        return Path(os.environ["RLCM_EXP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlcm_exp"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, folder: Path, timeout_s: float) -> tuple[Path, str]:
+    """Stream `url` into a temporary file in `folder`; returns (temp path, sha256)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".download-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                size += len(block)
+                if size > _MAX_DOWNLOAD_BYTES:
+                    raise OSError(f"more than {_MAX_DOWNLOAD_BYTES >> 20} MB; this is not an MLP head")
+                digest.update(block)
+                out.write(block)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, digest.hexdigest()
+
+
+def fetch_head_weights(
+    url: str | None,
+    sha256: str | None,
+    local_path: str | None = None,
+    cache_dir: str | None = None,
+    timeout_s: float = 60.0,
+) -> Path:
+    """The head's weight file on local disk: `local_path` if given, else the cached or freshly fetched `url`.
+
+    The cache is content-addressed (the file is named by its sha256), written to a temporary name
+    and renamed into place, so processes fetching at once never see a half-written file.
+    """
+    if local_path is not None:
+        path = Path(local_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"reward.head_local_path={local_path}: no such file. Point it at a copy of the aesthetic "
+                f"head (e.g. sac+logos+ava1-l14-linearMSE.pth), or set it to null to fetch reward.head_url."
+            )
+        if sha256 is not None and (actual := _sha256(path)) != sha256.lower():
+            raise ConfigError(
+                f"reward.head_local_path={local_path} has sha256 {actual}, but reward.head_sha256={sha256}. "
+                "It is not the pinned file; replace it, or set reward.head_sha256=null to use your own head."
+            )
+        return path
+    if url is None:
+        raise ConfigError("reward.head_url and reward.head_local_path are both null; set one of them.")
+    if sha256 is None:
+        # a download without a pin could change the reward (or worse) without anyone noticing
+        raise ConfigError(
+            f"reward.head_sha256 is null but reward.head_url={url} is set: a downloaded head needs a pinned "
+            "sha256. Set reward.head_sha256 to the file's sha256, or download it yourself and set "
+            "reward.head_local_path (a local file may go unpinned)."
+        )
+    sha256 = sha256.lower()
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "aesthetic"
+    suffix = ".safetensors" if url.endswith(".safetensors") else ".pth"
+    cached = folder / f"{sha256}{suffix}"
+    if cached.is_file() and _sha256(cached) == sha256:
+        return cached
+    try:
+        tmp, actual = _download(url, folder, timeout_s)
+    except Exception as err:
+        raise ConfigError(
+            f"could not fetch the aesthetic head from reward.head_url={url}: {type(err).__name__}: {err}. "
+            "Without network access, download the file elsewhere and set reward.head_local_path=/path/to/file."
+        ) from err
+    if actual != sha256:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"reward.head_url={url} served a file with sha256 {actual}, but reward.head_sha256={sha256}: it is "
+            "not the pinned aesthetic head (a moved URL or an HTML error page?), and was not used. Fix "
+            "reward.head_url, or set reward.head_local_path to a verified copy."
+        )
+    os.replace(tmp, cached)
+    return cached
+
+
+def load_head(path: Path, embed_dim: int = 768) -> AestheticHead:
+    """Build the MLP and load a state dict saved by torch.save (tensors only) or as safetensors."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            # weights_only: a .pth from the internet is a pickle; only tensors may come out of it
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"the aesthetic head {path} is not a tensors-only torch file or safetensors file: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    head = AestheticHead(embed_dim)
+    try:
+        head.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        expected = ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.state_dict().items())
+        raise ConfigError(
+            f"the aesthetic head {path} does not fit the LAION MLP (expected {expected}): {err}"
+        ) from err
+    return head.eval().requires_grad_(False)
+
+
+class AestheticReward:
+    """reward(images, prompts) -> (B,) LAION aesthetic scores; prompts are ignored.
+
+    `scorer(images)` is the differentiable form (gradients reach the images). Calls are serialised
+    by a lock: thread-safe, and one forward at a time bounds accelerator memory.
+    """
+
+    def __init__(
+        self, embedder: ClipEmbedder, head: AestheticHead, batch_size: int, models: dict[str, str]
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
+        self.embedder = embedder
+        # the head stays float32 whatever the CLIP dtype: it is tiny and was trained in float32
+        self.head = head.to(embedder.device, torch.float32)
+        self.batch_size = batch_size
+        self.models = models
+        self._lock = threading.Lock()
+
+    def scorer(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B,) float32 scores on the model's device."""
+        return self.head(self.embedder.embed_images(images))  # embed_images returns unit-norm rows
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_images(images, "aesthetic")
+        out = []
+        with self._lock, torch.no_grad():
+            for i in range(0, len(images), self.batch_size):
+                out.append(self.scorer(images[i : i + self.batch_size]))
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
+def aesthetic(
+    clip_model_id: str | None = "openai/clip-vit-large-patch14",
+    clip_revision: str = "main",
+    clip_local_path: str | None = None,
+    head_url: str | None = LAION_HEAD_URL,
+    head_sha256: str | None = LAION_HEAD_SHA256,
+    head_local_path: str | None = None,
+    cache_dir: str | None = None,
+    download_timeout_s: float = 60.0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> AestheticReward:
+    """The LAION aesthetic reward: CLIP ViT-L/14 image embedding -> L2 norm -> MLP head."""
+    path = fetch_head_weights(head_url, head_sha256, head_local_path, cache_dir, download_timeout_s)
+    embedder = load_clip_embedder(
+        model_id=clip_model_id,
+        revision=clip_revision,
+        local_path=clip_local_path,
+        key="reward.clip_",
+        with_tokenizer=False,
+        dtype=dtype,
+        device=device,
+    )
+    embed_dim = embedder.model.config.projection_dim
+    if embed_dim != 768:
+        raise ConfigError(
+            f"reward.clip_model_id={clip_model_id} (local_path {clip_local_path}) embeds images in "
+            f"{embed_dim} dimensions, but the LAION aesthetic head takes CLIP ViT-L/14's 768."
+        )
+    head = load_head(path, embed_dim)
+    models = {
+        "clip": describe_source(clip_model_id, clip_revision, clip_local_path),
+        "aesthetic_head": f"{head_local_path} (local)"
+        if head_local_path
+        else f"{head_url} sha256={head_sha256}",
+    }
+    return AestheticReward(embedder, head, batch_size, models)

@@ -1,0 +1,327 @@
+"""CLIP-family rewards: CLIP score and PickScore, plus the loading and preprocessing they share.
+
+Both score how well an image matches its prompt, in-process and far cheaper than the LLaVA +
+BERTScore server. Images stay torch tensors in [0, 1] from the sampler to the model: resize,
+center crop and CLIP normalisation are torch ops (no PIL round trip), so the path from pixels to
+score is differentiable and runs on whatever device the images and model are on.
+
+    clip_score:  cosine(image embedding, text embedding) of openai/clip-vit-large-patch14, in [-1, 1]
+    pickscore:   logit_scale * cosine of yuvalkirstain/PickScore_v1 (about 15..25 for typical images)
+
+The helpers here (`torch_dtype`, `load_pretrained`, `ClipImagePreprocess`) are also what the
+aesthetic, BERTScore and LLaVA rewards use, so every model-based reward loads the same way: a hub
+id + revision, or a local folder in the hub layout, with failures turned into a ConfigError that
+names the key to set.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+from transformers.utils import logging as transformers_logging
+
+from rlcm_exp.errors import ConfigError
+
+transformers_logging.disable_progress_bar()
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OFFLINE_HINT = (
+    "No model hub is reachable from this machine (or HF_HUB_OFFLINE=1 is set) and the files are not in "
+    "the local Hugging Face cache. Download the model elsewhere (e.g. `hf download {model_id}`) and set "
+    "{local_key}=/path/to/folder (a folder written by save_pretrained or a hub snapshot)."
+)
+
+T = TypeVar("T")
+
+
+def torch_dtype(name: str | torch.dtype, key: str = "reward.dtype") -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype; anything else is a ConfigError."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConfigError(f"{key}={name} is not a supported dtype; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def load_pretrained(
+    loader: Callable[..., T],
+    *,
+    model_id: str | None,
+    revision: str,
+    local_path: str | None,
+    key: str,
+    **kwargs: Any,
+) -> T:
+    """Call `loader(location, ...)` (a `from_pretrained`) on a local folder if given, else on the hub id.
+
+    `key` is the config key prefix the user sets, e.g. "reward.clip_" gives the messages
+    "reward.clip_model_id" and "reward.clip_local_path". Hub and file errors come in many types
+    (OSError, HTTP errors, JSON errors, missing keys); all of them mean "not loadable here", so all
+    become one ConfigError that says which key to set.
+    """
+    local_key, id_key = f"{key}local_path", f"{key}model_id"
+    if local_path is not None:
+        path = Path(local_path).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{local_key}={local_path}: no such folder. Point it at a folder in the Hugging Face hub "
+                f"layout (written by save_pretrained, or a downloaded snapshot), or set it to null to load "
+                f"{id_key}={model_id}."
+            )
+        location, extra = str(path), {}
+    elif model_id is not None:
+        location, extra = model_id, {"revision": revision}
+    else:
+        raise ConfigError(f"{id_key} and {local_key} are both null; set one of them.")
+    try:
+        return loader(location, **extra, **kwargs)
+    except Exception as err:
+        if local_path is not None:
+            where, hint = f"{local_key}={location}", ""
+        else:
+            where = f"{id_key}={location} (revision {revision})"
+            hint = " " + _OFFLINE_HINT.format(model_id=location, local_key=local_key)
+        # first line only: hub errors run to several lines of advice that does not apply here
+        reason = (str(err).strip().splitlines() or [""])[0].rstrip(".")
+        raise ConfigError(f"could not load {where}: {type(err).__name__}: {reason}.{hint}") from err
+
+
+def _side(size: Any, name: str) -> int | None:
+    """Read one field of an image processor's size dict (a plain dict before transformers 5, a SizeDict after)."""
+    if size is None:
+        return None
+    value = size.get(name) if isinstance(size, Mapping) else getattr(size, name, None)
+    return int(value) if value is not None else None
+
+
+class ClipImagePreprocess(torch.nn.Module):
+    """CLIPImageProcessor's resize-shortest-side, center-crop and normalise, as differentiable torch ops.
+
+    Reads its numbers from the model's own image processor config, so a model with another input
+    size or mean/std (PickScore's ViT-H, a tiny test model) is preprocessed like its processor
+    would. Input (B, 3, H, W) in [0, 1]; output (B, 3, crop, crop) normalised.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, image_processor: Any) -> None:
+        super().__init__()
+        size, crop = image_processor.size, getattr(image_processor, "crop_size", None)
+        shortest = _side(size, "shortest_edge")
+        height, width = _side(crop, "height"), _side(crop, "width")
+        if shortest is None:  # processors that resize to a fixed square instead
+            shortest = _side(size, "height")
+        if shortest is None:
+            raise ConfigError(f"unsupported image processor size {size!r}: expected shortest_edge or height")
+        self.shortest = shortest
+        self.crop = (height or shortest, width or shortest)
+        self.register_buffer(
+            "mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), persistent=False
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        scale = self.shortest / min(h, w)
+        new_h, new_w = max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale))
+        x = images.float()
+        if (new_h, new_w) != (h, w):
+            # bicubic with antialias is what the PIL resize in CLIP's processor amounts to
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (new_h - self.crop[0]) // 2, (new_w - self.crop[1]) // 2
+        x = x[..., top : top + self.crop[0], left : left + self.crop[1]].clamp(0, 1)
+        return (x - self.mean) / self.std
+
+
+def check_images(images: torch.Tensor, what: str) -> None:
+    """The reward contract's input shape; a wrong one is a programming error, said plainly."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"{what}: expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}"
+        )
+
+
+class ClipEmbedder(torch.nn.Module):
+    """A transformers CLIPModel + its preprocessing: images and prompts to L2-normalised embeddings."""
+
+    def __init__(self, model: CLIPModel, image_processor: Any, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = ClipImagePreprocess(image_processor)
+        self.tokenizer = tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, projection_dim) float32, unit norm. Differentiable in `images`."""
+        pixels = self.preprocess(images.to(self.device)).to(self.dtype)
+        # vision_model + visual_projection rather than get_image_features: the latter's return type
+        # changed between transformers 4 and 5 (tensor vs model output)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """B prompts -> (B, projection_dim) float32, unit norm; prompts longer than the model's context are truncated."""
+        if self.tokenizer is None:
+            raise RuntimeError("this ClipEmbedder was built without a tokenizer")
+        max_len = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        out = self.model.text_model(
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+        )
+        return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
+
+
+def load_clip_embedder(
+    *,
+    model_id: str | None,
+    revision: str,
+    local_path: str | None,
+    processor_id: str | None = None,
+    processor_revision: str = "main",
+    processor_local_path: str | None = None,
+    key: str = "reward.",
+    processor_key: str | None = None,
+    with_tokenizer: bool = True,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> ClipEmbedder:
+    """Load a CLIPModel and its image processor (and tokenizer); the processor may live in another repo.
+
+    PickScore ships only the model; its processor is the LAION ViT-H one, hence the separate
+    processor source. With no processor source given, the model's own repo supplies it.
+    """
+    if processor_id is None and processor_local_path is None:
+        processor_id, processor_revision, processor_local_path = model_id, revision, local_path
+        processor_key = key
+    processor_key = processor_key or key
+    source: dict[str, Any] = {
+        "model_id": processor_id,
+        "revision": processor_revision,
+        "local_path": processor_local_path,
+    }
+    model = load_pretrained(
+        CLIPModel.from_pretrained,
+        model_id=model_id,
+        revision=revision,
+        local_path=local_path,
+        key=key,
+        dtype=torch_dtype(dtype),
+    )
+    image_processor = load_pretrained(AutoImageProcessor.from_pretrained, **source, key=processor_key)
+    tokenizer = (
+        load_pretrained(AutoTokenizer.from_pretrained, **source, key=processor_key)
+        if with_tokenizer
+        else None
+    )
+    return ClipEmbedder(model, image_processor, tokenizer).to(device)
+
+
+def describe_source(model_id: str | None, revision: str, local_path: str | None) -> str:
+    """What /health and logs report for one loaded model."""
+    return f"{local_path} (local)" if local_path else f"{model_id}@{revision}"
+
+
+class ClipAlignmentReward:
+    """reward(images, prompts) = scale * cosine(image, prompt) per image, in `batch_size` chunks.
+
+    A lock serialises calls: the trainer scores in a worker thread, and one model forward at a
+    time bounds accelerator memory. `scorer(images, prompts)` is the differentiable form.
+    """
+
+    def __init__(
+        self, embedder: ClipEmbedder, scale: float | None, batch_size: int, models: dict[str, str]
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
+        self.embedder = embedder
+        self.scale = scale
+        self.batch_size = batch_size
+        self.models = models
+        self._lock = threading.Lock()
+
+    def scorer(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Differentiable scores (B,) float32 on the model's device."""
+        image_emb = self.embedder.embed_images(images)
+        text_emb = self.embedder.embed_texts(prompts)
+        cosine = (image_emb * text_emb).sum(-1)
+        # None = the model's own learned temperature (PickScore's definition)
+        scale = self.embedder.model.logit_scale.exp().float() if self.scale is None else self.scale
+        return cosine * scale
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_images(images, type(self).__name__)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        out = []
+        with self._lock, torch.no_grad():
+            for i in range(0, len(images), self.batch_size):
+                out.append(
+                    self.scorer(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
+                )
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
+def clip_score(
+    model_id: str | None = "openai/clip-vit-large-patch14",
+    revision: str = "main",
+    local_path: str | None = None,
+    scale: float = 1.0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> ClipAlignmentReward:
+    """CLIP score: scale * cosine similarity of the CLIP image and prompt embeddings (scale 1: in [-1, 1])."""
+    embedder = load_clip_embedder(
+        model_id=model_id, revision=revision, local_path=local_path, dtype=dtype, device=device
+    )
+    models = {"clip": describe_source(model_id, revision, local_path)}
+    return ClipAlignmentReward(embedder, scale, batch_size, models)
+
+
+def pickscore(
+    model_id: str | None = "yuvalkirstain/PickScore_v1",
+    revision: str = "main",
+    local_path: str | None = None,
+    processor_id: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    processor_revision: str = "main",
+    processor_local_path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> ClipAlignmentReward:
+    """PickScore: the model's logit_scale (about 100) * cosine of image and prompt embeddings."""
+    embedder = load_clip_embedder(
+        model_id=model_id,
+        revision=revision,
+        local_path=local_path,
+        processor_id=processor_id,
+        processor_revision=processor_revision,
+        processor_local_path=processor_local_path,
+        processor_key="reward.processor_",
+        dtype=dtype,
+        device=device,
+    )
+    models = {
+        "pickscore": describe_source(model_id, revision, local_path),
+        "processor": describe_source(processor_id, processor_revision, processor_local_path),
+    }
+    return ClipAlignmentReward(embedder, None, batch_size, models)
