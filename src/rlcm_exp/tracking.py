@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
+
+from rlcm_exp.errors import ConfigError
 
 
 class Logger(Protocol):
@@ -32,6 +38,41 @@ class NullLogger:
         pass
 
 
+# The x-axes every scalar can be plotted against (each record carries all four).
+TIME_AXES = ("epoch", "wallclock_s", "gpu_hours", "reward_queries")
+WANDB_MODES = ("online", "offline", "disabled", "shared")  # what wandb.init accepts
+
+
+def wandb_has_credentials(environ: Mapping[str, str] | None = None) -> bool:
+    """True when wandb could log online: WANDB_API_KEY, or a ~/.netrc entry for the wandb host."""
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(env.get("NETRC", Path.home() / ".netrc")).expanduser()
+    try:
+        # a netrc without an entry for the wandb host (e.g. only a git host) is not a wandb login
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str, environ: Mapping[str, str] | None = None) -> str:
+    """mode=auto -> WANDB_MODE if set, else online with credentials, offline without; others pass through."""
+    env = os.environ if environ is None else environ
+    if mode != "auto":
+        return mode
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    return "online" if wandb_has_credentials(env) else "offline"
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] -> (H, W, C) uint8. wandb.Image casts floats with astype(uint8),
+    which turns a [0, 1] image black, so the conversion is done here."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 class WandbLogger:
     """logger=wandb. Offline automatically when no credentials are configured (sync later with `wandb sync`)."""
 
@@ -40,35 +81,41 @@ class WandbLogger:
         self.run: Any = None
 
     def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> WandbLogger:
-        import wandb
+        import wandb  # here, not at module level: logger=none must not even import wandb
 
-        mode = self.mode
-        if mode == "auto":
-            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-            mode = "online" if has_key else "offline"
-            if mode == "offline":
-                print(f"wandb: no credentials found, logging offline; sync later with `wandb sync {run_dir}/wandb`")
+        mode = resolve_wandb_mode(self.mode)
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={self.mode!r} (or WANDB_MODE) is not one of auto, {', '.join(WANDB_MODES)}")
         self.run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=mode,
+            project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=cast(Any, mode),
             dir=str(run_dir), config=config, name=run_name,
         )
-        for axis in ("epoch", "wallclock_s", "gpu_hours", "reward_queries"):
+        if mode == "offline":
+            # run.dir is <run_dir>/wandb/offline-run-*/files; sync takes the offline-run folder
+            print(
+                "wandb: no credentials configured (WANDB_API_KEY or `wandb login`), logged offline; "
+                f"upload later with `wandb sync {Path(self.run.dir).parent}`"
+            )
+        # every record carries all time axes; epoch is the default x, the others are selectable in the UI
+        for axis in TIME_AXES:
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="epoch")
         return self
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(metrics)
+        # only scalars: nested values (per-prompt dicts) live in the local jsonl files
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float | bool)})
 
     def log_images(self, key: str, images: torch.Tensor, captions: list[str], step: int) -> None:
         import wandb
 
-        pics = [wandb.Image(img.permute(1, 2, 0).numpy(), caption=c) for img, c in zip(images, captions, strict=True)]
+        pics = [wandb.Image(to_uint8_hwc(img), caption=c) for img, c in zip(images, captions, strict=True)]
         self.run.log({key: pics, "epoch": step})
 
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+            self.run = None
 
 
 def null_logger() -> NullLogger:
@@ -95,6 +142,16 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+    def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only the records `keep` accepts (resume drops epochs past the checkpoint); atomic rewrite."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if keep(r)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ class TrainSettings:
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
     checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
+    dump_rollouts: bool = False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
     eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
     eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
 
@@ -229,6 +230,8 @@ class Trainer:
         start = time.perf_counter()
         traj, rewards, timing = self.sample_round(epoch)
         advantages, reward_stats = self.advantages(traj.prompts, rewards["reward"])
+        if self.settings.dump_rollouts:
+            self.dump_rollouts(epoch, traj, rewards["reward"], advantages)
         t_train = time.perf_counter()
         update_stats = self.update(epoch, traj, advantages)
         timing["time_train_s"] = time.perf_counter() - t_train
@@ -286,6 +289,20 @@ class Trainer:
     def gpu_hours(self) -> float:
         """Device-hours so far: training wall-clock x (processes + reward-server GPUs)."""
         return self.elapsed_s * (self.accelerator.num_processes + self.settings.reward_server_gpus) / 3600.0
+
+    def dump_rollouts(self, epoch: int, traj: Trajectory, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+        """Per-process record of a round, for debugging and for checking the multi-process arithmetic."""
+        folder = self.run_dir / "rollouts"
+        folder.mkdir(exist_ok=True)
+        torch.save(
+            {
+                "prompts": traj.prompts,
+                "rewards": rewards.cpu(),
+                "advantages": advantages.cpu(),
+                "initial_noise_sum": traj.latents[:, 0].float().flatten(1).sum(1).cpu(),
+            },
+            folder / f"epoch{epoch:04d}_rank{self.rank}.pt",
+        )
 
     def maybe_save_images(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
         s = self.settings

@@ -103,6 +103,7 @@ class LCMPolicy:
         self.timestep_schedule = timestep_schedule
         self.resolution = resolution
         self.latent_channels = unet.config.in_channels
+        self.time_cond_proj_dim = unet.config.time_cond_proj_dim  # read once: a DDP-wrapped unet has no .config
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
 
@@ -148,7 +149,7 @@ class LCMPolicy:
 
     def _w_embedding(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         w = torch.full((batch,), self.guidance_scale - 1.0)
-        emb = guidance_embedding(w, self.unet.config.time_cond_proj_dim)
+        emb = guidance_embedding(w, self.time_cond_proj_dim)
         return emb.to(device=self.device, dtype=dtype)
 
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
