@@ -44,11 +44,17 @@ def git_commit() -> str:
 
 
 def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
-    """Instantiate the reward; model-based builders take the run's device."""
+    """Instantiate the reward. `_target_` may name a builder (returns the callable; gets `device` if it
+    takes one) or the reward callable itself, `fn(images, prompts, **kwargs)`, bound to the other keys."""
+    import functools
     import inspect
 
     target = hydra.utils.get_method(reward_cfg._target_)
-    extra = {"device": str(device)} if "device" in inspect.signature(target).parameters and "device" not in reward_cfg else {}
+    params = inspect.signature(target).parameters
+    if {"images", "prompts"} <= set(params):  # a user's reward function: bind its options, call it later
+        kwargs = {k: v for k, v in OmegaConf.to_container(reward_cfg, resolve=True).items() if not k.startswith("_")}
+        return functools.partial(target, **kwargs)
+    extra = {"device": str(device)} if "device" in params and "device" not in reward_cfg else {}
     return instantiate(reward_cfg, **extra)
 
 

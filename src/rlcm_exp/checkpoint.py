@@ -17,14 +17,25 @@ from peft.utils import get_peft_model_state_dict
 from rlcm_exp.errors import ConfigError
 
 
+def lora_payload(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
+    loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    config = unet.peft_config["default"].to_dict()  # type: ignore[index, operator]
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return state, metadata
+
+
 def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
     """Write `pytorch_lora_weights.safetensors` so that `pipe.load_lora_weights(folder)` loads it."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+        state, metadata = lora_payload(unet)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -137,8 +148,10 @@ def write_checkpoint(
         barrier()
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
         if is_main:
-            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+            lora, metadata = lora_payload(unet)
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata, safe_serialization=True
+            )
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if scaler is not None:
