@@ -95,6 +95,6 @@ def test_bad_input_is_one_clear_paragraph(tiny_cache, tmp_path, args, needle) ->
 
 def test_a_user_reward_function_plugs_in_by_target(tiny_cache, tmp_path) -> None:
     records = run_in_process(
-        [*SMALL, "train.epochs=1", "reward._target_=tests.user_reward.mean_red", "+reward.weight=2.0"], tmp_path
+        [*SMALL, "train.epochs=1", "reward=custom", "reward._target_=tests.user_reward.mean_red", "+reward.weight=2.0"], tmp_path
     )
     assert 0.0 <= records[0]["reward_mean"] <= 2.0
