@@ -66,7 +66,7 @@ def test_smoke_run_writes_the_run_dir(tiny_cache, tmp_path) -> None:
     assert [r["epoch"] for r in records] == [0, 1]
     assert KEYS <= set(records[0])
     assert records[1]["reward_queries"] == 32 and records[1]["wallclock_s"] > records[0]["wallclock_s"]
-    assert "reward: first epoch" in proc.stdout
+    assert "reward (training round mean):" in proc.stdout and (run_dir / "reward_vs_time.png").is_file()
 
 
 def run_cli(args: list[str], tmp_path: Path, tiny_cache: str) -> subprocess.CompletedProcess:

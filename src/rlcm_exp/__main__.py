@@ -28,6 +28,7 @@ from rlcm_exp.checkpoint import is_complete, latest_checkpoint, save_lora
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models import attach_lora
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.summary import write_summary
 from rlcm_exp.tracking import NullLogger
 from rlcm_exp.train import Trainer
 
@@ -173,7 +174,9 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     if accelerator.is_main_process:
         save_lora(accelerator.unwrap_model(policy.unet), run_dir / "checkpoints" / "final")
         if records:
-            print(f"reward: first epoch {records[0]['reward_mean']:.4f} -> last epoch {records[-1]['reward_mean']:.4f}")
+            print(write_summary(run_dir, trainer.eval_images.get("first"), trainer.eval_images.get("last")))
+            print(f"plots: {run_dir / 'reward_vs_time.png'}" + (
+                f", {run_dir / 'before_after.png'} (top: before, bottom: after)" if len(trainer.eval_images) else ""))
     return records
 
 

@@ -100,6 +100,7 @@ class Trainer:
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
         self.nonfinite_in_a_row = 0
+        self.eval_images: dict[str, torch.Tensor] = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
         self.logger_run_id: str | None = None
 
@@ -277,6 +278,8 @@ class Trainer:
                     self.plan.sample_batch_size, self.accelerator.device,
                 )
             self.logger.log_images("eval_samples", res["eval_images"], res["eval_captions"], step=epochs_done)
+            self.eval_images.setdefault("first", res["eval_images"])  # the "before" grid of the final report
+            self.eval_images["last"] = res["eval_images"]
             out = {"eval_reward_mean": res["eval_reward_mean"], "eval_reward_std": res["eval_reward_std"]}
             self.eval_file.write({
                 "epochs_done": epochs_done, **out, "eval_per_prompt": res["eval_per_prompt"],
