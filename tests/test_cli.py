@@ -16,12 +16,31 @@ from rlcm_exp.tracking import read_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = [
-    "model=tiny", "task=compression", "sampler.num_steps=4", "train.samples_per_epoch=16",
-    "train.sample_batch_size=8", "train.train_batch_size=4", "train.samples_per_step=8", "train.save_images=4",
+    "model=tiny",
+    "task=compression",
+    "sampler.num_steps=4",
+    "train.samples_per_epoch=16",
+    "train.sample_batch_size=8",
+    "train.train_batch_size=4",
+    "train.samples_per_step=8",
+    "train.save_images=4",
 ]
 KEYS = {
-    "epoch", "reward_mean", "reward_std", "approx_kl", "clipfrac", "ratio_mean", "ratio_first", "loss", "lr",
-    "wallclock_s", "gpu_hours", "reward_queries", "time_sample_s", "time_reward_s", "time_train_s",
+    "epoch",
+    "reward_mean",
+    "reward_std",
+    "approx_kl",
+    "clipfrac",
+    "ratio_mean",
+    "ratio_first",
+    "loss",
+    "lr",
+    "wallclock_s",
+    "gpu_hours",
+    "reward_queries",
+    "time_sample_s",
+    "time_reward_s",
+    "time_train_s",
 }
 
 
@@ -59,12 +78,19 @@ def test_smoke_run_writes_the_run_dir(tiny_cache, tmp_path) -> None:
     cmd = [sys.executable, "-m", "rlcm_exp", *SMALL, "train.epochs=2", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ["config.yaml", "git_commit.txt", "metrics.jsonl", "batch_plan.json", "samples/epoch_0000.png",
-                 "samples/epoch_0001.png", "checkpoints/final/pytorch_lora_weights.safetensors"]:
+    for name in [
+        "config.yaml",
+        "git_commit.txt",
+        "metrics.jsonl",
+        "batch_plan.json",
+        "samples/epoch_0000.png",
+        "samples/epoch_0001.png",
+        "checkpoints/final/pytorch_lora_weights.safetensors",
+    ]:
         assert (run_dir / name).is_file(), name
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
-    assert KEYS <= set(records[0])
+    assert set(records[0]) >= KEYS
     assert records[1]["reward_queries"] == 32 and records[1]["wallclock_s"] > records[0]["wallclock_s"]
     assert "reward (training round mean):" in proc.stdout and (run_dir / "reward_vs_time.png").is_file()
 
@@ -82,7 +108,10 @@ def run_cli(args: list[str], tmp_path: Path, tiny_cache: str) -> subprocess.Comp
         ([*SMALL, "train.sample_batch_size=5"], "train.sample_batch_size=5"),
         ([*SMALL, "train.samples_per_step=12"], "train.samples_per_step=12"),
         ([*SMALL, "task.prompts.name=dinosaurs"], "unknown prompt set 'dinosaurs'"),
-        ([*SMALL, "model=dreamshaper_v7", "model.lcm.local_path=/nonexistent/lcm"], "model.lcm.local_path=/nonexistent/lcm"),
+        (
+            [*SMALL, "model=dreamshaper_v7", "model.lcm.local_path=/nonexistent/lcm"],
+            "model.lcm.local_path=/nonexistent/lcm",
+        ),
         ([*SMALL, "model=dreamshaper_v7"], "model=tiny"),
         ([*SMALL, "algo=ddpo", "sampler.eta=0.0"], "sampler.eta"),
     ],
@@ -95,6 +124,13 @@ def test_bad_input_is_one_clear_paragraph(tiny_cache, tmp_path, args, needle) ->
 
 def test_a_user_reward_function_plugs_in_by_target(tiny_cache, tmp_path) -> None:
     records = run_in_process(
-        [*SMALL, "train.epochs=1", "reward=custom", "reward._target_=tests.user_reward.mean_red", "+reward.weight=2.0"], tmp_path
+        [
+            *SMALL,
+            "train.epochs=1",
+            "reward=custom",
+            "reward._target_=tests.user_reward.mean_red",
+            "+reward.weight=2.0",
+        ],
+        tmp_path,
     )
     assert 0.0 <= records[0]["reward_mean"] <= 2.0

@@ -50,7 +50,9 @@ def assert_targets_bind(cfg: DictConfig) -> None:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_binds(group: str, option: str) -> None:
     cfg = compose_with([f"{group}={option}"])
-    OmegaConf.resolve(cfg) if group != "model" else None  # model=tiny reads an env var default; fine either way
+    OmegaConf.resolve(
+        cfg
+    ) if group != "model" else None  # model=tiny reads an env var default; fine either way
     assert_targets_bind(cfg)
 
 
@@ -75,7 +77,9 @@ def test_defaults_are_the_paper_rlcm_aesthetic_run() -> None:
     cfg = compose_with([])
     assert cfg.algo.name == "rlcm" and cfg.task.name == "aesthetic" and cfg.model.name == "dreamshaper_v7"
     assert cfg.model.lcm.hub_id == "SimianLuo/LCM_Dreamshaper_v7" and cfg.sampler.num_steps == 8
-    assert cfg.sampler.guidance_scale == 8.0 and cfg.algo.lora.rank == 8 and cfg.train.samples_per_epoch == 320
+    assert (
+        cfg.sampler.guidance_scale == 8.0 and cfg.algo.lora.rank == 8 and cfg.train.samples_per_epoch == 320
+    )
 
 
 @pytest.mark.parametrize("launcher", [p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")])

@@ -19,13 +19,23 @@ PROMPTS = ["a red cat", "a blue dog"]
 def pipeline_images(pipe, timesteps: list[int]) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
-    return pipe(PROMPTS, num_inference_steps=None, timesteps=timesteps, guidance_scale=8.0, generator=gens,
-                output_type="pt", height=32, width=32).images
+    return pipe(
+        PROMPTS,
+        num_inference_steps=None,
+        timesteps=timesteps,
+        guidance_scale=8.0,
+        generator=gens,
+        output_type="pt",
+        height=32,
+        width=32,
+    ).images
 
 
 def test_exported_lora_and_pipeline_reproduce_the_trained_policy(tiny_cache, tiny_family, tmp_path) -> None:
     run = tmp_path / "run"
-    run_in_process([*SMALL, "train.epochs=1", "optimizer.lr=0.05"], run)  # rlcm default LoRA: rank 16, alpha 32
+    run_in_process(
+        [*SMALL, "train.epochs=1", "optimizer.lr=0.05"], run
+    )  # rlcm default LoRA: rank 16, alpha 32
     # the trained policy, rebuilt from its final checkpoint
     policy = build_lcm_policy(tiny_family, num_steps=4)
     attach_lora(policy.unet, 16, 32, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])

@@ -25,7 +25,9 @@ def test_timesteps_follow_the_paper() -> None:
 def test_policy_std_for_eight_steps(tiny_family) -> None:
     std = build_lcm_policy(tiny_family, num_steps=8).action_std()
     assert len(std) == 7
-    assert std[0].item() == pytest.approx(0.991, abs=1e-3) and std[-1].item() == pytest.approx(0.430, abs=1e-3)
+    assert std[0].item() == pytest.approx(0.991, abs=1e-3) and std[-1].item() == pytest.approx(
+        0.430, abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("num_steps", [2, 4, 8])
@@ -51,7 +53,9 @@ def test_transitions_equal_lcm_scheduler_step(tiny_family, num_steps: int) -> No
 def test_guidance_embedding_matches_pipeline(tiny_family) -> None:
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny_family.lcm.local_path)
     w = torch.tensor([7.0, 0.5, 3.0])
-    torch.testing.assert_close(guidance_embedding(w, 32), pipe.get_guidance_scale_embedding(w, embedding_dim=32))
+    torch.testing.assert_close(
+        guidance_embedding(w, 32), pipe.get_guidance_scale_embedding(w, embedding_dim=32)
+    )
 
 
 @pytest.mark.parametrize(("num_steps", "guidance"), [(2, 8.0), (4, 8.0), (8, 1.5)])
@@ -61,8 +65,14 @@ def test_images_equal_the_pipeline_for_the_same_seed(tiny_family, num_steps: int
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny_family.lcm.local_path)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
-        PROMPTS, num_inference_steps=None, timesteps=policy.timesteps.tolist(), guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(3), output_type="pt", height=32, width=32,
+        PROMPTS,
+        num_inference_steps=None,
+        timesteps=policy.timesteps.tolist(),
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+        height=32,
+        width=32,
     ).images
     torch.testing.assert_close(traj.images, out, atol=1e-5, rtol=0)
     assert traj.latents.shape == (3, num_steps - 1, 4, 16, 16) and traj.log_probs.shape == (3, num_steps - 1)
@@ -74,7 +84,9 @@ def test_log_probs_are_the_closed_form_density_and_recompute_exactly(tiny_family
     w_emb = policy._w_embedding(3, torch.float32)
     for k in range(policy.num_transitions):
         t = policy.timesteps[k]
-        eps = policy.unet(traj.latents[:, k], t, encoder_hidden_states=traj.prompt_embeds, timestep_cond=w_emb).sample
+        eps = policy.unet(
+            traj.latents[:, k], t, encoder_hidden_states=traj.prompt_embeds, timestep_cond=w_emb
+        ).sample
         sched = LCMScheduler.from_config(policy_scheduler_config(tiny_family))
         sched.set_timesteps(timesteps=policy.timesteps.tolist())
         sched._step_index = k
@@ -86,7 +98,9 @@ def test_log_probs_are_the_closed_form_density_and_recompute_exactly(tiny_family
     # recompute on a shuffled mix of (sample, step) pairs, as a training minibatch does
     rows = torch.tensor([2, 0, 1, 1, 0, 2])
     steps = torch.tensor([0, 2, 1, 0, 1, 2])
-    new = policy.log_prob(traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows])
+    new = policy.log_prob(
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+    )
     ratio = torch.exp(new - traj.log_probs[rows, steps])
     assert (ratio - 1).abs().max().item() <= 1e-5
 

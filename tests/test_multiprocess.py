@@ -28,8 +28,17 @@ def launch(tiny_cache: str, run_dir: Path, processes: int, cwd: Path) -> None:
     if processes == 1:
         cmd = [sys.executable, "-m", "rlcm_exp", *RUN, f"hydra.run.dir={run_dir}"]
     else:  # no hydra.run.dir: each process makes its own timestamped dir and must adopt the main one's
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", "-m", "rlcm_exp", *RUN, f"hydra.run.dir={run_dir}/${{now:%f}}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}",
+            "-m",
+            "rlcm_exp",
+            *RUN,
+            f"hydra.run.dir={run_dir}/${{now:%f}}",
+        ]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -38,21 +47,34 @@ def test_two_gloo_processes_match_one_process(tiny_cache, tmp_path) -> None:
     launch(tiny_cache, tmp_path / "single", 1, tmp_path)
     launch(tiny_cache, tmp_path / "multi", 2, tmp_path)
     run_dirs = [p for p in (tmp_path / "multi").iterdir() if p.is_dir()]
-    assert len(run_dirs) == 1, f"expected one shared run dir, got {run_dirs}"  # the other process's was removed
+    assert len(run_dirs) == 1, (
+        f"expected one shared run dir, got {run_dirs}"
+    )  # the other process's was removed
     multi = run_dirs[0]
-    assert [r["epoch"] for r in read_metrics(multi / "metrics.jsonl")] == [0, 1]  # written once, by the main process
+    assert [r["epoch"] for r in read_metrics(multi / "metrics.jsonl")] == [
+        0,
+        1,
+    ]  # written once, by the main process
     single = tmp_path / "single"
     for epoch in range(2):
         one = torch.load(single / "rollouts" / f"epoch{epoch:04d}_rank0.pt", weights_only=True)
-        r0, r1 = (torch.load(multi / "rollouts" / f"epoch{epoch:04d}_rank{r}.pt", weights_only=True) for r in (0, 1))
+        r0, r1 = (
+            torch.load(multi / "rollouts" / f"epoch{epoch:04d}_rank{r}.pt", weights_only=True) for r in (0, 1)
+        )
         # different noise per process
         assert not torch.allclose(r0["initial_noise_sum"], r1["initial_noise_sum"])
         # the union of per-process rounds is the single-process round, in rank order
         assert r0["prompts"] + r1["prompts"] == one["prompts"]
-        torch.testing.assert_close(torch.cat([r0["initial_noise_sum"], r1["initial_noise_sum"]]), one["initial_noise_sum"])
+        torch.testing.assert_close(
+            torch.cat([r0["initial_noise_sum"], r1["initial_noise_sum"]]), one["initial_noise_sum"]
+        )
         if epoch == 0:  # same weights so far (later, DDP and one process take different minibatches)
-            torch.testing.assert_close(torch.cat([r0["rewards"], r1["rewards"]]), one["rewards"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                torch.cat([r0["rewards"], r1["rewards"]]), one["rewards"], rtol=0, atol=1e-6
+            )
             # advantages from the gathered rewards equal the single-process ones
-            torch.testing.assert_close(torch.cat([r0["advantages"], r1["advantages"]]), one["advantages"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                torch.cat([r0["advantages"], r1["advantages"]]), one["advantages"], rtol=0, atol=1e-5
+            )
     rec = read_metrics(single / "metrics.jsonl")[0]
     assert rec["reward_mean"] == read_metrics(multi / "metrics.jsonl")[0]["reward_mean"]

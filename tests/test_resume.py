@@ -14,13 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlcm_exp.checkpoint import CheckpointError, is_complete, latest_checkpoint, read_checkpoint, write_checkpoint
+from rlcm_exp.checkpoint import (
+    CheckpointError,
+    is_complete,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from rlcm_exp.tracking import read_metrics
 
 from .test_cli import SMALL
 
 RUN = [*SMALL, "train.epochs=4", "train.checkpoint_every=1", "optimizer.lr=0.01"]
-TIMING = {"wallclock_s", "gpu_hours", "time_sample_s", "time_reward_s", "time_reward_wait_s", "time_train_s", "time_eval_s"}
+TIMING = {
+    "wallclock_s",
+    "gpu_hours",
+    "time_sample_s",
+    "time_reward_s",
+    "time_reward_wait_s",
+    "time_train_s",
+    "time_eval_s",
+}
 
 
 def cmd(run_dir: Path, *extra: str) -> list[str]:
@@ -54,14 +68,20 @@ def reference(tiny_cache, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path, reference, kill_after) -> None:
+def test_sigkill_then_resume_matches_an_uninterrupted_run(
+    tiny_cache, tmp_path, reference, kill_after
+) -> None:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(cmd(run_dir), env=env(tiny_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd(run_dir), env=env(tiny_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_lines(run_dir / "metrics.jsonl", kill_after, proc)
     time.sleep(random.Random(kill_after).uniform(0.0, 1.5))  # somewhere in the next epoch or its checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd(run_dir, "resume=auto"), env=env(tiny_cache), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        cmd(run_dir, "resume=auto"), env=env(tiny_cache), check=True, capture_output=True, timeout=600
+    )
     resumed = read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
     assert without_timings(resumed) == without_timings(reference)
@@ -70,8 +90,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path, 
 def test_sigterm_checkpoints_and_exits_with_the_distinct_code(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        cmd(run_dir, "train.epochs=50", "train.checkpoint_every=0"), env=env(tiny_cache),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cmd(run_dir, "train.epochs=50", "train.checkpoint_every=0"),
+        env=env(tiny_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_for_lines(run_dir / "metrics.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
@@ -88,7 +111,13 @@ def test_torn_checkpoint_is_skipped(tmp_path) -> None:
     torn = tmp_path / "checkpoints" / "epoch_000002"
     for folder in (good, torn):
         folder.mkdir(parents=True)
-        for name in ["state.json", "optimizer.pt", "lr_scheduler.pt", "pytorch_lora_weights.safetensors", "rng_rank0.pt"]:
+        for name in [
+            "state.json",
+            "optimizer.pt",
+            "lr_scheduler.pt",
+            "pytorch_lora_weights.safetensors",
+            "rng_rank0.pt",
+        ]:
             (folder / name).write_text("{}")
     (good / "COMPLETE").write_text("ok")  # the torn one never got its marker
     with pytest.warns(UserWarning, match="epoch_000002"):
@@ -97,14 +126,24 @@ def test_torn_checkpoint_is_skipped(tmp_path) -> None:
 
 def _write(folder: Path, unet: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> Path:
     return write_checkpoint(
-        folder, is_main=True, rank=0, unet=unet, optimizer=opt, lr_scheduler=sched, scaler=None,
-        state={"epoch": int(folder.name[-1]), "world_size": 1}, barrier=lambda: None, keep_last=3,
+        folder,
+        is_main=True,
+        rank=0,
+        unet=unet,
+        optimizer=opt,
+        lr_scheduler=sched,
+        scaler=None,
+        state={"epoch": int(folder.name[-1]), "world_size": 1},
+        barrier=lambda: None,
+        keep_last=3,
     )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 @pytest.mark.parametrize("failure", ["full", "read-only"])
-def test_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_previous(tiny_family, tmp_path, failure) -> None:
+def test_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_previous(
+    tiny_family, tmp_path, failure
+) -> None:
     from rlcm_exp.models import attach_lora
     from rlcm_exp.policies.lcm import build_lcm_policy
 

@@ -67,13 +67,21 @@ def test_ppo_loss_clips_at_one_plus_minus_eps() -> None:
 
 
 def test_clip_advantages() -> None:
-    torch.testing.assert_close(clip_advantages(torch.tensor([-20.0, 3.0, 12.0]), 10.0), torch.tensor([-10.0, 3.0, 10.0]))
+    torch.testing.assert_close(
+        clip_advantages(torch.tensor([-20.0, 3.0, 12.0]), 10.0), torch.tensor([-10.0, 3.0, 10.0])
+    )
 
 
 def _plan(**kw):
     args = dict(
-        world_size=1, samples_per_epoch=32, sample_batch_size=8, train_batch_size=4, samples_per_step=16,
-        inner_epochs=1, transitions_per_trajectory=7, timestep_fraction=1.0,
+        world_size=1,
+        samples_per_epoch=32,
+        sample_batch_size=8,
+        train_batch_size=4,
+        samples_per_step=16,
+        inner_epochs=1,
+        transitions_per_trajectory=7,
+        timestep_fraction=1.0,
     )
     args.update(kw)
     return plan_batches(**args)
@@ -81,8 +89,16 @@ def _plan(**kw):
 
 def test_batch_plan_derives_per_process_sizes() -> None:
     p = _plan(world_size=2)
-    assert (p.samples_per_process, p.sampling_batches, p.grad_accum_minibatches, p.optimizer_steps_per_epoch) == (
-        16, 2, 2, 2,
+    assert (
+        p.samples_per_process,
+        p.sampling_batches,
+        p.grad_accum_minibatches,
+        p.optimizer_steps_per_epoch,
+    ) == (
+        16,
+        2,
+        2,
+        2,
     )
     assert _plan(timestep_fraction=0.5).trained_transitions == 3
 

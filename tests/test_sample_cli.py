@@ -24,7 +24,7 @@ def test_sample_writes_pngs_and_json_and_loads_the_lora(tiny_cache, tmp_path: Pa
     run_in_process([*SMALL, "train.epochs=1", "optimizer.lr=0.05"], tmp_path / "run")
     common = ["model=tiny", "sampler.num_steps=4", "prompts=[a red cat,a blue dog]", "seed=5", "batch_size=1"]
     base = run_sample([*common, f"out={tmp_path / 'base'}"])
-    tuned = run_sample([*common, f"out={tmp_path / 'tuned'}", f"checkpoint={tmp_path / 'run'}"])
+    run_sample([*common, f"out={tmp_path / 'tuned'}", f"checkpoint={tmp_path / 'run'}"])
     meta = json.loads((tmp_path / "tuned" / "samples.json").read_text())
     assert [m["seed"] for m in meta] == [5, 6] and meta[0]["steps"] == 4 and meta[0]["checkpoint"]
     assert base[0]["prompt"] == "a red cat"

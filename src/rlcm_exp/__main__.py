@@ -37,9 +37,17 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5
+        )
+        return (
+            out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            if out.returncode == 0
+            else "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -53,7 +61,8 @@ def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
     target = hydra.utils.get_method(reward_cfg._target_)
     params = inspect.signature(target).parameters
     if {"images", "prompts"} <= set(params):  # a user's reward function: bind its options, call it later
-        kwargs = {k: v for k, v in OmegaConf.to_container(reward_cfg, resolve=True).items() if not k.startswith("_")}
+        options: dict[str, Any] = OmegaConf.to_container(reward_cfg, resolve=True)  # type: ignore[assignment]
+        kwargs = {k: v for k, v in options.items() if not k.startswith("_")}
         return functools.partial(target, **kwargs)
     extra = {"device": str(device)} if "device" in params and "device" not in reward_cfg else {}
     return instantiate(reward_cfg, **extra)
@@ -62,9 +71,14 @@ def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
 def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Any:
     t = cfg.train
     return plan_batches(
-        world_size=world_size, samples_per_epoch=t.samples_per_epoch, sample_batch_size=t.sample_batch_size,
-        train_batch_size=t.train_batch_size, samples_per_step=t.samples_per_step, inner_epochs=t.inner_epochs,
-        transitions_per_trajectory=transitions, timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
+        world_size=world_size,
+        samples_per_epoch=t.samples_per_epoch,
+        sample_batch_size=t.sample_batch_size,
+        train_batch_size=t.train_batch_size,
+        samples_per_step=t.samples_per_step,
+        inner_epochs=t.inner_epochs,
+        transitions_per_trajectory=transitions,
+        timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
     )
 
 
@@ -120,10 +134,21 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
     settings = instantiate(cfg.train)
     trainer = Trainer(
-        policy=policy, reward_fn=reward_fn, prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        params=params, tracker=PerPromptStatTracker(**cfg.algo.stat_tracker), plan=plan,
-        settings=settings, ppo=instantiate(cfg.algo.ppo), accelerator=accelerator,
-        run_dir=run_dir, seed=cfg.seed, logger=None, eval_prompts=instantiate(cfg.task.eval_prompts),
+        policy=policy,
+        reward_fn=reward_fn,
+        prompts=prompts,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        params=params,
+        tracker=PerPromptStatTracker(**cfg.algo.stat_tracker),
+        plan=plan,
+        settings=settings,
+        ppo=instantiate(cfg.algo.ppo),
+        accelerator=accelerator,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        logger=None,
+        eval_prompts=instantiate(cfg.task.eval_prompts),
     )
     if resume_from is not None:
         trainer.restore(resume_from)
@@ -133,7 +158,8 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         os.environ.setdefault("WANDB_RUN_ID", trainer.logger_run_id)
         os.environ.setdefault("WANDB_RESUME", "allow")
     logger = instantiate(cfg.logger) if accelerator.is_main_process else NullLogger()
-    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True) | {"batch_plan": plan.as_dict()}, run_dir.name)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    logger.start(run_dir, resolved | {"batch_plan": plan.as_dict()}, run_dir.name)
     trainer.logger = logger
     trainer.logger_run_id = getattr(getattr(logger, "run", None), "id", None)
     if accelerator.is_main_process:
@@ -164,7 +190,9 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
             if stop or (every > 0 and trainer.epoch % every == 0) or trainer.epoch == cfg.train.epochs:
                 trainer.save_checkpoint()
             if stop:
-                raise Preempted(f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto")
+                raise Preempted(
+                    f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto"
+                )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -175,8 +203,14 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         save_lora(accelerator.unwrap_model(policy.unet), run_dir / "checkpoints" / "final")
         if records:
             print(write_summary(run_dir, trainer.eval_images.get("first"), trainer.eval_images.get("last")))
-            print(f"plots: {run_dir / 'reward_vs_time.png'}" + (
-                f", {run_dir / 'before_after.png'} (top: before, bottom: after)" if len(trainer.eval_images) else ""))
+            print(
+                f"plots: {run_dir / 'reward_vs_time.png'}"
+                + (
+                    f", {run_dir / 'before_after.png'} (top: before, bottom: after)"
+                    if len(trainer.eval_images)
+                    else ""
+                )
+            )
     return records
 
 

@@ -17,11 +17,11 @@ from peft.utils import get_peft_model_state_dict
 from rlcm_exp.errors import ConfigError
 
 
-def lora_payload(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+def lora_payload(unet: Any) -> tuple[dict[str, torch.Tensor], dict]:
     """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
     loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    config = unet.peft_config["default"].to_dict()  # type: ignore[index, operator]
+    config = unet.peft_config["default"].to_dict()
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return state, metadata
 
@@ -84,11 +84,20 @@ class CheckpointError(RuntimeError):
 def rng_state() -> dict[str, Any]:
     """Every RNG of this process as tensors and plain numbers, so it loads with weights_only=True."""
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {
+            "version": py_version,
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -100,7 +109,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -115,7 +126,9 @@ def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None
     result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise CheckpointError(f"the checkpoint's LoRA does not fit this model: unexpected keys {unexpected[:3]}...")
+        raise CheckpointError(
+            f"the checkpoint's LoRA does not fit this model: unexpected keys {unexpected[:3]}..."
+        )
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -164,7 +177,9 @@ def write_checkpoint(
                 shutil.rmtree(folder)
             tmp.rename(folder)
             _prune(folder.parent, keep_last)
-    except Exception as err:  # OSError from files, RuntimeError from torch.save, SafetensorError: all "not written"
+    except (
+        Exception
+    ) as err:  # OSError from files, RuntimeError from torch.save, SafetensorError: all "not written"
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(

@@ -9,7 +9,6 @@ steps, final metrics).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -45,7 +44,9 @@ def model_card(run_dir: Path, kind: str) -> str:
         "Trained with rlcm-exp. Load with diffusers:",
         "",
         "```python",
-        "pipe.load_lora_weights(DIR)  # LoRA export" if kind == "lora" else "pipe = DiffusionPipeline.from_pretrained(DIR)",
+        "pipe.load_lora_weights(DIR)  # LoRA export"
+        if kind == "lora"
+        else "pipe = DiffusionPipeline.from_pretrained(DIR)",
         "```",
         "",
     ]
@@ -55,7 +56,9 @@ def model_card(run_dir: Path, kind: str) -> str:
 def export(run_dir: str | Path, fmt: str = "lora", out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run dir (no config.yaml): give the folder a training run wrote")
+        raise ConfigError(
+            f"{run_dir} is not a run dir (no config.yaml): give the folder a training run wrote"
+        )
     lora = resolve_lora_folder(run_dir)
     target = Path(out) if out else run_dir / "export" / fmt
     tmp = target.with_name(target.name + ".tmp")
@@ -83,7 +86,9 @@ def export(run_dir: str | Path, fmt: str = "lora", out: str | Path | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="a run dir written by `python -m rlcm_exp`")
     parser.add_argument("--format", default="lora", choices=["lora", "pipeline"])
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/FORMAT)")

@@ -9,10 +9,12 @@ saved in that layout and loaded back through the very same path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -95,8 +97,10 @@ class ModelFamily:
         except ConfigError:
             raise
         except Exception as err:  # hub and file errors come in many types; all mean "not loadable"
-            where = f"model.{kind}.local_path={location}" if source.local_path else (
-                f"model.{kind}.hub_id={location} (revision {source.revision})"
+            where = (
+                f"model.{kind}.local_path={location}"
+                if source.local_path
+                else (f"model.{kind}.hub_id={location} (revision {source.revision})")
             )
             hint = "" if source.local_path else " " + _OFFLINE_HINT
             raise ConfigError(f"could not load {where}: {type(err).__name__}: {err}.{hint}") from err
@@ -127,26 +131,46 @@ def _tiny_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, projection_dim=32,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            projection_dim=32,
         )
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
     )
     unet_kwargs = dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     unet = UNet2DConditionModel(**unet_kwargs)
     lcm_unet = UNet2DConditionModel(**unet_kwargs, time_cond_proj_dim=32)
-    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    schedule = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     ddim = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     lcm = LCMScheduler(**schedule, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=False)
     return dict(text_encoder=text_encoder, vae=vae, unet=unet, lcm_unet=lcm_unet, ddim=ddim, lcm=lcm)
@@ -168,17 +192,15 @@ def build_tiny_family_folders(root: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng():  # building must not move the caller's RNG (a cached build would not)
         parts = _tiny_components(seed, tokenizer)
     common = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, **_NO_SAFETY)
-    StableDiffusionPipeline(unet=parts["unet"], scheduler=parts["ddim"], **common).save_pretrained(tmp / "diffusion")
-    LatentConsistencyModelPipeline(unet=parts["lcm_unet"], scheduler=parts["lcm"], **common).save_pretrained(
-        tmp / "lcm"
-    )
+    diffusion: Any = StableDiffusionPipeline(unet=parts["unet"], scheduler=parts["ddim"], **common)
+    diffusion.save_pretrained(tmp / "diffusion")
+    lcm: Any = LatentConsistencyModelPipeline(unet=parts["lcm_unet"], scheduler=parts["lcm"], **common)
+    lcm.save_pretrained(tmp / "lcm")
     for member in ("diffusion", "lcm"):  # transformers 5 saves tokenizer.json only: add the slow files
         write_clip_tokenizer(tmp / member / "tokenizer", TINY_WORDS, model_max_length=16)
     shutil.rmtree(tmp / "_tokenizer")
-    try:
+    with contextlib.suppress(OSError):  # on failure another process won the race; its folder is complete
         tmp.rename(final)
-    except OSError:  # another process won the race; its folder is complete
-        pass
     return final
 
 
@@ -207,7 +229,9 @@ def toy_family(weights_dir: str | None = None) -> ModelFamily:
         )
     return ModelFamily(
         name="toy",
-        diffusion=MemberSource(local_path=str(root / "diffusion"), resolution=_resolution(root / "diffusion")),
+        diffusion=MemberSource(
+            local_path=str(root / "diffusion"), resolution=_resolution(root / "diffusion")
+        ),
         lcm=MemberSource(local_path=str(root / "lcm"), resolution=_resolution(root / "lcm")),
     )
 
@@ -221,8 +245,9 @@ def _resolution(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------- LoRA
 
+
 def attach_lora(
-    unet: torch.nn.Module, rank: int, alpha: float, init: str | bool, target_modules: list[str]
+    unet: Any, rank: int, alpha: int, init: Any, target_modules: list[str]
 ) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter to its attention projections; return the trainable params (fp32)."""
     from peft import LoraConfig

@@ -36,7 +36,7 @@ def _article(word: str) -> str:
 
 
 def animal_activities() -> list[str]:
-    """"a/an {animal} {activity}" for the prompt-image alignment task (135 prompts)."""
+    """ "a/an {animal} {activity}" for the prompt-image alignment task (135 prompts)."""
     return [f"{_article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES]
 
 

@@ -27,11 +27,15 @@ def sample(cfg: DictConfig) -> list[dict]:
     checkpoint = None
     if cfg.checkpoint:
         checkpoint = resolve_lora_folder(cfg.checkpoint)
-        policy.unet.load_lora_adapter(str(checkpoint), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+        policy.unet.load_lora_adapter(
+            str(checkpoint), prefix="unet", weight_name="pytorch_lora_weights.safetensors"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in cfg.prompts for _ in range(cfg.images_per_prompt))]
-    records = []
+    jobs = [
+        (p, cfg.seed + i) for i, p in enumerate(p for p in cfg.prompts for _ in range(cfg.images_per_prompt))
+    ]
+    records: list[dict] = []
     for start in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[start : start + cfg.batch_size]
         generators = [torch.Generator(device).manual_seed(seed) for _, seed in chunk]
@@ -39,10 +43,16 @@ def sample(cfg: DictConfig) -> list[dict]:
         for (prompt, seed), image in zip(chunk, images, strict=True):
             name = f"{len(records):04d}.png"
             save_image(image, out / name)
-            records.append({
-                "file": name, "prompt": prompt, "seed": seed, "steps": policy.num_steps,
-                "sampler": type(policy).__name__, "checkpoint": str(checkpoint) if checkpoint else None,
-            })
+            records.append(
+                {
+                    "file": name,
+                    "prompt": prompt,
+                    "seed": seed,
+                    "steps": policy.num_steps,
+                    "sampler": type(policy).__name__,
+                    "checkpoint": str(checkpoint) if checkpoint else None,
+                }
+            )
     (out / "samples.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {len(records)} images to {out}")
     return records

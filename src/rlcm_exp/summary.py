@@ -9,7 +9,9 @@ import torch
 from rlcm_exp.tracking import read_metrics
 
 
-def write_summary(run_dir: Path, before: torch.Tensor | None = None, after: torch.Tensor | None = None) -> str:
+def write_summary(
+    run_dir: Path, before: torch.Tensor | None = None, after: torch.Tensor | None = None
+) -> str:
     """Writes reward_vs_time.png (training reward and held-out reward against wall-clock seconds) and,
     given held-out images from the first and last evaluation (same prompts and seeds), before_after.png.
     Returns the line it prints: reward before -> after."""
@@ -27,8 +29,12 @@ def write_summary(run_dir: Path, before: torch.Tensor | None = None, after: torc
     ax.plot(t, mean, label="training reward (mean of the round)")
     ax.fill_between(t, mean - std, mean + std, alpha=0.2)
     if evals:
-        ax.plot([e["wallclock_s"] for e in evals], [e["eval_reward_mean"] for e in evals], "o-",
-                label="held-out prompts, fixed seeds")
+        ax.plot(
+            [e["wallclock_s"] for e in evals],
+            [e["eval_reward_mean"] for e in evals],
+            "o-",
+            label="held-out prompts, fixed seeds",
+        )
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("reward")
     ax.legend()
@@ -41,7 +47,9 @@ def write_summary(run_dir: Path, before: torch.Tensor | None = None, after: torc
 
         k = min(len(before), len(after), 8)
         save_image(torch.cat([before[:k], after[:k]]), run_dir / "before_after.png", nrow=k, padding=2)
-    line = f"reward (training round mean): {records[0]['reward_mean']:.4f} -> {records[-1]['reward_mean']:.4f}"
+    line = (
+        f"reward (training round mean): {records[0]['reward_mean']:.4f} -> {records[-1]['reward_mean']:.4f}"
+    )
     if len(evals) >= 2:
         line += f"; held-out: {evals[0]['eval_reward_mean']:.4f} -> {evals[-1]['eval_reward_mean']:.4f}"
     return line

@@ -38,7 +38,10 @@ def _byte_symbols() -> list[str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Standard BPE: repeatedly merge the adjacent pair of lowest rank."""
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
+        pairs = [
+            (ranks.get((a, b), 1 << 30), i)
+            for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))
+        ]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

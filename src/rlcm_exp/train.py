@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ class TrainSettings:
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
     checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
-    dump_rollouts: bool = False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
+    dump_rollouts: bool = (
+        False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
+    )
     eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
     eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
 
@@ -123,11 +125,17 @@ class Trainer:
         pending: list[Future | tuple] = []
         t_sample = 0.0
         first = self.rank * plan.sampling_batches
-        for b in tqdm(range(first, first + plan.sampling_batches), desc=f"epoch {epoch} sampling", leave=False,
-                      disable=not self.accelerator.is_local_main_process):
+        for b in tqdm(
+            range(first, first + plan.sampling_batches),
+            desc=f"epoch {epoch} sampling",
+            leave=False,
+            disable=not self.accelerator.is_local_main_process,
+        ):
             generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, epoch, b, 0))
             prompt_rng = np.random.default_rng([self.seed, epoch, b, 1])
-            batch_prompts = [self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size)]
+            batch_prompts = [
+                self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size)
+            ]
             start = time.perf_counter()
             with self.accelerator.autocast():
                 traj = self.policy.sample(batch_prompts, generator)
@@ -141,7 +149,11 @@ class Trainer:
         results = [p.result() if isinstance(p, Future) else p for p in pending]
         t_wait = time.perf_counter() - start if self.pool is not None else 0.0
         rewards = {k: torch.cat([r[0][k] for r in results]) for k in results[0][0]}
-        timing = {"time_sample_s": t_sample, "time_reward_s": sum(r[1] for r in results), "time_reward_wait_s": t_wait}
+        timing = {
+            "time_sample_s": t_sample,
+            "time_reward_s": sum(r[1] for r in results),
+            "time_reward_wait_s": t_wait,
+        }
         return Trajectory.cat(trajectories), rewards, timing
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -154,12 +166,15 @@ class Trainer:
         adv = np.zeros_like(all_rewards)
         # non-finite rewards never reach the tracker; their samples get zero advantage, i.e. no gradient
         if finite.any():
-            adv[finite] = self.tracker.update([p for p, f in zip(all_prompts, finite, strict=True) if f],
-                                              all_rewards[finite])
+            adv[finite] = self.tracker.update(
+                [p for p, f in zip(all_prompts, finite, strict=True) if f], all_rewards[finite]
+            )
         n = len(prompts)
         local = torch.as_tensor(adv[self.rank * n : (self.rank + 1) * n], dtype=torch.float32)
-        stats.update(reward_mean=float(all_rewards[finite].mean()) if finite.any() else float("nan"),
-                     reward_std=float(all_rewards[finite].std()) if finite.any() else float("nan"))
+        stats.update(
+            reward_mean=float(all_rewards[finite].mean()) if finite.any() else float("nan"),
+            reward_std=float(all_rewards[finite].std()) if finite.any() else float("nan"),
+        )
         return clip_advantages(local, self.ppo.adv_clip_max), stats
 
     def _count_nonfinite(self, rewards: np.ndarray) -> dict[str, float]:
@@ -181,8 +196,13 @@ class Trainer:
         acc, plan, policy = self.accelerator, self.plan, self.policy
         device = acc.device
         adv = advantages.to(device)
-        n, t_all, t_train, bsz = len(traj), plan.transitions_per_trajectory, plan.trained_transitions, plan.train_batch_size
-        sums: dict[str, torch.Tensor] = {}
+        n, t_all, t_train, bsz = (
+            len(traj),
+            plan.transitions_per_trajectory,
+            plan.trained_transitions,
+            plan.train_batch_size,
+        )
+        sums: dict[str, Any] = {}
         count = 0
         first: dict[str, float] = {}
         for inner in range(plan.inner_epochs):
@@ -190,8 +210,12 @@ class Trainer:
             order = torch.randperm(n, generator=g)
             # independently per sample, a random order of its transitions; the first t_train are trained
             steps = torch.argsort(torch.rand(n, t_all, generator=g), dim=1)[:, :t_train]
-            for mb in tqdm(range(plan.minibatches_per_inner_epoch), desc=f"epoch {epoch} training", leave=False,
-                           disable=not acc.is_local_main_process):
+            for mb in tqdm(
+                range(plan.minibatches_per_inner_epoch),
+                desc=f"epoch {epoch} training",
+                leave=False,
+                disable=not acc.is_local_main_process,
+            ):
                 rows = order[mb * bsz : (mb + 1) * bsz]
                 sync = (mb + 1) % plan.grad_accum_minibatches == 0
                 ratios = []
@@ -202,7 +226,9 @@ class Trainer:
                             new_lp = policy.log_prob(
                                 traj.latents[rows, k], traj.next_latents[rows, k], k, traj.prompt_embeds[rows]
                             )
-                        loss, info = ppo_loss(new_lp, traj.log_probs[rows, k].to(device), adv[rows], self.ppo.clip_range)
+                        loss, info = ppo_loss(
+                            new_lp, traj.log_probs[rows, k].to(device), adv[rows], self.ppo.clip_range
+                        )
                         acc.backward(loss / (plan.grad_accum_minibatches * t_train))
                     info["loss"] = loss.detach()
                     for key, v in info.items():
@@ -210,9 +236,14 @@ class Trainer:
                     count += 1
                     if inner == 0 and mb == 0:
                         ratios.append(torch.exp(new_lp.detach() - traj.log_probs[rows, k].to(device)))
-                if inner == 0 and mb == 0:  # before any optimizer step: training must recompute what sampling drew
+                if (
+                    inner == 0 and mb == 0
+                ):  # before any optimizer step: training must recompute what sampling drew
                     r = torch.cat(ratios)
-                    first = {"ratio_first": float(r.mean()), "ratio_first_max_dev": float((r - 1).abs().max())}
+                    first = {
+                        "ratio_first": float(r.mean()),
+                        "ratio_first_max_dev": float((r - 1).abs().max()),
+                    }
                 if sync:
                     grad_norm = acc.clip_grad_norm_(self.params, self.settings.max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
@@ -239,8 +270,11 @@ class Trainer:
         self.reward_queries += self.plan.samples_per_epoch
         self.maybe_save_images(epoch, traj, rewards["reward"])
         self.elapsed_s += time.perf_counter() - start
-        components = {f"reward/{k}": float(acc.gather(v.to(acc.device)).float().nanmean()) for k, v in rewards.items()
-                      if k != "reward"}
+        components = {
+            f"reward/{k}": float(acc.gather(v.to(acc.device)).float().nanmean())
+            for k, v in rewards.items()
+            if k != "reward"
+        }
         record = {
             "epoch": epoch,
             **reward_stats,
@@ -263,7 +297,11 @@ class Trainer:
 
     def _eval_due(self, epochs_done: int) -> bool:
         every = self.settings.eval_every
-        return bool(self.eval_prompts) and every > 0 and (epochs_done % every == 0 or epochs_done == self.settings.epochs)
+        return (
+            bool(self.eval_prompts)
+            and every > 0
+            and (epochs_done % every == 0 or epochs_done == self.settings.epochs)
+        )
 
     def evaluate(self, epochs_done: int) -> dict[str, Any]:
         """Held-out prompts x fixed seeds on the main process; its time is reported, not counted as training."""
@@ -274,17 +312,27 @@ class Trainer:
         if self.accelerator.is_main_process:
             with self.accelerator.autocast():
                 res = evaluate_policy(
-                    self.policy, self.reward_fn, self.eval_prompts, list(range(self.settings.eval_seeds)),
-                    self.plan.sample_batch_size, self.accelerator.device,
+                    self.policy,
+                    self.reward_fn,
+                    self.eval_prompts,
+                    list(range(self.settings.eval_seeds)),
+                    self.plan.sample_batch_size,
+                    self.accelerator.device,
                 )
             self.logger.log_images("eval_samples", res["eval_images"], res["eval_captions"], step=epochs_done)
             self.eval_images.setdefault("first", res["eval_images"])  # the "before" grid of the final report
             self.eval_images["last"] = res["eval_images"]
             out = {"eval_reward_mean": res["eval_reward_mean"], "eval_reward_std": res["eval_reward_std"]}
-            self.eval_file.write({
-                "epochs_done": epochs_done, **out, "eval_per_prompt": res["eval_per_prompt"],
-                "wallclock_s": self.elapsed_s, "gpu_hours": self.gpu_hours(), "reward_queries": self.reward_queries,
-            })
+            self.eval_file.write(
+                {
+                    "epochs_done": epochs_done,
+                    **out,
+                    "eval_per_prompt": res["eval_per_prompt"],
+                    "wallclock_s": self.elapsed_s,
+                    "gpu_hours": self.gpu_hours(),
+                    "reward_queries": self.reward_queries,
+                }
+            )
         self.accelerator.wait_for_everyone()
         out["time_eval_s"] = time.perf_counter() - start
         return out
@@ -293,7 +341,9 @@ class Trainer:
         """Device-hours so far: training wall-clock x (processes + reward-server GPUs)."""
         return self.elapsed_s * (self.accelerator.num_processes + self.settings.reward_server_gpus) / 3600.0
 
-    def dump_rollouts(self, epoch: int, traj: Trajectory, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+    def dump_rollouts(
+        self, epoch: int, traj: Trajectory, rewards: torch.Tensor, advantages: torch.Tensor
+    ) -> None:
         """Per-process record of a round, for debugging and for checking the multi-process arithmetic."""
         folder = self.run_dir / "rollouts"
         folder.mkdir(exist_ok=True)
@@ -346,9 +396,16 @@ class Trainer:
 
         acc = self.accelerator
         return write_checkpoint(
-            checkpoint_dir(self.run_dir, self.epoch), is_main=acc.is_main_process, rank=self.rank,
-            unet=acc.unwrap_model(self.policy.unet), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-            scaler=acc.scaler, state=self.state(), barrier=acc.wait_for_everyone, keep_last=self.settings.keep_last,
+            checkpoint_dir(self.run_dir, self.epoch),
+            is_main=acc.is_main_process,
+            rank=self.rank,
+            unet=acc.unwrap_model(self.policy.unet),
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=acc.scaler,
+            state=self.state(),
+            barrier=acc.wait_for_everyone,
+            keep_last=self.settings.keep_last,
         )
 
     def restore(self, folder: Path) -> None:

@@ -11,9 +11,9 @@ H transitions; that extra term has zero expected gradient, since the image decod
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -46,7 +46,9 @@ def lcm_denoise(
     return c_skip * x_t + c_out * x0_hat
 
 
-def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 1000, schedule: str = "skip") -> torch.Tensor:
+def lcm_timesteps(
+    num_steps: int, original_steps: int = 50, num_train: int = 1000, schedule: str = "skip"
+) -> torch.Tensor:
     """The H timesteps, taken from the distillation grid t = k * (num_train // original_steps) - 1.
 
     "skip" (paper and reference code): every (original_steps // H)-th grid point from 999 down,
@@ -55,7 +57,9 @@ def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 100
     """
     grid = (torch.arange(1, original_steps + 1) * (num_train // original_steps) - 1).flip(0)
     if num_steps > original_steps:
-        raise ConfigError(f"sampler.num_steps={num_steps} exceeds the LCM's original_inference_steps={original_steps}")
+        raise ConfigError(
+            f"sampler.num_steps={num_steps} exceeds the LCM's original_inference_steps={original_steps}"
+        )
     if schedule == "skip":
         return grid[:: original_steps // num_steps][:num_steps].clone()
     if schedule == "linspace":
@@ -67,11 +71,11 @@ def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 100
 class LCMPolicy:
     def __init__(
         self,
-        unet: torch.nn.Module,
-        vae: torch.nn.Module,
-        text_encoder: torch.nn.Module,
-        tokenizer,
-        scheduler: LCMScheduler,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
         num_steps: int,
         guidance_scale: float,
         noisy_final_step: bool,
@@ -103,7 +107,9 @@ class LCMPolicy:
         self.timestep_schedule = timestep_schedule
         self.resolution = resolution
         self.latent_channels = unet.config.in_channels
-        self.time_cond_proj_dim = unet.config.time_cond_proj_dim  # read once: a DDP-wrapped unet has no .config
+        self.time_cond_proj_dim = (
+            unet.config.time_cond_proj_dim
+        )  # read once: a DDP-wrapped unet has no .config
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
 
@@ -112,18 +118,22 @@ class LCMPolicy:
         # the transition out of step k lands on t_{k+1}; the reference code's extra final
         # transition re-uses t_H, as diffusers' step does when it has no next timestep.
         t_next = torch.cat([t[1:], t[-1:]])
-        c_skip, c_out = zip(*(scheduler.get_scalings_for_boundary_condition_discrete(int(s)) for s in t), strict=True)
+        c_skip, c_out = zip(
+            *(scheduler.get_scalings_for_boundary_condition_discrete(int(s)) for s in t), strict=True
+        )
         self.timesteps = t
         # one (6, H) table of schedule constants, copied to each device once; gathered per sample on
         # the device, so the step loop never syncs with the host
-        self._table_cpu = torch.stack([
-            abar[t].sqrt(),  # 0: sqrt(abar_t)
-            (1 - abar[t]).sqrt(),  # 1: sqrt(1 - abar_t)
-            torch.tensor(c_skip, dtype=torch.float32),  # 2: c_skip(t)
-            torch.tensor(c_out, dtype=torch.float32),  # 3: c_out(t)
-            abar[t_next].sqrt(),  # 4: sqrt(abar_next)
-            (1 - abar[t_next]).sqrt(),  # 5: the policy's fixed std, H=8: 0.991 ... 0.430
-        ])
+        self._table_cpu = torch.stack(
+            [
+                abar[t].sqrt(),  # 0: sqrt(abar_t)
+                (1 - abar[t]).sqrt(),  # 1: sqrt(1 - abar_t)
+                torch.tensor(c_skip, dtype=torch.float32),  # 2: c_skip(t)
+                torch.tensor(c_out, dtype=torch.float32),  # 3: c_out(t)
+                abar[t_next].sqrt(),  # 4: sqrt(abar_next)
+                (1 - abar[t_next]).sqrt(),  # 5: the policy's fixed std, H=8: 0.991 ... 0.430
+            ]
+        )
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._timesteps: dict[torch.device, torch.Tensor] = {}
 
@@ -142,7 +152,10 @@ class LCMPolicy:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.device))[0]
@@ -183,13 +196,18 @@ class LCMPolicy:
         return cached
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None, progress: bool = False) -> Trajectory:
+    def sample(
+        self, prompts: list[str], generator: torch.Generator | None, progress: bool = False
+    ) -> Trajectory:
         """Roll out H steps for a batch of prompts; records every trained transition."""
         embeds = self.encode_prompts(prompts)
         batch, device = len(prompts), self.device
         side = self.resolution // self.vae_scale
         shape = (batch, self.latent_channels, side, side)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype).float() * self.init_noise_sigma
+        x = (
+            randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype).float()
+            * self.init_noise_sigma
+        )
         w_emb = self._w_embedding(batch, embeds.dtype)
         latents, next_latents, log_probs = [], [], []
         denoised = x

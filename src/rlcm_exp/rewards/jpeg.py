@@ -17,7 +17,9 @@ from PIL import Image
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB (1000 bytes) of each image saved as JPEG; images (B, 3, H, W) in [0, 1]."""
     # one device->host copy for the whole batch, then uint8 HWC as the encoder wants it
-    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    array = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     sizes = np.empty(len(array), dtype=np.float32)
     for i, img in enumerate(array):  # libjpeg encodes one image per call
         buffer = io.BytesIO()
