@@ -134,3 +134,23 @@ def test_a_user_reward_function_plugs_in_by_target(tiny_cache, tmp_path) -> None
         tmp_path,
     )
     assert 0.0 <= records[0]["reward_mean"] <= 2.0
+
+
+def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp_path) -> None:
+    """`-m algo=rlcm,ddpo`: one sweep folder, identical prompts and seeds, one wandb group."""
+    env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "rlcm_exp", "-m", "algo=rlcm,ddpo", *SMALL, "sampler.num_steps=4", "train.epochs=1",
+           "train.dump_rollouts=true", "logger=wandb", "logger.mode=disabled", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(runs) == 2
+    import torch
+    from omegaconf import OmegaConf
+
+    groups = {OmegaConf.load(r / "config.yaml").logger.group for r in runs}
+    assert groups == {f"sweep-{sweep.name}"}
+    prompts = [torch.load(r / "rollouts" / "epoch0000_rank0.pt", weights_only=True)["prompts"] for r in runs]
+    assert prompts[0] == prompts[1]
+    assert {OmegaConf.load(r / "config.yaml").algo.name for r in runs} == {"rlcm", "ddpo"}

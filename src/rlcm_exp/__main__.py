@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlcm_exp.batching import plan_batches
 from rlcm_exp.checkpoint import is_complete, latest_checkpoint, save_lora
@@ -231,8 +232,12 @@ def find_resume(resume: str | None, run_dir: Path, world_size: int) -> Path | No
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
+        with open_dict(cfg):  # every run of a sweep lands in one wandb group, so their curves overlay
+            cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
     try:
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        train(cfg, Path(hc.runtime.output_dir))
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
