@@ -154,3 +154,10 @@ def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp
     prompts = [torch.load(r / "rollouts" / "epoch0000_rank0.pt", weights_only=True)["prompts"] for r in runs]
     assert prompts[0] == prompts[1]
     assert {OmegaConf.load(r / "config.yaml").algo.name for r in runs} == {"rlcm", "ddpo"}
+
+
+def test_memory_options_keep_the_first_ratio_at_one(tiny_cache, tmp_path) -> None:
+    records = run_in_process(
+        [*SMALL, "train.epochs=1", "memory.gradient_checkpointing=true", "memory.channels_last=true"], tmp_path
+    )
+    assert records[0]["ratio_first_max_dev"] <= 1e-5

@@ -69,6 +69,17 @@ def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
     return instantiate(reward_cfg, **extra)
 
 
+def apply_memory_options(policy: Any, gradient_checkpointing: bool, channels_last: bool, compile_unet: bool) -> None:
+    """Memory/speed switches on the policy's UNet; each is off by default and changes no result."""
+    if gradient_checkpointing:
+        policy.unet.enable_gradient_checkpointing()
+        policy.unet.train()  # diffusers only checkpoints in training mode; the UNet has no dropout to switch on
+    if channels_last:
+        policy.unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        policy.unet = torch.compile(policy.unet)
+
+
 def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Any:
     t = cfg.train
     return plan_batches(
@@ -124,6 +135,7 @@ def train(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     policy = instantiate(cfg.sampler, _partial_=True)(family=family, device=accelerator.device)
     set_seed(cfg.seed, device_specific=True)  # LoRA init must not depend on what loading drew before it
     params = attach_lora(policy.unet, **cfg.algo.lora)
+    apply_memory_options(policy, **cfg.memory)
     plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
     reward_fn = build_reward(cfg.reward, accelerator.device)
     prompts = instantiate(cfg.task.prompts)

@@ -262,3 +262,14 @@ def attach_lora(
     for p in params:  # LoRA weights train in fp32 even when the frozen base is fp16/bf16
         p.data = p.data.float()
     return params
+
+
+def adam8bit(params: Any, lr: float, betas: tuple[float, float], weight_decay: float, eps: float) -> Any:
+    """bitsandbytes' 8-bit Adam, with a clear error where it is not installed (it needs CUDA)."""
+    try:
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ConfigError(
+            "optimizer=adam8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use optimizer=adam"
+        ) from err
+    return bnb.optim.Adam8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
