@@ -245,6 +245,8 @@ def find_resume(resume: str | None, run_dir: Path, world_size: int) -> Path | No
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    if cfg.device == "job" and torch.cuda.is_available():  # parallel sweep jobs: job N takes GPU N mod count
+        torch.cuda.set_device(hc.job.get("num", 0) % torch.cuda.device_count())
     if hc.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
         with open_dict(cfg):  # every run of a sweep lands in one wandb group, so their curves overlay
             cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
