@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+SCALE   ?= full
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all lint format toy-model bench clean
+.PHONY: help install demo test test-all lint format toy-model bench reproduce-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -40,6 +41,9 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~1 h on a 2-core CPU)
 	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0
+
+reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke); finished runs skipped
+	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

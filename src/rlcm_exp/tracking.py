@@ -76,19 +76,32 @@ def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 class WandbLogger:
     """logger=wandb. Offline automatically when no credentials are configured (sync later with `wandb sync`)."""
 
-    def __init__(self, project: str, entity: str | None, group: str | None, tags: list[str], mode: str) -> None:
+    def __init__(
+        self, project: str, entity: str | None, group: str | None, tags: list[str], mode: str
+    ) -> None:
         self.project, self.entity, self.group, self.tags, self.mode = project, entity, group, list(tags), mode
         self.run: Any = None
+        self._pending: dict[
+            str, tuple[list[Any], int]
+        ] = {}  # key -> (images, epoch) waiting for the next record
 
     def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> WandbLogger:
         import wandb  # here, not at module level: logger=none must not even import wandb
 
         mode = resolve_wandb_mode(self.mode)
         if mode not in WANDB_MODES:
-            raise ConfigError(f"logger.mode={self.mode!r} (or WANDB_MODE) is not one of auto, {', '.join(WANDB_MODES)}")
+            raise ConfigError(
+                f"logger.mode={self.mode!r} (or WANDB_MODE) is not one of auto, {', '.join(WANDB_MODES)}"
+            )
         self.run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=cast(Any, mode),
-            dir=str(run_dir), config=config, name=run_name,
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=self.tags,
+            mode=cast(Any, mode),
+            dir=str(run_dir),
+            config=config,
+            name=run_name,
         )
         if mode == "offline":
             # run.dir is <run_dir>/wandb/offline-run-*/files; sync takes the offline-run folder
@@ -103,28 +116,52 @@ class WandbLogger:
         return self
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        # only scalars: nested values (per-prompt dicts) live in the local jsonl files
-        self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float | bool)})
+        # only scalars (per-prompt dicts live in the local jsonl files); pending images join this row,
+        # so they carry the record's time axes too
+        row = {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
+        self.run.log({**{k: pics for k, (pics, _) in self._pending.items()}, **row})
+        self._pending = {}
 
     def log_images(self, key: str, images: torch.Tensor, captions: list[str], step: int) -> None:
+        """Images wait for the next `log` (the epoch's record) and share its row, time axes included; a
+        second batch under a waiting key first logs the waiting one in a row of its own."""
         import wandb
 
+        if key in self._pending:
+            self._flush(key)
         pics = [wandb.Image(to_uint8_hwc(img), caption=c) for img, c in zip(images, captions, strict=True)]
-        self.run.log({key: pics, "epoch": step})
+        self._pending[key] = (pics, step)
+
+    def _flush(self, key: str) -> None:
+        pics, epoch = self._pending.pop(key)
+        self.run.log({key: pics, "epoch": epoch})
 
     def finish(self) -> None:
         if self.run is not None:
+            for key in list(self._pending):
+                self._flush(key)
             self.run.finish()
             self.run = None
 
 
-def null_logger() -> NullLogger:
+def null_logger(
+    project: str | None = None,
+    entity: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str | None = None,
+) -> NullLogger:
+    """logger=none. Accepts (and ignores) the wandb settings, so that overlays setting logger.group or
+    logger.tags (experiment=paper/...) also run without wandb; any other key is still an error."""
     return NullLogger()
 
 
 def wandb_logger(
-    project: str = "rlcm-exp", entity: str | None = None, group: str | None = None,
-    tags: list[str] | None = None, mode: str = "auto",
+    project: str = "rlcm-exp",
+    entity: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
 ) -> WandbLogger:
     return WandbLogger(project, entity, group, tags or [], mode)
 
@@ -142,7 +179,6 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
 
     def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Keep only the records `keep` accepts (resume drops epochs past the checkpoint); atomic rewrite."""

@@ -1,0 +1,185 @@
+"""`python -m rlcm_exp.reproduce --scale smoke`: a two-run sweep end to end, and the report's numbers
+recomputed from the metrics files by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from rlcm_exp import reproduce
+from rlcm_exp.report import find_runs, seed_mean_curve, threshold_table, time_to_threshold
+from rlcm_exp.tracking import read_metrics
+
+
+def table_rows(markdown: str, header_start: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header line starts with `header_start`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(names, [c.strip() for c in line.strip("|").split("|")], strict=True)))
+    return rows
+
+
+def first_reach(xs: list[float], ys: list[float], threshold: float) -> float:
+    return next(x for x, y in zip(xs, ys, strict=True) if y >= threshold)
+
+
+def test_smoke_reproduction_end_to_end(tiny_cache, tmp_path) -> None:
+    args = ["--scale", "smoke", "--seeds", "0", "--figures", "4,5,6", "--out", str(tmp_path)]
+    assert reproduce.main(args) == 0
+    scale_dir = tmp_path / "smoke"
+    report = (scale_dir / "report.md").read_text()
+    for fig in ["fig4_reward_vs_queries.png", "fig5_reward_vs_gpu_hours.png", "fig6_inference_budget.png"]:
+        assert (scale_dir / fig).stat().st_size > 1000 and f"]({fig})" in report
+    assert "torch " in report and "python -m rlcm_exp algo=ddpo task=compression seed=0" in report
+
+    # the table, recomputed from the metrics files alone
+    metrics = {
+        a: read_metrics(scale_dir / "runs" / f"compression_{a}_s0" / "metrics.jsonl")
+        for a in ("rlcm", "ddpo")
+    }
+    assert all(len(m) == 2 for m in metrics.values())
+    finals = {a: m[-1]["reward_mean"] for a, m in metrics.items()}
+    threshold = min(finals.values())
+    expected = {}
+    for algo, m in metrics.items():
+        ys = [r["reward_mean"] for r in m]
+        expected[algo] = {
+            "final": finals[algo],
+            "wall": first_reach([r["wallclock_s"] for r in m], ys, threshold),
+            "gpu": first_reach([r["gpu_hours"] for r in m], ys, threshold),
+        }
+    rows = {r["algo"]: r for r in table_rows(report, "| task | algo |")}
+    assert set(rows) == {"rlcm", "ddpo"}
+    for algo, row in rows.items():
+        assert float(row["threshold"]) == pytest.approx(threshold, rel=1e-5)
+        assert float(row["final reward (mean +- std)"].split("+-")[0]) == pytest.approx(
+            expected[algo]["final"], rel=1e-5
+        )
+        assert float(row["time to threshold (s)"]) == pytest.approx(expected[algo]["wall"], rel=1e-5)
+        assert float(row["GPU-hours to threshold"]) == pytest.approx(expected[algo]["gpu"], rel=1e-5)
+    speedup = expected["ddpo"]["gpu"] / expected["rlcm"]["gpu"]
+    assert float(rows["rlcm"]["speed-up DDPO/RLCM (GPU-h)"]) == pytest.approx(speedup, rel=1e-4)
+
+    # rollout timing comes from the evaluations written next to each run
+    evals = {
+        a: json.loads((scale_dir / "runs" / f"compression_{a}_s0" / "eval" / "eval.json").read_text())
+        for a in ("rlcm", "ddpo")
+    }
+    rollout = {r["algo"]: r for r in table_rows(report, "| task | algo | H | s/image")}
+    for algo, ev in evals.items():
+        own = next(s for s in ev["steps"] if s["num_steps"] == ev["num_steps"])
+        assert float(rollout[algo]["s/image (full rollout)"]) == pytest.approx(
+            own["seconds_per_image"], rel=1e-5
+        )
+        assert ev["budgets"], "the time-budget protocol ran"
+
+    # a second call trains nothing: both runs are finished
+    mtimes = {
+        a: (scale_dir / "runs" / f"compression_{a}_s0" / "metrics.jsonl").stat().st_mtime for a in metrics
+    }
+    assert reproduce.main(args) == 0
+    assert "0 runs trained, 2 already finished" in (scale_dir / "report.md").read_text()
+    assert mtimes == {
+        a: (scale_dir / "runs" / f"compression_{a}_s0" / "metrics.jsonl").stat().st_mtime for a in metrics
+    }
+
+
+def fake_run(
+    folder: Path, algo: str, seed: int, rewards: list[float], sec: float, epochs: int | None = None
+) -> Path:
+    folder.mkdir(parents=True)
+    cfg = {
+        "algo": {"name": algo},
+        "task": {"name": "toy_alignment"},
+        "seed": seed,
+        "sampler": {"num_steps": 4},
+        "train": {"epochs": epochs or len(rewards)},
+    }
+    OmegaConf.save(OmegaConf.create(cfg), folder / "config.yaml")
+    recs = [
+        {
+            "epoch": e,
+            "reward_mean": r,
+            "wallclock_s": (e + 1) * sec,
+            "gpu_hours": (e + 1) * sec / 3600,
+            "reward_queries": (e + 1) * 64,
+        }
+        for e, r in enumerate(rewards)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (folder / "checkpoints" / "final").mkdir(parents=True)
+    return folder
+
+
+def test_seed_mean_threshold_by_hand(tmp_path) -> None:
+    fake_run(tmp_path / "r0", "rlcm", 0, [0.1, 0.5, 0.7], 1.0)
+    fake_run(tmp_path / "r1", "rlcm", 1, [0.3, 0.5, 0.9], 3.0)  # seed mean 0.2, 0.5, 0.8 at x = 2, 4, 6 s
+    fake_run(tmp_path / "d0", "ddpo", 0, [0.2, 0.4, 0.6], 10.0)
+    fake_run(tmp_path / "d1", "ddpo", 1, [0.2, 0.4, 0.6], 10.0)
+    runs = find_runs(tmp_path)
+    curve = seed_mean_curve([r for r in runs if r.algo == "rlcm"], "wallclock_s")
+    np.testing.assert_allclose(curve.y, [0.2, 0.5, 0.8])
+    np.testing.assert_allclose(curve.y_std, [0.1, 0.0, 0.1])
+    np.testing.assert_allclose(curve.x, [2.0, 4.0, 6.0])
+    assert time_to_threshold(curve, 0.5) == 4.0 and time_to_threshold(curve, 0.95) is None
+
+    rows = {r["algo"]: r for r in threshold_table(runs)}
+    assert rows["rlcm"]["threshold"] == pytest.approx(0.6)  # the lower final seed-mean (DDPO's)
+    assert rows["rlcm"]["time_to_threshold_s"] == 6.0 and rows["ddpo"]["time_to_threshold_s"] == 30.0
+    assert rows["rlcm"]["speedup_wallclock"] == pytest.approx(5.0)
+    rows = {r["algo"]: r for r in threshold_table(runs, thresholds={"toy_alignment": 0.4})}
+    assert rows["rlcm"]["time_to_threshold_s"] == 4.0 and rows["ddpo"]["time_to_threshold_s"] == 20.0
+    assert rows["ddpo"]["threshold_source"] == "configured"
+
+
+def test_finished_means_all_epochs_and_a_final_checkpoint(tmp_path) -> None:
+    done = fake_run(tmp_path / "done", "rlcm", 0, [0.1, 0.2], 1.0)
+    short = fake_run(tmp_path / "short", "rlcm", 0, [0.1], 1.0, epochs=2)
+    assert reproduce.is_finished(done) and not reproduce.is_finished(short)
+    (done / "checkpoints" / "final").rmdir()
+    assert not reproduce.is_finished(done) and not reproduce.is_finished(tmp_path / "missing")
+
+
+def test_toy_plan_fits_the_cpu_budget() -> None:
+    """The toy plan: 3 seeds x 2 tasks x 2 algorithms + the horizon ablation, under 45 min by its estimates."""
+    scale = reproduce.SCALES["toy"]
+    specs = reproduce.plan_runs(scale, scale.seeds, reproduce.FIGURES)
+    assert len(specs) == 3 * 2 * 2 + 3 * len(scale.horizon_steps)
+    assert {s.name for s in specs} >= {
+        "toy_alignment_rlcm_s2",
+        "toy_compression_ddpo_s0",
+        "toy_alignment_rlcm_h8_s1",
+    }
+    ddpo = next(s for s in specs if s.algo == "ddpo")
+    assert "sampler.num_steps=20" in ddpo.overrides and "model=toy" in ddpo.overrides
+    n_eval = len(scale.tasks) * 2 * len(scale.eval_seeds)
+    assert reproduce.estimate(specs, scale, n_eval) < 45 * 60
+
+
+@pytest.mark.parametrize("algo", ["rlcm", "ddpo"])
+@pytest.mark.parametrize("task", ["compression", "incompression", "aesthetic", "prompt_alignment"])
+def test_paper_overlays_choose_the_pair_and_its_hyperparameters(algo: str, task: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from rlcm_exp.tracking import NullLogger
+
+    from .test_cli import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        overlay = compose("config", overrides=[f"experiment=paper/{algo}_{task}"])
+        plain = compose("config", overrides=[f"algo={algo}", f"task={task}"])
+    assert overlay.algo.name == algo and overlay.task.name == task
+    assert overlay.logger.group == f"paper_{task}" and list(overlay.logger.tags) == ["paper", algo, task]
+    for key in ("train", "sampler", "optimizer", "reward"):  # conf/paper/ applies with or without the overlay
+        assert overlay[key] == plain[key], key
+    assert isinstance(instantiate(overlay.logger), NullLogger)  # logger=none ignores group and tags
