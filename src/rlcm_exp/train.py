@@ -246,7 +246,7 @@ class Trainer:
                     }
                 if sync:
                     grad_norm = acc.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm  # a tensor: no host sync here
                     self.optimizer.step()
                     self.lr_scheduler.step()  # after the optimizer (the reference code had it before)
                     self.optimizer.zero_grad(set_to_none=True)
