@@ -42,6 +42,9 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~1 h on a 2-core CPU)
 	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0
 
+bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor (toy world, < 10 min on a CPU)
+	$(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --out benchmarks/results --readme benchmarks/README.md
+
 reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke); finished runs skipped
 	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE)
 

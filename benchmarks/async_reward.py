@@ -36,28 +36,67 @@ from rlcm_exp.train import Trainer, TrainSettings
 def build_reward(folder: Path):
     write_clip_tokenizer(folder, ["a", "cat"], model_max_length=16)
     tok = CLIPTokenizer.from_pretrained(folder)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                  image_size=224, patch_size=16)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        image_size=224,
+        patch_size=16,
+    )
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).save_pretrained(folder)
     proc = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(folder)
     save_file(AestheticHead().state_dict(), folder / "head.safetensors")
-    return aesthetic(clip_model_id=None, clip_local_path=str(folder), head_url=None, head_sha256=None,
-                     head_local_path=str(folder / "head.safetensors"), batch_size=64)
+    return aesthetic(
+        clip_model_id=None,
+        clip_local_path=str(folder),
+        head_url=None,
+        head_sha256=None,
+        head_local_path=str(folder / "head.safetensors"),
+        batch_size=64,
+    )
 
 
 def round_time(workers: int, policy, reward, prompts, tmp: Path) -> dict[str, float]:
     acc = Accelerator(cpu=True)
-    plan = plan_batches(world_size=1, samples_per_epoch=128, sample_batch_size=16, train_batch_size=16,
-                        samples_per_step=128, inner_epochs=1, transitions_per_trajectory=policy.num_transitions,
-                        timestep_fraction=1.0)
+    plan = plan_batches(
+        world_size=1,
+        samples_per_epoch=128,
+        sample_batch_size=16,
+        train_batch_size=16,
+        samples_per_step=128,
+        inner_epochs=1,
+        transitions_per_trajectory=policy.num_transitions,
+        timestep_fraction=1.0,
+    )
     opt = torch.optim.Adam([p for p in policy.unet.parameters() if p.requires_grad])
-    trainer = Trainer(policy=policy, reward_fn=reward, prompts=prompts, optimizer=opt,
-                      lr_scheduler=torch.optim.lr_scheduler.LinearLR(opt), params=[], tracker=PerPromptStatTracker(8, 8),
-                      plan=plan, settings=TrainSettings(reward_workers=workers), ppo=PPOSettings(), accelerator=acc,
-                      run_dir=tmp, seed=0, logger=NullLogger())
+    trainer = Trainer(
+        policy=policy,
+        reward_fn=reward,
+        prompts=prompts,
+        optimizer=opt,
+        lr_scheduler=torch.optim.lr_scheduler.LinearLR(opt),
+        params=[],
+        tracker=PerPromptStatTracker(8, 8),
+        plan=plan,
+        settings=TrainSettings(reward_workers=workers),
+        ppo=PPOSettings(),
+        accelerator=acc,
+        run_dir=tmp,
+        seed=0,
+        logger=NullLogger(),
+    )
     start = time.perf_counter()
     _, _, timing = trainer.sample_round(0)
     timing["round_s"] = time.perf_counter() - start
@@ -66,7 +105,9 @@ def round_time(workers: int, policy, reward, prompts, tmp: Path) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/async_reward.json")
     args = parser.parse_args()
@@ -91,8 +132,10 @@ def main() -> None:
     print("| mode | round s | sampling s | reward s | reward wait s |\n|---|---|---|---|---|")
     for name in ("inline", "async"):
         r = results[name]
-        print(f"| {name} | {r['round_s']:.2f} | {r['time_sample_s']:.2f} | {r['time_reward_s']:.2f} | "
-              f"{r['time_reward_wait_s']:.2f} |")
+        print(
+            f"| {name} | {r['round_s']:.2f} | {r['time_sample_s']:.2f} | {r['time_reward_s']:.2f} | "
+            f"{r['time_reward_wait_s']:.2f} |"
+        )
     print(f"speed-up of the sampling+reward phase: {results['speedup']:.2f}x (median of {args.repeats})")
 
 

@@ -43,10 +43,12 @@ def test_transitions_equal_lcm_scheduler_step(tiny_family, num_steps: int) -> No
         prev, denoised = sched.step(eps, t, x, generator=g, return_dict=False)
         c = policy._consts(torch.full((2,), k), x.device)
         ours_denoised = lcm_denoise(eps, x, c[0], c[1], c[2], c[3])
-        torch.testing.assert_close(ours_denoised, denoised, atol=1e-5, rtol=0)
+        # At t=999 the denoised estimate divides by sqrt(abar) ~ 0.07, so its entries reach ~100,
+        # where one fp32 ulp is already 7.6e-6: atol 1e-5 plus rtol 1e-6 (~8 ulps) is the fp32 limit.
+        torch.testing.assert_close(ours_denoised, denoised, atol=1e-5, rtol=1e-6)
         if k < num_steps - 1:
             z = torch.randn(x.shape, generator=torch.Generator().manual_seed(k))
-            torch.testing.assert_close(c[4] * ours_denoised + c[5] * z, prev, atol=1e-5, rtol=0)
+            torch.testing.assert_close(c[4] * ours_denoised + c[5] * z, prev, atol=1e-5, rtol=1e-6)
         x = prev
 
 

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlcm_exp.batching import plan_batches
@@ -69,7 +69,9 @@ def build_reward(reward_cfg: DictConfig, device: torch.device) -> Any:
     return instantiate(reward_cfg, **extra)
 
 
-def apply_memory_options(policy: Any, gradient_checkpointing: bool, channels_last: bool, compile_unet: bool) -> None:
+def apply_memory_options(
+    policy: Any, gradient_checkpointing: bool, channels_last: bool, compile_unet: bool
+) -> None:
     """Memory/speed switches on the policy's UNet; each is off by default and changes no result."""
     if gradient_checkpointing:
         policy.unet.enable_gradient_checkpointing()
@@ -246,7 +248,7 @@ def find_resume(resume: str | None, run_dir: Path, world_size: int) -> Path | No
 def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     if cfg.device == "job" and torch.cuda.is_available():  # parallel sweep jobs: job N takes GPU N mod count
-        torch.cuda.set_device(hc.job.get("num", 0) % torch.cuda.device_count())
+        torch.cuda.set_device(int(getattr(hc.job, "num", None) or 0) % torch.cuda.device_count())
     if hc.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
         with open_dict(cfg):  # every run of a sweep lands in one wandb group, so their curves overlay
             cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
