@@ -140,8 +140,20 @@ def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp
     """`-m algo=rlcm,ddpo`: one sweep folder, identical prompts and seeds, one wandb group."""
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "rlcm_exp", "-m", "algo=rlcm,ddpo", *SMALL, "sampler.num_steps=4", "train.epochs=1",
-           "train.dump_rollouts=true", "logger=wandb", "logger.mode=disabled", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlcm_exp",
+        "-m",
+        "algo=rlcm,ddpo",
+        *SMALL,
+        "sampler.num_steps=4",
+        "train.epochs=1",
+        "train.dump_rollouts=true",
+        "logger=wandb",
+        "logger.mode=disabled",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
@@ -158,6 +170,7 @@ def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp
 
 def test_memory_options_keep_the_first_ratio_at_one(tiny_cache, tmp_path) -> None:
     records = run_in_process(
-        [*SMALL, "train.epochs=1", "memory.gradient_checkpointing=true", "memory.channels_last=true"], tmp_path
+        [*SMALL, "train.epochs=1", "memory.gradient_checkpointing=true", "memory.channels_last=true"],
+        tmp_path,
     )
     assert records[0]["ratio_first_max_dev"] <= 1e-5
