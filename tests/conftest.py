@@ -7,6 +7,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process: the models here are tiny, and on a 2-core CI machine two OpenMP
+# threads contend with the reward thread and with the second process of multi-process tests
+# (the toy learning tests ran 2x slower with 2 threads than with 1, with identical results).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
