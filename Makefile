@@ -43,7 +43,8 @@ toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~1 h on a 2
 	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0
 
 bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor (toy world, < 10 min on a CPU)
-	$(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --out benchmarks/results --readme benchmarks/README.md
+	# one intra-op thread: on the 2-core CPU two OpenMP threads ran these 1M-parameter models ~4x slower
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --out benchmarks/results --readme benchmarks/README.md
 
 reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke); finished runs skipped
 	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE)
