@@ -49,6 +49,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from rlcm_exp.tokenizer import write_clip_tokenizer
 from rlcm_exp.toy import data
 from rlcm_exp.toy.detector import detector_score
+from rlcm_exp.toy.quality import cycle, sample
 
 RECIPE_VERSION = "toy-recipe-1"
 MAX_TOKENS = 16
@@ -291,23 +292,9 @@ def vae_reconstruction_score(vae: AutoencoderKL, prompts: list[str], n: int, see
     return float(np.concatenate(scores).mean())
 
 
-def cycle(prompts: list[str], n: int) -> list[str]:
-    return [prompts[i % len(prompts)] for i in range(n)]
-
-
-@torch.no_grad()
-def sample_score(
-    pipe, prompts: list[str], seed: int, batch: int = 256, **kwargs
-) -> tuple[float, torch.Tensor]:  # noqa: ANN001
-    """Detector score of pipeline samples for `prompts`; also returns the images (float NCHW)."""
-    gen = torch.Generator().manual_seed(seed)
-    outs = []
-    for i in range(0, len(prompts), batch):
-        outs.append(
-            pipe(prompts[i : i + batch], generator=gen, output_type="pt", **kwargs).images.float().cpu()
-        )
-    images = torch.cat(outs)
-    return float(detector_score(images, prompts).mean()), images
+def sample_score(pipe, prompts: list[str], seed: int, **kwargs) -> float:  # noqa: ANN001
+    """Detector score of pipeline samples for `prompts` (sampling as `quality` does it)."""
+    return float(detector_score(sample(pipe, prompts, seed, **kwargs), prompts).mean())
 
 
 # ----------------------------------------------------------------------------- stages
@@ -619,10 +606,10 @@ def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2
     for g in (3.0, 5.0, 8.0):
         teacher_eval[f"ddim20_g{g:g}_train"] = sample_score(
             ddim, cycle(train, s.eval_n), seed + 3, num_inference_steps=20, guidance_scale=g
-        )[0]
+        )
         teacher_eval[f"ddim20_g{g:g}_heldout"] = sample_score(
             ddim, cycle(held, s.eval_n), seed + 4, num_inference_steps=20, guidance_scale=g
-        )[0]
+        )
     report("teacher", teacher_eval)
     # The diffusion member is final now: save it before distilling, so it survives a later failure.
     save_pipeline(ddim, out / "diffusion")
@@ -642,10 +629,10 @@ def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2
         for g in (4.0, 8.0):
             lcd_eval[f"lcm{steps}_g{g:g}_train"] = sample_score(
                 lcm, cycle(train, s.eval_n), seed + 5, num_inference_steps=steps, guidance_scale=g
-            )[0]
+            )
             lcd_eval[f"lcm{steps}_g{g:g}_heldout"] = sample_score(
                 lcm, cycle(held, s.eval_n), seed + 6, num_inference_steps=steps, guidance_scale=g
-            )[0]
+            )
     report("lcd", lcd_eval)
     lap("lcd")
 
