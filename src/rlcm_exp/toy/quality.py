@@ -122,26 +122,21 @@ def measure(
     bar = tqdm(total=2 + 2 * (len(DDIM_SWEEP) + len(LCM_SWEEP)) + 2 * 7, desc="quality", mininterval=5)
 
     # Guidance sweep on fewer samples: which scale to recommend for each member.
-    for g in DDIM_SWEEP:
-        per = [
-            detector_score(
-                sample(ddim, cycle(p, sweep_n), seed + 10, num_inference_steps=20, guidance_scale=g),
-                cycle(p, sweep_n),
-            ).mean()
-            for p in splits.values()
-        ]
-        result["sweep"]["ddim20"][str(g)] = {"train": float(per[0]), "heldout": float(per[1])}
-        bar.update(2)
-    for g in LCM_SWEEP:
-        per = [
-            detector_score(
-                sample(lcm, cycle(p, sweep_n), seed + 11, num_inference_steps=4, guidance_scale=g),
-                cycle(p, sweep_n),
-            ).mean()
-            for p in splits.values()
-        ]
-        result["sweep"]["lcm4"][str(g)] = {"train": float(per[0]), "heldout": float(per[1])}
-        bar.update(2)
+    sweeps = (("ddim20", ddim, 20, DDIM_SWEEP, seed + 10), ("lcm4", lcm, 4, LCM_SWEEP, seed + 11))
+    for name, pipe, steps, scales, sweep_seed in sweeps:
+        for g in scales:
+            result["sweep"][name][str(g)] = {
+                split: float(
+                    detector_score(
+                        sample(
+                            pipe, cycle(p, sweep_n), sweep_seed, num_inference_steps=steps, guidance_scale=g
+                        ),
+                        cycle(p, sweep_n),
+                    ).mean()
+                )
+                for split, p in splits.items()
+            }
+            bar.update(2)
     mean_of = lambda d: {float(g): (v["train"] + v["heldout"]) / 2 for g, v in d.items()}  # noqa: E731
     g_ddim = (
         ddim_guidance
