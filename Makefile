@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SCALE   ?= full
+# training runs at once in reproduce-paper: 1 at full scale (use --launcher for GPUs), 2 on CPU scales
+JOBS    ?= $(if $(filter full,$(SCALE)),1,2)
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install demo test test-all lint format toy-model bench reproduce-paper clean
@@ -46,8 +48,8 @@ bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor 
 	# one intra-op thread: on the 2-core CPU two OpenMP threads ran these 1M-parameter models ~4x slower
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --out benchmarks/results --readme benchmarks/README.md
 
-reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke); finished runs skipped
-	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE)
+reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke, JOBS=N); finished runs skipped
+	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE) --jobs $(JOBS)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

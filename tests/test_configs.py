@@ -69,7 +69,7 @@ def test_every_algo_task_pair_composes(algo: str, task: str) -> None:
 
 def test_model_tiny_brings_smoke_sizes_and_the_command_line_wins() -> None:
     cfg = compose_with(["model=tiny", "algo=ddpo", "task=compression"])
-    assert cfg.train.samples_per_epoch == 16 and cfg.train.samples_per_step == 8
+    assert cfg.train.samples_per_epoch == 8 and cfg.train.samples_per_step == 8
     assert cfg.sampler.num_steps == 50  # only sizes change, not the algorithm
     assert compose_with(["model=tiny", "train.samples_per_epoch=32"]).train.samples_per_epoch == 32
     assert compose_with(["model=toy"]).train.samples_per_epoch == compose_with([]).train.samples_per_epoch

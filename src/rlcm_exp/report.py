@@ -174,6 +174,10 @@ def threshold_table(
             r, d = by_algo["rlcm"], by_algo["ddpo"]
             r["speedup_gpu_hours"] = _ratio(d["gpu_hours_to_threshold"], r["gpu_hours_to_threshold"])
             r["speedup_wallclock"] = _ratio(d["time_to_threshold_s"], r["time_to_threshold_s"])
+            if d["time_to_threshold_s"] is None:  # DDPO never got there: its whole budget bounds the speed-up
+                wall, gpu = curves["ddpo"]
+                r["speedup_gpu_hours_min"] = _ratio(float(gpu.x[-1]), r["gpu_hours_to_threshold"])
+                r["speedup_wallclock_min"] = _ratio(float(wall.x[-1]), r["time_to_threshold_s"])
             r["paper"] = PAPER_TRAINING_SPEEDUP.get(task, "not stated as a number")
         rows += task_rows
     return rows
@@ -194,20 +198,97 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _speedup(row: dict[str, Any], key: str) -> str:
+    """The ratio, or "> bound" when DDPO did not reach the threshold within its budget."""
+    if row.get(key) is None and row.get(f"{key}_min") is not None:
+        return f"> {fmt(row[f'{key}_min'])}"
+    return fmt(row.get(key))
+
+
+def markdown_table(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
+    """A GitHub table; non-string cells go through `fmt`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
 def threshold_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = (
-        "| task | algo | H | seeds | epochs | final reward (mean +- std) | threshold | time to threshold (s) "
-        "| GPU-hours to threshold | speed-up DDPO/RLCM (GPU-h) | speed-up DDPO/RLCM (wall-clock) | paper |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = [
-        f"| {r['task']} | {r['algo']} | {r['num_steps']} | {r['seeds']} | {r['epochs']} | "
-        f"{fmt(r['final_reward'])} +- {fmt(r['final_reward_std'])} | {fmt(r['threshold'])} | "
-        f"{fmt(r['time_to_threshold_s'])} | {fmt(r['gpu_hours_to_threshold'])} | "
-        f"{fmt(r.get('speedup_gpu_hours'))} | {fmt(r.get('speedup_wallclock'))} | {r.get('paper', '')} |"
+    columns = [
+        *("task", "algo", "H", "seeds", "epochs", "final reward (mean +- std)", "threshold"),
+        *("time to threshold (s)", "GPU-hours to threshold"),
+        *("speed-up DDPO/RLCM (GPU-h)", "speed-up DDPO/RLCM (wall-clock)", "paper"),
+    ]
+    cells = [
+        [
+            *(r["task"], r["algo"], r["num_steps"], r["seeds"], r["epochs"]),
+            f"{fmt(r['final_reward'])} +- {fmt(r['final_reward_std'])}",
+            *(r["threshold"], r["time_to_threshold_s"], r["gpu_hours_to_threshold"]),
+            *(_speedup(r, "speedup_gpu_hours"), _speedup(r, "speedup_wallclock"), r.get("paper", "")),
+        ]
         for r in rows
     ]
-    return head + "\n".join(lines) + "\n"
+    return markdown_table(columns, cells)
+
+
+PHASES = ("time_sample_s", "time_reward_s", "time_train_s")  # the metrics.jsonl keys of one epoch's phases
+
+
+def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Seconds per epoch by phase, one row per (task, algorithm, H): the mean over every epoch of every
+    seed of sampling, reward (scoring time, which may overlap sampling), training, and the epoch's
+    wall-clock (`wallclock_s` increments: all phases plus gathering and bookkeeping). The RLCM row of a
+    task gets DDPO's epoch time / RLCM's (`ddpo_over_rlcm`) when the task has exactly one DDPO group."""
+    rows: list[dict[str, Any]] = []
+    for (task, algo, steps), group in sorted(group_runs(runs).items()):
+        per_epoch = {k: [rec[k] for r in group for rec in r.records if k in rec] for k in PHASES}
+        walls = [
+            b - a
+            for r in group
+            for a, b in zip(
+                [0.0] + [rec["wallclock_s"] for rec in r.records[:-1]],
+                [rec["wallclock_s"] for rec in r.records],
+                strict=True,
+            )
+        ]
+        rows.append(
+            {
+                "task": task,
+                "algo": algo,
+                "num_steps": steps,
+                "epochs": len(walls),
+                "samples_per_epoch": group[0].flat_config.get("train.samples_per_epoch"),
+                **{k: float(np.mean(v)) if v else None for k, v in per_epoch.items()},
+                "epoch_s": float(np.mean(walls)) if walls else None,
+            }
+        )
+    for task in {r["task"] for r in rows}:
+        ddpo = [r for r in rows if r["task"] == task and r["algo"] == "ddpo"]
+        if len(ddpo) == 1:
+            for r in rows:
+                if r["task"] == task and r["algo"] == "rlcm":
+                    r["ddpo_over_rlcm"] = _ratio(ddpo[0]["epoch_s"], r["epoch_s"])
+    return rows
+
+
+def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    columns = [
+        *("task", "algo", "H", "epochs (all seeds)", "samples/epoch", "sampling (s)", "reward (s)"),
+        *("training (s)", "epoch wall-clock (s)", "DDPO/RLCM epoch time"),
+    ]
+    cells = [
+        [
+            *(r["task"], r["algo"], r["num_steps"], r["epochs"], r["samples_per_epoch"]),
+            *(
+                r["time_sample_s"],
+                r["time_reward_s"],
+                r["time_train_s"],
+                r["epoch_s"],
+                r.get("ddpo_over_rlcm"),
+            ),
+        ]
+        for r in rows
+    ]
+    return markdown_table(columns, cells)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -358,13 +439,19 @@ def rollout_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def rollout_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = "| task | algo | H | s/image (full rollout) | DDPO / RLCM | paper |\n|---|---|---|---|---|---|\n"
-    body = [
-        f"| {r['task']} | {r['algo']} | {r['num_steps']} | {fmt(r['seconds_per_image'])} | "
-        f"{fmt(r.get('ddpo_over_rlcm'))} | {r.get('paper', '')} |"
+    columns = ["task", "algo", "H", "s/image (full rollout)", "DDPO / RLCM", "paper"]
+    cells = [
+        [
+            r["task"],
+            r["algo"],
+            r["num_steps"],
+            r["seconds_per_image"],
+            r.get("ddpo_over_rlcm"),
+            r.get("paper", ""),
+        ]
         for r in rows
     ]
-    return head + "\n".join(body) + "\n"
+    return markdown_table(columns, cells)
 
 
 def write_json(path: Path, data: Any) -> None:
