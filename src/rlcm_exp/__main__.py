@@ -37,12 +37,17 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it (untracked run outputs do not count)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=CONF_DIR, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=CONF_DIR,
+            timeout=5,
         )
         return (
             out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
