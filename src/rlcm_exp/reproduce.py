@@ -471,7 +471,7 @@ def write_report(
             "threshold_table": table,
             "phase_table": phases,
             "rollout_table": rollout,
-            "runs": [str(r.path) for r in runs],
+            "runs": [str(r.path.relative_to(scale_dir)) for r in runs],  # relative: the report folder moves
             "failed": outcome.failed,
             "versions": versions,
         },
