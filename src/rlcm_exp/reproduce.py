@@ -52,10 +52,10 @@ class Scale:
     startup_seconds: float  # rough per-run process start + model load (plan estimate only)
     eval_seconds: float  # rough seconds per evaluated checkpoint (plan estimate only)
     notes: str  # said in the report
-    pair_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "algo:task" -> after algo's
-    thresholds: dict[str, float] = field(
-        default_factory=dict
-    )  # stated time-to-threshold rewards (--threshold wins)
+    # extra overrides per "algo:task" pair, applied after the algorithm's
+    pair_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # stated time-to-threshold reward per task (--threshold wins; default: the lower final mean)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 SMALL = (  # tests/test_cli.py's fast tiny sizes
@@ -128,9 +128,9 @@ SCALES: dict[str, Scale] = {
             "stat tracker (buffer 32, min count 4), LR 1e-3 (toy_alignment: 2e-3). They differ in the sampler "
             "and the budget: RLCM samples 4 LCM steps for 40 epochs (toy_alignment: 60); DDPO samples 20 DDIM "
             "steps (eta 1, CFG 5; the paper's 50 would cost 2.5x more), trains 5 of the 20 transitions of "
-            "each trajectory (timestep_fraction 0.25) and runs 32 epochs, about twice RLCM's wall-clock, "
-            "so Fig. 5 shows equal budgets and then some. Fig. 6 evaluates seed 0's final checkpoints on the 9 held-out "
-            "compositions x 8 seeds. Times are wall-clock on this CPU: other load shows up as training time."
+            "each trajectory (timestep_fraction 0.25) and runs 32 epochs, about twice RLCM's wall-clock. "
+            "Fig. 6 evaluates seed 0's final checkpoints on the 9 held-out compositions x 8 seeds. Times "
+            "are wall-clock on this CPU: other load shows up as training time."
         ),
     ),
     "full": Scale(
