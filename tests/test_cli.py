@@ -166,6 +166,8 @@ def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp
     prompts = [torch.load(r / "rollouts" / "epoch0000_rank0.pt", weights_only=True)["prompts"] for r in runs]
     assert prompts[0] == prompts[1]
     assert {OmegaConf.load(r / "config.yaml").algo.name for r in runs} == {"rlcm", "ddpo"}
+    keys = [set(read_metrics(r / "metrics.jsonl")[0]) for r in runs]
+    assert keys[0] == keys[1] and keys[0] >= KEYS  # the same metrics, whatever the algorithm
 
 
 def test_memory_options_keep_the_first_ratio_at_one(tiny_cache, tmp_path) -> None:
