@@ -241,14 +241,9 @@ def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for (task, algo, steps), group in sorted(group_runs(runs).items()):
         per_epoch = {k: [rec[k] for r in group for rec in r.records if k in rec] for k in PHASES}
+        # wallclock_s is cumulative per run: an epoch's wall-clock is its increment
         walls = [
-            b - a
-            for r in group
-            for a, b in zip(
-                [0.0] + [rec["wallclock_s"] for rec in r.records[:-1]],
-                [rec["wallclock_s"] for rec in r.records],
-                strict=True,
-            )
+            float(d) for r in group for d in np.diff([rec["wallclock_s"] for rec in r.records], prepend=0.0)
         ]
         rows.append(
             {
