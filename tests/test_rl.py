@@ -13,6 +13,7 @@ from rlcm_exp.errors import ConfigError
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 from rlcm_exp.rl.ppo import clip_advantages, ppo_loss
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.train import trained_steps
 
 
 def test_gaussian_log_prob_is_the_element_mean_of_the_closed_form() -> None:
@@ -101,6 +102,11 @@ def test_batch_plan_derives_per_process_sizes() -> None:
         2,
     )
     assert _plan(timestep_fraction=0.5).trained_transitions == 3
+    assert _plan().eligible_transitions == 7  # the default window: any transition
+    # 7 x 0.3 = 2.1 -> the first 3 transitions are eligible; 7 x 0.3 trains 2 of them
+    window = _plan(timestep_fraction=0.3, timestep_window=0.3)
+    assert (window.trained_transitions, window.eligible_transitions) == (2, 3)
+    assert _plan(timestep_fraction=0.5, timestep_window=0.5).eligible_transitions == 4
 
 
 @pytest.mark.parametrize(
@@ -113,8 +119,23 @@ def test_batch_plan_derives_per_process_sizes() -> None:
         ({"samples_per_step": 64, "train_batch_size": 8}, "train.samples_per_step"),
         ({"timestep_fraction": 0.0}, "algo.timestep_fraction"),
         ({"timestep_fraction": 0.1}, "algo.timestep_fraction"),
+        ({"timestep_window": 0.0}, "algo.timestep_window"),
+        ({"timestep_window": 1.5}, "algo.timestep_window"),
+        ({"timestep_fraction": 0.5, "timestep_window": 0.2}, "algo.timestep_window"),
     ],
 )
 def test_batch_plan_errors_name_the_keys(kw: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _plan(**kw)
+
+
+def test_trained_steps_are_distinct_and_inside_the_window() -> None:
+    g = torch.Generator().manual_seed(0)
+    steps = trained_steps(256, 5, 3, g)
+    assert steps.shape == (256, 3)
+    assert int(steps.max()) == 4 and int(steps.min()) == 0  # the window's ends are reachable...
+    assert all(len(set(row.tolist())) == 3 for row in steps)  # ...without repeats in a trajectory
+    # the default window (all transitions) draws what the trainer always drew: same generator, same steps
+    a = trained_steps(8, 10, 10, torch.Generator().manual_seed(1))
+    b = torch.argsort(torch.rand(8, 10, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert torch.equal(a, b)

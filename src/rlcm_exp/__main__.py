@@ -98,6 +98,7 @@ def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Any
         inner_epochs=t.inner_epochs,
         transitions_per_trajectory=transitions,
         timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
+        timestep_window=cfg.algo.timestep_window if transitions > 1 else 1.0,
     )
 
 

@@ -7,6 +7,7 @@ per process. Every mismatch is refused before any model loads, naming the keys i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from rlcm_exp.errors import ConfigError
@@ -26,6 +27,8 @@ class BatchPlan:
     optimizer_steps_per_epoch: int
     transitions_per_trajectory: int  # T: stochastic transitions the policy records
     trained_transitions: int  # T_train = floor(T * timestep_fraction): trained per trajectory per inner epoch
+    # T_window = ceil(T * timestep_window): the first (noisiest) transitions, the T_train are drawn from them
+    eligible_transitions: int
     inner_epochs: int
 
     def as_dict(self) -> dict[str, int]:
@@ -35,7 +38,13 @@ class BatchPlan:
         return (
             f"batch plan: {self.samples_per_epoch} trajectories/epoch over {self.world_size} process(es) "
             f"= {self.sampling_batches} x {self.sample_batch_size} per process; "
-            f"{self.trained_transitions}/{self.transitions_per_trajectory} transitions trained per trajectory; "
+            f"{self.trained_transitions}/{self.transitions_per_trajectory} transitions trained per trajectory"
+            + (
+                f" (drawn from the first {self.eligible_transitions})"
+                if self.eligible_transitions < self.transitions_per_trajectory
+                else ""
+            )
+            + "; "
             f"{self.optimizer_steps_per_epoch} optimizer step(s)/epoch, each over {self.samples_per_step} "
             f"trajectories = {self.world_size} process(es) x {self.grad_accum_minibatches} minibatches x "
             f"{self.train_batch_size}; {self.inner_epochs} inner epoch(s)"
@@ -52,6 +61,7 @@ def plan_batches(
     inner_epochs: int,
     transitions_per_trajectory: int,
     timestep_fraction: float,
+    timestep_window: float = 1.0,
 ) -> BatchPlan:
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -69,6 +79,11 @@ def plan_batches(
         0.0 < timestep_fraction <= 1.0,
         f"algo.timestep_fraction={timestep_fraction} must be in (0, 1]: the fraction of each trajectory's "
         "transitions trained per inner epoch",
+    )
+    need(
+        0.0 < timestep_window <= 1.0,
+        f"algo.timestep_window={timestep_window} must be in (0, 1]: the leading (noisiest) fraction of each "
+        "trajectory's transitions that may be trained; 1.0 = any of them, as in DDPO and RLCM",
     )
     need(
         samples_per_epoch % world_size == 0,
@@ -102,6 +117,13 @@ def plan_batches(
         f"algo.timestep_fraction={timestep_fraction} x {transitions_per_trajectory} transitions trains no "
         "transition; raise it or sampler.num_steps",
     )
+    eligible = math.ceil(round(transitions_per_trajectory * timestep_window, 6))
+    need(
+        trained <= eligible,
+        f"algo.timestep_fraction={timestep_fraction} trains {trained} of {transitions_per_trajectory} transitions, "
+        f"but algo.timestep_window={timestep_window} lets only the first {eligible} be trained; lower the "
+        "fraction or widen the window",
+    )
     return BatchPlan(
         world_size=world_size,
         samples_per_epoch=samples_per_epoch,
@@ -115,5 +137,6 @@ def plan_batches(
         optimizer_steps_per_epoch=inner_epochs * (samples_per_epoch // samples_per_step),
         transitions_per_trajectory=transitions_per_trajectory,
         trained_transitions=trained,
+        eligible_transitions=eligible,
         inner_epochs=inner_epochs,
     )

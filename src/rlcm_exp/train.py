@@ -58,6 +58,12 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def trained_steps(n: int, t_window: int, t_train: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, t_train) transition indices to train: per trajectory, t_train distinct ones drawn uniformly
+    from its first t_window transitions (index 0 is the noisiest), in random order."""
+    return torch.argsort(torch.rand(n, t_window, generator=generator), dim=1)[:, :t_train]
+
+
 def _as_reward_dict(result: Any, n: int) -> dict[str, torch.Tensor]:
     parts = result if isinstance(result, dict) else {"reward": result}
     out = {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1) for k, v in parts.items()}
@@ -196,9 +202,9 @@ class Trainer:
         acc, plan, policy = self.accelerator, self.plan, self.policy
         device = acc.device
         adv = advantages.to(device)
-        n, t_all, t_train, bsz = (
+        n, t_window, t_train, bsz = (
             len(traj),
-            plan.transitions_per_trajectory,
+            plan.eligible_transitions,
             plan.trained_transitions,
             plan.train_batch_size,
         )
@@ -208,8 +214,7 @@ class Trainer:
         for inner in range(plan.inner_epochs):
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 2, inner))
             order = torch.randperm(n, generator=g)
-            # independently per sample, a random order of its transitions; the first t_train are trained
-            steps = torch.argsort(torch.rand(n, t_all, generator=g), dim=1)[:, :t_train]
+            steps = trained_steps(n, t_window, t_train, g)
             for mb in tqdm(
                 range(plan.minibatches_per_inner_epoch),
                 desc=f"epoch {epoch} training",
