@@ -237,7 +237,8 @@ def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Seconds per epoch by phase, one row per (task, algorithm, H): the mean over every epoch of every
     seed of sampling, reward (scoring time, which may overlap sampling), training, and the epoch's
     wall-clock (`wallclock_s` increments: all phases plus gathering and bookkeeping). The RLCM row of a
-    task gets DDPO's epoch time / RLCM's (`ddpo_over_rlcm`) when the task has exactly one DDPO group."""
+    task gets DDPO's wall-clock per trajectory / RLCM's (`ddpo_over_rlcm`; per trajectory because the
+    two may sample different batches per epoch) when the task has exactly one DDPO group."""
     rows: list[dict[str, Any]] = []
     for (task, algo, steps), group in sorted(group_runs(runs).items()):
         per_epoch = {k: [rec[k] for r in group for rec in r.records if k in rec] for k in PHASES}
@@ -261,14 +262,21 @@ def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         if len(ddpo) == 1:
             for r in rows:
                 if r["task"] == task and r["algo"] == "rlcm":
-                    r["ddpo_over_rlcm"] = _ratio(ddpo[0]["epoch_s"], r["epoch_s"])
+                    r["ddpo_over_rlcm"] = _ratio(_per_trajectory(ddpo[0]), _per_trajectory(r))
     return rows
+
+
+def _per_trajectory(row: dict[str, Any]) -> float | None:
+    """An epoch's wall-clock per sampled trajectory."""
+    if row["epoch_s"] is None or not row["samples_per_epoch"]:
+        return None
+    return row["epoch_s"] / row["samples_per_epoch"]
 
 
 def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
     columns = [
         *("task", "algo", "H", "epochs (all seeds)", "samples/epoch", "sampling (s)", "reward (s)"),
-        *("training (s)", "epoch wall-clock (s)", "DDPO/RLCM epoch time"),
+        *("training (s)", "epoch wall-clock (s)", "DDPO/RLCM time per trajectory"),
     ]
     cells = [
         [
