@@ -106,7 +106,7 @@ SCALES: dict[str, Scale] = {
             "rlcm": ("sampler.num_steps=4", "train.epochs=40"),
             "ddpo": ("sampler.num_steps=20", "algo.timestep_fraction=0.25", "train.epochs=32"),
         },
-        pair_overrides={  # the alignment test's LR, for both algorithms; RLCM gets its 60 epochs
+        pair_overrides={  # the alignment test's LR, for both algorithms; RLCM gets 60 epochs
             "rlcm:toy_alignment": ("optimizer.lr=2e-3", "train.epochs=60"),
             "ddpo:toy_alignment": ("optimizer.lr=2e-3",),
             # DDPO's compression CI test (tests/test_learning.py), the fastest DDPO setting found:
@@ -136,7 +136,7 @@ SCALES: dict[str, Scale] = {
         eval_seconds=45.0,
         notes=(
             "The toy world on a 2-core CPU, two runs at a time (one core, one thread each), sized to finish "
-            "in under 45 minutes. Both algorithms run the same hyperparameters, the CI learning tests' RLCM "
+            "in under 45 minutes. Both algorithms run the same hyperparameters, the quickstart's RLCM "
             "settings: 96 trajectories per epoch, 16 per optimizer step, LoRA rank 8, clip 1e-3, per-prompt "
             "stat tracker (buffer 32, min count 4), LR 1e-3 (toy_alignment: 2e-3). They differ in the sampler "
             "and the budget: RLCM samples 4 LCM steps for 40 epochs (toy_alignment: 60). On toy_alignment DDPO "
