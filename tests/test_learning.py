@@ -6,7 +6,7 @@ so sampling noise of the training rounds does not decide. The RLCM settings are 
 (`make demo`), with a larger batch on toy_alignment.
 Measured on this 2-core CPU (one core per run): RLCM compression -18.3% JPEG size in 147 s;
 RLCM alignment (192 trajectories per epoch) +0.032 detector score in 200 s; DDPO alignment
-(10 DDIM steps) +0.095 in 236 s; DDPO compression (10 DDIM steps, CFG off, first half of each
+(10 DDIM steps) +0.062 in ~200 s (seed-dependent, see its test); DDPO compression (10 DDIM steps, CFG off, first half of each
 trajectory trained) -25% in 148 s.
 """
 
@@ -89,7 +89,13 @@ DDPO_TOY = [  # the quickstart's LoRA, PPO and stat-tracker settings at the alig
 def test_ddpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
     """DDPO with 10 DDIM steps (eta 1, CFG 5), half of each trajectory's transitions trained: the
     quickstart's batch sizes, LoRA and PPO settings at the RLCM alignment test's LR. At 10 steps the
-    diffusion member's images score ~0.58 (at 20 steps ~0.94, with little left to learn)."""
+    diffusion member's images score ~0.6 (at 20 steps ~0.94, with little left to learn).
+
+    A fixed-seed check that passes with a thin margin: seed 42 gives +0.062 here (deterministic on
+    this CPU). The gain depends on the seed: scored on 4 eval seeds, seeds 1 / 0 / 42 / 2 gave
+    +0.090 / +0.048 / +0.042 / -0.004 at 30 epochs, and 40 epochs did not make it steadier
+    (seed 0 +0.073, 42 +0.028, 2 +0.005). A setting where DDPO learns this task whatever the seed
+    is still to be found."""
     run_in_process(
         [
             *DDPO_TOY,
