@@ -241,7 +241,7 @@ def _spec(
         f"++logger.tags=[reproduce,{scale.name},{algo},{kind}]",
         *user,  # --override: last, so they win
     )
-    steps = next((int(o.split("=")[1]) for o in extra if o.startswith("sampler.num_steps=")), None)
+    steps = _last_int(extra, "sampler.num_steps", 0) or None  # set only by the horizon runs
     name = f"{task}_{algo}" + (f"_h{steps}" if steps is not None else "") + f"_s{seed}"
     epochs = _last_int(overrides, "train.epochs", 100)
     # epoch_seconds is at the main H and the common batch; scale by this run's steps and batch
