@@ -25,6 +25,10 @@ EVAL = [
 ]
 
 
+# the alignment tests: one detector decision on 81 images is 0.004, and their gains are a few hundredths
+EVAL_4_SEEDS = [*(o for o in EVAL if not o.startswith("train.eval_seeds=")), "train.eval_seeds=4"]
+
+
 def before_after(run_dir) -> tuple[float, float]:  # noqa: ANN001
     evals = read_metrics(run_dir / "eval.jsonl")
     return evals[0]["eval_reward_mean"], evals[-1]["eval_reward_mean"]
@@ -59,8 +63,7 @@ def test_rlcm_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
             "train.samples_per_epoch=192",
             "train.samples_per_step=32",
             "train.epochs=50",
-            *(o for o in EVAL if not o.startswith("train.eval_seeds=")),
-            "train.eval_seeds=4",
+            *EVAL_4_SEEDS,
         ],
         tmp_path,
     )
@@ -105,8 +108,7 @@ def test_ddpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
             "train.epochs=30",
             "train.samples_per_epoch=96",
             "train.sample_batch_size=48",
-            *(o for o in EVAL if not o.startswith("train.eval_seeds=")),
-            "train.eval_seeds=4",
+            *EVAL_4_SEEDS,
         ],
         tmp_path,
     )
