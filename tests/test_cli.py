@@ -176,3 +176,38 @@ def test_memory_options_keep_the_first_ratio_at_one(tiny_cache, tmp_path) -> Non
         tmp_path,
     )
     assert records[0]["ratio_first_max_dev"] <= 1e-5
+
+
+def test_toy_alignment_logs_each_detector_part(tmp_path, capsys) -> None:  # noqa: ANN001
+    """The detector's thirds (colour, shape, background) reach metrics.jsonl, eval.jsonl and the
+    closing line, and average to the reward they make up: which attribute RL moved is on record."""
+    records = run_in_process(
+        [
+            "model=toy",
+            "task=toy_alignment",
+            "sampler.num_steps=2",
+            "train.epochs=1",
+            "train.samples_per_epoch=8",
+            "train.sample_batch_size=8",
+            "train.train_batch_size=4",
+            "train.samples_per_step=8",
+            "train.eval_every=1",
+            "train.eval_seeds=1",
+            "train.save_images=0",
+            "train.checkpoint_every=0",
+            "logger=none",
+        ],
+        tmp_path,
+    )
+    parts = ("colour", "shape", "background")
+    for rec in records:
+        assert abs(sum(rec[f"reward/{p}"] for p in parts) / 3 - rec["reward_mean"]) < 1e-5
+    evals = read_metrics(tmp_path / "eval.jsonl")
+    assert len(evals) == 2
+    for ev in evals:
+        assert all(0.0 <= ev[f"eval_reward/{p}"] <= 1.0 for p in parts)
+        assert abs(sum(ev[f"eval_reward/{p}"] for p in parts) / 3 - ev["eval_reward_mean"]) < 1e-5
+    closing = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("reward (training")
+    )
+    assert "held-out" in closing and ", shape " in closing

@@ -7,7 +7,7 @@ import torch
 
 from rlcm_exp.rewards.toy_detector import toy_detector
 from rlcm_exp.toy import data
-from rlcm_exp.toy.detector import classify, detector_score
+from rlcm_exp.toy.detector import classify, detector_parts, detector_score
 
 
 def test_prompt_lists_are_disjoint_and_cover_every_composition() -> None:
@@ -49,6 +49,16 @@ def test_score_thirds_by_hand() -> None:
     }
     for caption, want in cases.items():
         assert np.isclose(detector_score(images, [caption])[0], want), caption
+    # The thirds, one attribute each: the wrong word is the part that scores 0.
+    parts = detector_parts(
+        np.repeat(images, 2, axis=0),
+        ["a red circle on a blue background", "a green square on a yellow background"],
+    )
+    assert {k: v.tolist() for k, v in parts.items()} == {
+        "colour": [1.0, 0.0],
+        "shape": [0.0, 1.0],
+        "background": [1.0, 0.0],
+    }
     # A flat image earns only the background third.
     assert np.isclose(detector_score(_flat("blue"), ["a red square on a blue background"])[0], 1 / 3)
 
@@ -68,7 +78,9 @@ def test_detector_is_correct_on_fresh_images_also_with_noise() -> None:
 def test_reward_takes_float_nchw_and_matches_numpy() -> None:
     images, captions = data.render(8, np.random.default_rng(5))
     as_float = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    reward = toy_detector()(as_float, captions)
+    out = toy_detector()(as_float, captions)
+    assert set(out) == {"reward", "colour", "shape", "background"}
+    reward = out["reward"]
     assert reward.dtype == torch.float32 and reward.shape == (8,) and reward.device.type == "cpu"
     assert torch.allclose(reward, torch.from_numpy(detector_score(images, captions)))
     assert torch.all(reward == 1.0)

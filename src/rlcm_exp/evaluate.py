@@ -41,24 +41,26 @@ def evaluate_policy(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Mean reward over every (prompt, seed) pair; image i uses its own generator, so results do not
-    depend on batch size or on the training run's random state."""
+    depend on batch size or on the training run's random state. A reward that returns a dict also
+    gets the mean of each of its other entries (e.g. the toy detector's "shape") in `eval_components`."""
     jobs = [(p, s) for p in prompts for s in seeds]
-    rewards: list[torch.Tensor] = []
+    parts: dict[str, list[torch.Tensor]] = {}
     images: list[torch.Tensor] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         gens = [torch.Generator(device).manual_seed(s) for _, s in chunk]
         traj = policy.sample([p for p, _ in chunk], gens)
         out = reward_fn(traj.images, [p for p, _ in chunk])
-        out = out["reward"] if isinstance(out, dict) else out
-        rewards.append(torch.as_tensor(out, dtype=torch.float32).cpu().reshape(-1))
+        for key, value in (out if isinstance(out, dict) else {"reward": out}).items():
+            parts.setdefault(key, []).append(torch.as_tensor(value, dtype=torch.float32).cpu().reshape(-1))
         kept = sum(int(i.shape[0]) for i in images)
         images.append(traj.images[: max(0, 16 - kept)].cpu())
-    r = torch.cat(rewards).numpy().astype(np.float64)
+    r = torch.cat(parts.pop("reward")).numpy().astype(np.float64)
     per_prompt = {p: float(r[i * len(seeds) : (i + 1) * len(seeds)].mean()) for i, p in enumerate(prompts)}
     return {
         "eval_reward_mean": float(np.nanmean(r)),
         "eval_reward_std": float(np.nanstd(r)),
+        "eval_components": {k: float(torch.cat(v).nanmean()) for k, v in parts.items()},
         "eval_per_prompt": per_prompt,
         "eval_images": torch.cat(images),
         "eval_captions": [f"{p} (seed {s})" for p, s in jobs[:16]],
@@ -387,6 +389,7 @@ def run_evaluation(cfg: DictConfig, overrides: list[str] | None = None) -> dict[
             "eval_reward_mean": held["eval_reward_mean"],
             "eval_reward_std": held["eval_reward_std"],
             "eval_per_prompt": held["eval_per_prompt"],
+            "components": held["eval_components"],
             "n": len(prompts) * len(seeds),
         },
         "steps": step_rows,
@@ -407,7 +410,8 @@ def describe(result: dict[str, Any]) -> str:
     lines = [
         f"checkpoint {result['checkpoint'] or '(base model)'}  task {result['task']}  {result['sampler']} "
         f"H={result['num_steps']}  device {result['device']}",
-        f"held-out reward {h['eval_reward_mean']:.4f} +- {h['eval_reward_std']:.4f} over {h['n']} images",
+        f"held-out reward {h['eval_reward_mean']:.4f} +- {h['eval_reward_std']:.4f} over {h['n']} images"
+        + "".join(f", {k} {v:.4f}" for k, v in h["components"].items()),
         "steps  s/image   reward mean +- std",
     ]
     lines += [

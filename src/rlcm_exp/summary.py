@@ -52,4 +52,8 @@ def write_summary(
     )
     if len(evals) >= 2:
         line += f"; held-out: {evals[0]['eval_reward_mean']:.4f} -> {evals[-1]['eval_reward_mean']:.4f}"
+        parts = [k for k in evals[0] if k.startswith("eval_reward/") and k in evals[-1]]
+        line += "".join(
+            f", {k[len('eval_reward/') :]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in parts
+        )
     return line

@@ -327,7 +327,11 @@ class Trainer:
             self.logger.log_images("eval_samples", res["eval_images"], res["eval_captions"], step=epochs_done)
             self.eval_images.setdefault("first", res["eval_images"])  # the "before" grid of the final report
             self.eval_images["last"] = res["eval_images"]
-            out = {"eval_reward_mean": res["eval_reward_mean"], "eval_reward_std": res["eval_reward_std"]}
+            out = {
+                "eval_reward_mean": res["eval_reward_mean"],
+                "eval_reward_std": res["eval_reward_std"],
+                **{f"eval_reward/{k}": v for k, v in res["eval_components"].items()},
+            }
             self.eval_file.write(
                 {
                     "epochs_done": epochs_done,

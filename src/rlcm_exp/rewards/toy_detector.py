@@ -6,19 +6,22 @@ from collections.abc import Callable
 
 import torch
 
-from rlcm_exp.toy.detector import detector_score
+from rlcm_exp.toy.detector import PARTS, detector_parts
 
 
-def toy_detector() -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+def toy_detector() -> Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]:
     """Build the reward: images float32 in [0, 1], (B, 3, H, W), any device, plus B captions.
 
-    Returns a float32 CPU tensor (B,) in [0, 1]: a third each for background colour, shape colour
-    and shape. Deterministic and cheap (~0.3 ms per image), so it runs in-process.
+    Returns float32 CPU tensors (B,): "reward" in [0, 1], a third each for shape colour, shape and
+    background colour, and each third's 0/1 hit as "colour", "shape", "background", so that
+    metrics.jsonl and eval.jsonl say which attribute RL changed (logged as reward/shape, ...).
+    Deterministic and cheap (~0.3 ms per image), so it runs in-process.
     """
 
-    def reward(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def reward(images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        return torch.from_numpy(detector_score(images, list(captions))).float()
+        parts = {k: torch.from_numpy(v).float() for k, v in detector_parts(images, list(captions)).items()}
+        return {"reward": torch.stack([parts[k] for k in PARTS]).mean(0), **parts}
 
     return reward

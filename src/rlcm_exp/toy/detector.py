@@ -78,15 +78,29 @@ def classify(images: np.ndarray | torch.Tensor) -> list[tuple[str | None, str | 
     return out
 
 
-def detector_score(images: np.ndarray | torch.Tensor, captions: list[str]) -> np.ndarray:
-    """Score in [0, 1] per image: a third each for background, shape colour and shape."""
+# What the detector checks, in the order of a caption's words' meaning: (colour, shape, background).
+PARTS: tuple[str, ...] = ("colour", "shape", "background")
+
+
+def detector_parts(images: np.ndarray | torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
+    """Per image, 1.0 where the detector sees the caption's shape colour / shape / background, else 0.0.
+
+    A caption that is not a toy caption gets 0.0 in every part.
+    """
     seen = classify(images)
     if len(seen) != len(captions):
         raise ValueError(f"{len(seen)} images but {len(captions)} captions")
-    scores = np.zeros(len(captions), dtype=np.float32)
-    for i, (text, (colour, shape, background)) in enumerate(zip(captions, seen, strict=True)):
+    parts = {name: np.zeros(len(captions), dtype=np.float32) for name in PARTS}
+    for i, (text, found) in enumerate(zip(captions, seen, strict=True)):
         want = parse_caption(text)
         if want is None:
             continue
-        scores[i] = ((colour == want[0]) + (shape == want[1]) + (background == want[2])) / 3.0
-    return scores
+        for name, w, f in zip(PARTS, want, found, strict=True):
+            parts[name][i] = float(w == f)
+    return parts
+
+
+def detector_score(images: np.ndarray | torch.Tensor, captions: list[str]) -> np.ndarray:
+    """Score in [0, 1] per image: a third each for background, shape colour and shape."""
+    parts = detector_parts(images, captions)
+    return np.mean([parts[name] for name in PARTS], axis=0).astype(np.float32)
