@@ -7,6 +7,9 @@ The recipe mirrors how the real models were made, in miniature:
 2. a tiny CLIP text encoder trained jointly with a tiny `UNet2DConditionModel` as an
    epsilon-prediction diffusion model on the scaled latents (Stable Diffusion's noise schedule),
    with 10% caption dropout to "" for classifier-free guidance: the DDIM member (DDPO's base);
+   optionally with caption noise (`--caption-noise q`: each attribute word of a training caption
+   re-drawn at random with probability q, as web captions are often wrong), which makes the model
+   need guidance to follow its caption;
 3. latent consistency distillation (LCM paper, Alg. 1) into a UNet with a guidance embedding
    (`time_cond_proj_dim`): DDIM teacher solver over the 50-step grid with skip 20, guidance
    w ~ U[w_min, w_max], EMA target network: the LCM member (RLCM's base);
@@ -343,6 +346,38 @@ def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return snr.clamp(max=MIN_SNR_GAMMA) / snr
 
 
+def caption_attributes(captions: list[str]) -> torch.Tensor:
+    """(N, 3) indices of (shape colour, shape, background) of toy captions."""
+    parsed = [data.parse_caption(c) for c in captions]
+    triples = [p for p in parsed if p is not None]
+    if len(triples) != len(captions):
+        raise ValueError(
+            "not toy captions: " + ", ".join(c for c, p in zip(captions, parsed, strict=True) if p is None)
+        )
+    return torch.tensor(
+        [[data.COLOURS.index(c), data.SHAPES.index(s), data.COLOURS.index(b)] for c, s, b in triples]
+    )
+
+
+def noisy_caption_index(attrs: torch.Tensor, q: float, gen: torch.Generator) -> torch.Tensor:
+    """Index into [""] + train_prompts() of each caption, each attribute re-drawn uniformly with prob q.
+
+    A re-drawn caption that is not a training composition (held out, or shape colour = background)
+    falls back to the true one, so no held-out caption is ever trained on.
+    """
+    train = data.train_prompts()
+    table = torch.full((len(data.COLOURS), len(data.SHAPES), len(data.COLOURS)), -1, dtype=torch.long)
+    for i, (c, s, b) in enumerate(caption_attributes(train).tolist()):
+        table[c, s, b] = i + 1
+    noisy = attrs.clone()
+    for k, n in enumerate((len(data.COLOURS), len(data.SHAPES), len(data.COLOURS))):
+        redraw = torch.rand(len(attrs), generator=gen) < q
+        noisy[redraw, k] = torch.randint(0, n, (int(redraw.sum()),), generator=gen)
+    true = table[attrs[:, 0], attrs[:, 1], attrs[:, 2]]
+    drawn = table[noisy[:, 0], noisy[:, 1], noisy[:, 2]]
+    return torch.where(drawn >= 0, drawn, true)
+
+
 def train_teacher(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -352,14 +387,20 @@ def train_teacher(
     scaling_factor: float,
     s: Schedule,
     gen: torch.Generator,
+    caption_noise: float = 0.0,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, list[float]]:
-    """Epsilon-prediction diffusion on scaled latents, text encoder trained jointly; returns EMA copies."""
+    """Epsilon-prediction diffusion on scaled latents, text encoder trained jointly; returns EMA copies.
+
+    `caption_noise` > 0 re-draws each attribute of a training caption with that probability (a fresh
+    draw per step); 0 draws no extra random numbers, so the run is the same as without the option.
+    """
     mean, std = latents
     # The captions form a closed set: encode each distinct caption once per step, then gather.
     prompts = [""] + data.train_prompts()
     index = {p: i for i, p in enumerate(prompts)}
     ids = tokenize(tokenizer, prompts)
     cap_idx = torch.tensor([index[c] for c in captions])
+    attrs = caption_attributes(captions) if caption_noise > 0 else None
     alphas_cumprod = ddim_scheduler().alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.teacher_lr, weight_decay=1e-2)
@@ -375,7 +416,7 @@ def train_teacher(
         b = torch.randint(0, len(cap_idx), (s.teacher_batch,), generator=gen)
         # A fresh posterior sample each time, scaled to ~unit std as the pipelines expect.
         x0 = (mean[b] + std[b] * torch.randn(mean[b].shape, generator=gen)) * scaling_factor
-        which = cap_idx[b].clone()
+        which = cap_idx[b].clone() if attrs is None else noisy_caption_index(attrs[b], caption_noise, gen)
         drop = torch.rand(s.teacher_batch, generator=gen) < CAPTION_DROPOUT
         which[drop] = 0  # "" is what the pipelines feed as the negative prompt
         emb = text_encoder(ids)[0][which]
@@ -513,8 +554,13 @@ def n_params(m: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------- main
 
 
-def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2) -> dict:
+def run(
+    out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2, caption_noise: float = 0.0
+) -> dict:
     """Run every stage, save both pipelines under `out`, evaluate; returns the recipe record.
+
+    `caption_noise`: probability of re-drawing each attribute word of a teacher training caption
+    (0: the committed weights). Distillation always sees the true captions.
 
     `threads`: torch intra-op threads. On a machine whose cores are shared with other jobs, use
     1 (and pin it with taskset): OpenMP threads that wait on a busy core ran ~10x slower here.
@@ -526,6 +572,8 @@ def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     s = SCHEDULES[schedule]
+    if not 0.0 <= caption_noise < 1.0:
+        raise ValueError(f"caption_noise={caption_noise}: a probability in [0, 1) (0: clean captions)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -545,6 +593,7 @@ def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2
             "target_ema": LCD_TARGET_EMA,
         },
         "caption_dropout": CAPTION_DROPOUT,
+        "caption_noise": caption_noise,
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -597,7 +646,7 @@ def run(out: str | Path, seed: int = 0, schedule: str = "full", threads: int = 2
     unet = build_unet()
     lap("encode")
     unet, text_encoder, teacher_losses = train_teacher(
-        unet, text_encoder, tokenizer, (mean, std), captions, scaling_factor, s, gen
+        unet, text_encoder, tokenizer, (mean, std), captions, scaling_factor, s, gen, caption_noise
     )
     unet.eval()
     text_encoder.eval()
@@ -666,8 +715,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
     parser.add_argument("--threads", type=int, default=2, help="1 on a machine shared with other jobs")
+    parser.add_argument(
+        "--caption-noise",
+        type=float,
+        default=0.0,
+        help="probability of re-drawing each attribute word of a teacher training caption (default 0)",
+    )
     args = parser.parse_args()
-    run(args.out, seed=args.seed, schedule=args.schedule, threads=args.threads)
+    if not 0.0 <= args.caption_noise < 1.0:
+        parser.error(f"--caption-noise {args.caption_noise}: a probability in [0, 1) (0: clean captions)")
+    run(**vars(args))  # every flag is one of run()'s arguments, by name
 
 
 if __name__ == "__main__":
