@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -359,16 +360,27 @@ def caption_attributes(captions: list[str]) -> torch.Tensor:
     )
 
 
+@functools.cache
+def _training_caption_table() -> torch.Tensor:
+    """(colour, shape, background) -> index into [""] + train_prompts(); -1 where not a training caption."""
+    table = torch.full((len(data.COLOURS), len(data.SHAPES), len(data.COLOURS)), -1, dtype=torch.long)
+    for i, (c, s, b) in enumerate(caption_attributes(data.train_prompts()).tolist()):
+        table[c, s, b] = i + 1
+    return table
+
+
+def check_caption_noise(q: float) -> None:
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"caption_noise={q}: a probability in [0, 1) (0: clean captions)")
+
+
 def noisy_caption_index(attrs: torch.Tensor, q: float, gen: torch.Generator) -> torch.Tensor:
     """Index into [""] + train_prompts() of each caption, each attribute re-drawn uniformly with prob q.
 
     A re-drawn caption that is not a training composition (held out, or shape colour = background)
     falls back to the true one, so no held-out caption is ever trained on.
     """
-    train = data.train_prompts()
-    table = torch.full((len(data.COLOURS), len(data.SHAPES), len(data.COLOURS)), -1, dtype=torch.long)
-    for i, (c, s, b) in enumerate(caption_attributes(train).tolist()):
-        table[c, s, b] = i + 1
+    table = _training_caption_table()
     noisy = attrs.clone()
     for k, n in enumerate((len(data.COLOURS), len(data.SHAPES), len(data.COLOURS))):
         redraw = torch.rand(len(attrs), generator=gen) < q
@@ -572,8 +584,7 @@ def run(
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     s = SCHEDULES[schedule]
-    if not 0.0 <= caption_noise < 1.0:
-        raise ValueError(f"caption_noise={caption_noise}: a probability in [0, 1) (0: clean captions)")
+    check_caption_noise(caption_noise)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -722,8 +733,10 @@ def main() -> None:
         help="probability of re-drawing each attribute word of a teacher training caption (default 0)",
     )
     args = parser.parse_args()
-    if not 0.0 <= args.caption_noise < 1.0:
-        parser.error(f"--caption-noise {args.caption_noise}: a probability in [0, 1) (0: clean captions)")
+    try:
+        check_caption_noise(args.caption_noise)
+    except ValueError as err:
+        parser.error(f"--caption-noise: {err}")
     run(**vars(args))  # every flag is one of run()'s arguments, by name
 
 
