@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from rlcm_exp.__main__ import train
+from rlcm_exp.toy.detector import PARTS
 from rlcm_exp.tracking import read_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -199,14 +200,13 @@ def test_toy_alignment_logs_each_detector_part(tmp_path, capsys) -> None:  # noq
         ],
         tmp_path,
     )
-    parts = ("colour", "shape", "background")
     for rec in records:
-        assert abs(sum(rec[f"reward/{p}"] for p in parts) / 3 - rec["reward_mean"]) < 1e-5
+        assert abs(sum(rec[f"reward/{p}"] for p in PARTS) / 3 - rec["reward_mean"]) < 1e-5
     evals = read_metrics(tmp_path / "eval.jsonl")
     assert len(evals) == 2
     for ev in evals:
-        assert all(0.0 <= ev[f"eval_reward/{p}"] <= 1.0 for p in parts)
-        assert abs(sum(ev[f"eval_reward/{p}"] for p in parts) / 3 - ev["eval_reward_mean"]) < 1e-5
+        assert all(0.0 <= ev[f"eval_reward/{p}"] <= 1.0 for p in PARTS)
+        assert abs(sum(ev[f"eval_reward/{p}"] for p in PARTS) / 3 - ev["eval_reward_mean"]) < 1e-5
     closing = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("reward (training")
     )
