@@ -5,7 +5,8 @@
 Detector scores (mean over n samples per setting), training and held-out compositions apart:
 VAE reconstructions, DDIM 4/20/50 steps with classifier-free guidance, LCM 1/2/4/8 steps; a small
 guidance sweep that picks the recommended guidance scales; mean JPEG size (quality 95) of LCM-4
-samples; and the issue's acceptance checks. `parts` holds each setting's hit rate per detector third
+samples; DDIM-4 at each scale of a guidance sweep on all n samples, whose best (`ddim4_best`, picked
+per split: the most favourable to DDIM) is what the LCM-4 must beat; and the issue's acceptance checks. `parts` holds each setting's hit rate per detector third
 (colour, shape, background: which attribute fails); `ddim4_vs_ddim50_mean_abs_px`, how far DDIM-4
 lands from DDIM-50 when both start from the same noise.
 """
@@ -33,6 +34,7 @@ from rlcm_exp.toy.detector import detector_parts, detector_score
 
 DDIM_SWEEP = (2.0, 3.0, 5.0, 8.0)
 LCM_SWEEP = (2.0, 3.0, 5.0, 8.0, 9.0)
+DDIM4_SWEEP = (1.5, 2.0, 3.0, 5.0, 8.0)
 PAPER_DDIM_GUIDANCE, PAPER_LCM_GUIDANCE = 5.0, 8.0
 # A scale within this of the best sweep score loses to the paper's default (keeps configs aligned).
 TOLERANCE = 0.02
@@ -127,7 +129,11 @@ def measure(
         "scores": {},
         "sweep": {"n": sweep_n, "ddim20": {}, "lcm4": {}},
     }
-    bar = tqdm(total=2 + 2 * (len(DDIM_SWEEP) + len(LCM_SWEEP)) + 2 * 7, desc="quality", mininterval=5)
+    bar = tqdm(
+        total=2 * (len(DDIM_SWEEP) + len(LCM_SWEEP)) + 2 * (8 + len(DDIM4_SWEEP)),
+        desc="quality",
+        mininterval=5,
+    )
 
     # Guidance sweep on fewer samples: which scale to recommend for each member.
     sweeps = (("ddim20", ddim, 20, DDIM_SWEEP, seed + 10), ("lcm4", lcm, 4, LCM_SWEEP, seed + 11))
@@ -183,6 +189,18 @@ def measure(
         result.setdefault("ddim4_vs_ddim50_mean_abs_px", {})[split] = float(
             (by_steps[4] - by_steps[50]).abs().mean() * 255
         )
+        # DDIM-4 at its own best guidance: a small model's few-step DDIM may prefer a low scale.
+        by_guidance = {}
+        for g in DDIM4_SWEEP:
+            images = sample(ddim, captions, seed + 2, num_inference_steps=4, guidance_scale=g)
+            by_guidance[str(g)] = judge(images, captions)
+            bar.update(1)
+        best = max(by_guidance, key=lambda g: by_guidance[g][0])
+        scores["ddim4_best"], parts["ddim4_best"] = by_guidance[best]
+        result.setdefault("ddim4_sweep", {})[split] = {
+            "scores": {g: s for g, (s, _) in by_guidance.items()},
+            "best_guidance": float(best),
+        }
         for steps in (1, 2, 4, 8):
             images = sample(lcm, captions, seed + 3, num_inference_steps=steps, guidance_scale=g_lcm)
             scores[f"lcm{steps}"], parts[f"lcm{steps}"] = judge(images, captions)
@@ -207,7 +225,7 @@ def measure(
     for split, sc in (("train", tr), ("heldout", ho)):
         checks[f"lcm4>=0.9*ddim50_{split}"] = sc["lcm4"] >= 0.9 * sc["ddim50"]
         checks[f"lcm2>=0.8*ddim50_{split}"] = sc["lcm2"] >= 0.8 * sc["ddim50"]
-        checks[f"lcm4-ddim4>=0.05_{split}"] = sc["lcm4"] - sc["ddim4"] >= 0.05
+        checks[f"lcm4-ddim4_best>=0.05_{split}"] = sc["lcm4"] - sc["ddim4_best"] >= 0.05
     result["acceptance"] = checks
     result["all_pass"] = all(checks.values())
     (weights / "quality.json").write_text(json.dumps(result, indent=1))
