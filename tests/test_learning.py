@@ -99,8 +99,9 @@ def test_ddpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
     LoRA and PPO settings. At 6 steps and CFG 3 the diffusion member's images score 0.841 on the 4
     eval seeds (at CFG 5, 8-12 steps start at ~0.90-0.92 with little left to gain).
 
-    Seeds 42 / 0 / 1: +0.074 / +0.065 / +0.042 (the test runs seed 42). At the DDPO paper's CFG 5 (6 steps, 60 epochs) the
-    gain was smaller: +0.041 / +0.031 (seeds 42 / 0), LR 1.5e-3 +0.050 (314 s) and at 50 epochs
+    Seeds 42 / 0 / 1: +0.074 / +0.065 / +0.042 (the test runs seed 42). At the DDPO paper's CFG 5
+    (6 steps, 60 epochs) the gain was smaller: +0.041 / +0.031 (seeds 42 / 0), LR 1.5e-3 +0.050
+    (314 s) and at 50 epochs
     +0.035 / +0.019, clip 2e-3 +0.044, all transitions trained (40 epochs) +0.036, 192 trajectories
     per epoch +0.031, 5 steps +0.029: as on toy_compression, CFG 5 slows DDPO (probably the gradient
     of eps_u + 5 (eps_c - eps_u) is dominated by the cond-uncond difference)."""
