@@ -738,7 +738,7 @@ def main() -> None:
         "--caption-noise",
         type=float,
         default=CAPTION_NOISE,
-        help=f"probability of re-drawing each attribute word of a teacher training caption "
+        help="probability of re-drawing each attribute word of a teacher training caption "
         f"(default {CAPTION_NOISE}; 0: clean captions)",
     )
     args = parser.parse_args()
