@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench
+from benchmarks.bench.__main__ import main as bench_main
+from benchmarks.bench.report import update_readme
 
 REPO = Path(__file__).resolve().parents[1]
 SMALLEST = [
@@ -106,16 +107,16 @@ def test_table_and_readme_block(report: tuple[dict, Path]) -> None:
     readme = out / "README.md"
     before = readme.read_text()
     assert before.count("<!-- bench:tiny-cpu:start -->") == 1
-    bench.update_readme(readme, "tiny-cpu", table)  # rewriting replaces the block, never appends a second
+    update_readme(readme, "tiny-cpu", table)  # rewriting replaces the block, never appends a second
     assert readme.read_text().count("<!-- bench:tiny-cpu:start -->") == 1
 
 
 def test_toy_scale_without_weights_is_one_clear_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import rlcm_exp.models
+    import rlcm_exp.models.family
 
-    monkeypatch.setattr(rlcm_exp.models, "TOY_WEIGHTS", tmp_path / "no_weights")
-    assert bench.main(["--scale", "toy", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(rlcm_exp.models.family, "TOY_WEIGHTS", tmp_path / "no_weights")
+    assert bench_main(["--scale", "toy", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "make toy-model" in err and "--scale tiny" in err and "Traceback" not in err

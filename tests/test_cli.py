@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rlcm_exp.__main__ import train
 from rlcm_exp.toy.detector import PARTS
 from rlcm_exp.tracking import read_metrics
+from rlcm_exp.training.build import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = [

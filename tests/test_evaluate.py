@@ -13,7 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlcm_exp.evaluate import budgeted_sample, merge_run_config, run_evaluation
+from rlcm_exp.evaluation.budget import budgeted_sample
+from rlcm_exp.evaluation.runs import merge_run_config
+from rlcm_exp.evaluation.suite import run_evaluation
 from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
 from rlcm_exp.tracking import read_metrics
@@ -58,7 +60,13 @@ def test_evaluate_cli_reads_the_run_and_matches_its_heldout_eval(tiny_cache, tmp
     trained = read_metrics(run_dir / "eval.jsonl")[-1]  # after the last epoch, seeds 0..3
 
     # only the checkpoint is given: model, sampler, task and reward come from the run's config.yaml
-    overrides = [f"checkpoint={run_dir}", f"out={tmp_path / 'ev'}", "steps=[2,4]", "budget_points=2"]
+    overrides = [
+        f"checkpoint={run_dir}",
+        f"out={tmp_path / 'ev'}",
+        "steps=[2,4]",
+        "budget_points=2",
+        "budget_trajectories=16",
+    ]
     result = run_evaluation(compose_eval(overrides), overrides)
     assert result["task"] == "compression" and result["algo"] == "rlcm" and result["num_steps"] == 4
     assert result["heldout"]["eval_reward_mean"] == pytest.approx(trained["eval_reward_mean"], rel=1e-4)
@@ -159,8 +167,9 @@ def test_compare_cli_draws_every_run_of_a_sweep(tmp_path, capsys) -> None:
     png = sweep / "compare.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    from rlcm_exp.compare import compare, main, run_labels
-    from rlcm_exp.report import find_runs
+    from rlcm_exp.analysis.figures import compare_figure as compare
+    from rlcm_exp.analysis.runs import find_runs, run_labels
+    from rlcm_exp.compare import main
 
     # runs are named by what differs between them (algo, H), not by their long folder names
     assert run_labels(find_runs(sweep)) == [

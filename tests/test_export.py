@@ -6,9 +6,9 @@ import torch
 from diffusers import LatentConsistencyModelPipeline
 from safetensors.torch import load_file
 
-from rlcm_exp.checkpoint import load_lora_into
-from rlcm_exp.export import export
+from rlcm_exp.evaluation.export import export
 from rlcm_exp.models import attach_lora
+from rlcm_exp.models.lora import load_lora_into
 from rlcm_exp.policies.lcm import build_lcm_policy
 
 from .test_cli import SMALL, run_in_process

@@ -2,8 +2,9 @@
 
 Each run is measured before and after training on the same fixed seeds (eval.jsonl): the base
 model's score and the trained one's, on the 81 training compositions x 1 seed (both alignment
-tests: 4), so sampling noise of the training rounds does not decide. The RLCM settings are the
-quickstart's (`make demo`), with a larger batch on toy_alignment.
+tests: 4), so sampling noise of the training rounds does not decide. Each test's settings are a
+config, conf/experiment/toy/<algo>_<task>.yaml; the tests add only the evaluation overrides below.
+The RLCM compression settings are the quickstart's (`make demo`).
 Measured on this 2-core CPU (one core per run, seed 42, the recipe-2 toy weights): RLCM
 compression -16.6% JPEG size in 105 s; RLCM alignment (192 trajectories per epoch) +0.058
 detector score in 229 s; DDPO alignment (6 DDIM steps, CFG 3) +0.074 in 265 s; DDPO compression (10 DDIM
@@ -43,7 +44,7 @@ def print_detector_parts(run_dir) -> None:  # noqa: ANN001
 
 
 def test_rlcm_compression_cuts_jpeg_size_by_15_percent(tmp_path) -> None:  # noqa: ANN001
-    run_in_process(["experiment=quickstart", *EVAL], tmp_path)
+    run_in_process(["experiment=toy/rlcm_compression", *EVAL], tmp_path)
     before, after = before_after(tmp_path)  # rewards are -kB
     print(f"JPEG kB before {-before:.4f} after {-after:.4f} ({(before - after) / before:+.1%})")
     assert -after <= 0.85 * -before
@@ -60,37 +61,11 @@ def test_rlcm_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
     its deterministic last call, which RL moves only through the earlier transitions' means (tried
     there without reaching +0.05: 2, 3 or 8 steps, clip 1e-2, one optimizer step or two inner epochs
     per round, LoRA on the ResNet convolutions, 150 epochs, a Gaussian last action)."""
-    run_in_process(
-        [
-            "experiment=quickstart",
-            "task=toy_alignment",
-            "optimizer.lr=2e-3",
-            "train.samples_per_epoch=192",
-            "train.samples_per_step=32",
-            "train.epochs=50",
-            *EVAL_4_SEEDS,
-        ],
-        tmp_path,
-    )
+    run_in_process(["experiment=toy/rlcm_alignment", *EVAL_4_SEEDS], tmp_path)
     before, after = before_after(tmp_path)
     print(f"detector score before {before:.4f} after {after:.4f} ({after - before:+.4f})")
     print_detector_parts(tmp_path)
     assert after >= before + 0.05
-
-
-DDPO_TOY = [  # the quickstart's LoRA, PPO and stat-tracker settings
-    "algo=ddpo",
-    "model=toy",
-    "algo.timestep_fraction=0.5",
-    "algo.ppo.clip_range=1e-3",
-    "algo.lora.rank=8",
-    "algo.lora.alpha=8",
-    "algo.stat_tracker.buffer_size=32",
-    "algo.stat_tracker.min_count=4",
-    "train.train_batch_size=16",
-    "train.samples_per_step=16",
-    "logger=none",
-]
 
 
 def test_ddpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
@@ -105,20 +80,7 @@ def test_ddpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: ANN001
     +0.035 / +0.019, clip 2e-3 +0.044, all transitions trained (40 epochs) +0.036, 192 trajectories
     per epoch +0.031, 5 steps +0.029: as on toy_compression, CFG 5 slows DDPO (probably the gradient
     of eps_u + 5 (eps_c - eps_u) is dominated by the cond-uncond difference)."""
-    run_in_process(
-        [
-            *DDPO_TOY,
-            "task=toy_alignment",
-            "sampler.num_steps=6",
-            "sampler.guidance_scale=3.0",
-            "optimizer.lr=1e-3",
-            "train.epochs=60",
-            "train.samples_per_epoch=96",
-            "train.sample_batch_size=48",
-            *EVAL_4_SEEDS,
-        ],
-        tmp_path,
-    )
+    run_in_process(["experiment=toy/ddpo_alignment", *EVAL_4_SEEDS], tmp_path)
     before, after = before_after(tmp_path)
     print(f"detector score before {before:.4f} after {after:.4f} ({after - before:+.4f})")
     # seed 42: colour 0.886 -> 0.948, shape 0.775 -> 0.799, background 0.861 -> 0.997
@@ -134,21 +96,7 @@ def test_ddpo_compression_cuts_jpeg_size_by_15_percent(tmp_path) -> None:  # noq
     (`algo.timestep_window=0.5`: the late, nearly deterministic jumps carry most of the gradient
     norm and little signal; without the window, CFG off: -17.5% in 135 s, too close to the line).
     Those figures are the recipe-1 weights'; on recipe 2 this setting cuts 22.2% (seed 42)."""
-    run_in_process(
-        [
-            *DDPO_TOY,
-            "task=toy_compression",
-            "sampler.num_steps=10",
-            "optimizer.lr=2e-3",
-            "sampler.guidance_scale=1.0",
-            "algo.timestep_window=0.5",
-            "train.epochs=45",
-            "train.samples_per_epoch=64",
-            "train.sample_batch_size=32",
-            *EVAL,
-        ],
-        tmp_path,
-    )
+    run_in_process(["experiment=toy/ddpo_compression", *EVAL], tmp_path)
     before, after = before_after(tmp_path)  # rewards are -kB
     print(f"JPEG kB before {-before:.4f} after {-after:.4f} ({(before - after) / before:+.1%})")
     assert -after <= 0.85 * -before

@@ -11,13 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlcm_exp import reproduce
-from rlcm_exp.report import (
-    find_runs,
-    seed_mean_curve,
-    threshold_markdown,
-    threshold_table,
-    time_to_threshold,
-)
+from rlcm_exp.analysis import plan
+from rlcm_exp.analysis.runs import find_runs, is_finished, seed_mean_curve, time_to_threshold
+from rlcm_exp.analysis.tables import threshold_markdown, threshold_table
+from rlcm_exp.configs import compose
 from rlcm_exp.tracking import read_metrics
 
 
@@ -172,25 +169,23 @@ def test_seed_mean_threshold_by_hand(tmp_path) -> None:
 def test_finished_means_all_epochs_and_a_final_checkpoint(tmp_path) -> None:
     done = fake_run(tmp_path / "done", "rlcm", 0, [0.1, 0.2], 1.0)
     short = fake_run(tmp_path / "short", "rlcm", 0, [0.1], 1.0, epochs=2)
-    assert reproduce.is_finished(done) and not reproduce.is_finished(short)
+    assert is_finished(done) and not is_finished(short)
     (done / "checkpoints" / "final").rmdir()
-    assert not reproduce.is_finished(done) and not reproduce.is_finished(tmp_path / "missing")
+    assert not is_finished(done) and not is_finished(tmp_path / "missing")
 
 
 def test_toy_plan_fits_the_cpu_budget() -> None:
     """The toy plan: 3 seeds x 2 tasks x 2 algorithms + the horizon ablation, under 45 min by its estimates
     with the two jobs `make reproduce-paper SCALE=toy` runs at once."""
-    scale = reproduce.SCALES["toy"]
-    specs = reproduce.plan_runs(scale, scale.seeds, reproduce.FIGURES)
+    scale = plan.load_scale("toy")
+    specs = plan.plan_runs(scale, scale.seeds, plan.FIGURES)
     assert len(specs) == 3 * 2 * 2 + 3 * len(scale.horizon_steps)
     assert {s.name for s in specs} >= {
         "toy_alignment_rlcm_s2",
         "toy_compression_ddpo_s0",
         "toy_compression_rlcm_h8_s1",
     }
-    steps = {
-        s.name: reproduce._last_int(s.overrides, "sampler.num_steps", 0) for s in specs if s.algo == "ddpo"
-    }
+    steps = {s.name: plan.last_int(s.overrides, "sampler.num_steps", 0) for s in specs if s.algo == "ddpo"}
     # DDPO on toy_alignment: 20 DDIM steps; on toy_compression its CI test's 10 (the last override wins)
     assert steps["toy_alignment_ddpo_s0"] == 20 and steps["toy_compression_ddpo_s0"] == 10
     assert all("model=toy" in s.overrides for s in specs)
@@ -198,24 +193,34 @@ def test_toy_plan_fits_the_cpu_budget() -> None:
     lr = [o for o in align.overrides if o.startswith("optimizer.lr=")]
     assert lr == ["optimizer.lr=1e-3", "optimizer.lr=2e-3"]  # the (algo, task) pair's comes last and wins
     n_eval = len(scale.tasks) * 2 * len(scale.eval_seeds)
-    assert reproduce.estimate(specs, scale, n_eval, jobs=2) < 45 * 60  # `make reproduce-paper` runs 2 at once
+    assert plan.estimate(specs, scale, n_eval, jobs=2) < 45 * 60  # `make reproduce-paper` runs 2 at once
 
 
 @pytest.mark.parametrize("algo", ["rlcm", "ddpo"])
 @pytest.mark.parametrize("task", ["compression", "incompression", "aesthetic", "prompt_alignment"])
 def test_paper_overlays_choose_the_pair_and_its_hyperparameters(algo: str, task: str) -> None:
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from rlcm_exp.tracking import NullLogger
 
-    from .test_cli import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        overlay = compose("config", overrides=[f"experiment=paper/{algo}_{task}"])
-        plain = compose("config", overrides=[f"algo={algo}", f"task={task}"])
+    overlay = compose("config", [f"experiment=paper/{algo}_{task}"])
+    plain = compose("config", [f"algo={algo}", f"task={task}"])
     assert overlay.algo.name == algo and overlay.task.name == task
     assert overlay.logger.group == f"paper_{task}" and list(overlay.logger.tags) == ["paper", algo, task]
     for key in ("train", "sampler", "optimizer", "reward"):  # conf/paper/ applies with or without the overlay
         assert overlay[key] == plain[key], key
     assert isinstance(instantiate(overlay.logger), NullLogger)  # logger=none ignores group and tags
+
+
+@pytest.mark.parametrize("algo", ["rlcm", "ddpo"])
+def test_toy_scale_trains_the_toy_experiments_on_toy_compression(algo: str) -> None:
+    """conf/reproduce/toy.yaml spells its overrides out (the report prints them as the exact commands);
+    on toy_compression they compose to conf/experiment/toy/<algo>_compression.yaml, the CI learning
+    tests' (and for RLCM the quickstart's) settings, wandb grouping aside."""
+    scale = plan.load_scale("toy")
+    spec = next(s for s in plan.plan_runs(scale, (0,), ("4",)) if s.name == f"toy_compression_{algo}_s0")
+    planned = OmegaConf.to_container(compose("config", spec.overrides))
+    overlay = OmegaConf.to_container(compose("config", [f"experiment=toy/{algo}_compression", "seed=0"]))
+    assert isinstance(planned, dict) and isinstance(overlay, dict)
+    del planned["logger"], overlay["logger"]
+    assert planned == overlay

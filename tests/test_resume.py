@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlcm_exp.checkpoint import (
+from rlcm_exp.tracking import read_metrics
+from rlcm_exp.training.checkpoint import (
     CheckpointError,
     is_complete,
     latest_checkpoint,
     read_checkpoint,
     write_checkpoint,
 )
-from rlcm_exp.tracking import read_metrics
 
 from .test_cli import SMALL
 

@@ -36,6 +36,7 @@ from transformers import (
 from rlcm_exp import reward_server
 from rlcm_exp.rewards.llava import llava_bertscore
 from rlcm_exp.rewards.remote import RemoteReward, RewardServerError, remote
+from rlcm_exp.serving.server import RequestError, decode_images
 
 TOKEN = "test-token-123"
 WORDS = [
@@ -248,8 +249,8 @@ def test_jpeg_transport_and_the_pixel_limit(server):
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, format="PNG")
-    with pytest.raises(reward_server.RequestError, match="over max_pixels=1000") as err:
-        reward_server.decode_images([base64.b64encode(png.getvalue()).decode()], max_pixels=1000)
+    with pytest.raises(RequestError, match="over max_pixels=1000") as err:
+        decode_images([base64.b64encode(png.getvalue()).decode()], max_pixels=1000)
     assert err.value.status == 413
 
 
@@ -402,3 +403,14 @@ def test_cli_errors_are_one_paragraph(capsys):
     assert reward_server.main(["reward=clip_score", "reward.local_path=/no/such", "device=cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: reward.local_path=/no/such: no such folder") and "Traceback" not in err
+
+
+def test_help_prints_the_usage_and_exits_0():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlcm_exp.reward_server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m rlcm_exp.reward_server reward=NAME" in proc.stdout and "max_batch" in proc.stdout

@@ -7,9 +7,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,14 +32,18 @@ from transformers import (
     DebertaModel,
 )
 
+from rlcm_exp import configs
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards import llava
 from rlcm_exp.rewards.aesthetic import AestheticHead, aesthetic, fetch_head_weights
+from rlcm_exp.rewards.base import build_reward, to_uint8
 from rlcm_exp.rewards.bertscore import greedy_recall, load_bertscore
 from rlcm_exp.rewards.clip import ClipImagePreprocess, clip_score, pickscore
 from rlcm_exp.rewards.combine import weighted
+from rlcm_exp.serving.server import compose_reward_config
 from rlcm_exp.tokenizer import write_clip_tokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"
+CONF = configs.conf_dir() / "reward"
 WORDS = ["a", "an", "the", "cat", "dog", "bird", "riding", "bike", "playing", "chess", "image", "contains"]
 PROMPTS = ["a cat riding a bike", "a dog playing chess", "a bird"]
 LAION_KEYS = [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
@@ -345,3 +352,100 @@ def test_reward_yamls_comment_every_field_and_instantiate(tiny_clip, head_file):
     reward = instantiate(cfg, device="cpu")  # what the trainer does: device passed to the builder
     out = reward(images(2), PROMPTS[:2])
     torch.testing.assert_close(out["reward"], out["aesthetic"] + 10.0 * out["clip_score"])
+
+
+# ----------------------------------------------------------------------------- the alignment request
+
+
+class FakeVlm(torch.nn.Module):
+    """Stands in for LLaVA: records what generate() is asked and answers two tokens per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[dict] = []
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        self.calls.append(kwargs)
+        ids = kwargs["input_ids"]
+        return torch.cat([ids, torch.full((len(ids), 2), 9)], dim=1)
+
+
+class FakeProcessor:
+    """Stands in for the LLaVA processor: records the images and texts that reach the model."""
+
+    def __init__(self) -> None:
+        self.tokenizer = SimpleNamespace(
+            padding_side="right",
+            pad_token_id=0,
+            eos_token_id=1,
+            batch_decode=lambda ids, skip_special_tokens: [" a cat "] * len(ids),
+        )
+        self.calls: list[tuple[list[Image.Image], list[str]]] = []
+
+    def __call__(self, images, text, return_tensors, padding):
+        self.calls.append((images, text))
+        return {
+            "input_ids": torch.zeros(len(images), 4, dtype=torch.long),
+            "pixel_values": torch.zeros(len(images), 3, 8, 8),
+        }
+
+
+class FakeBertScore:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def recall(self, candidates: list[str], references: list[str]) -> torch.Tensor:
+        self.calls.append((candidates, references))
+        return torch.full((len(candidates),), 0.5)
+
+
+def alignment_request(monkeypatch, name: str, x: torch.Tensor):
+    """Build reward=<name> from the shipped config with fake models; score x; return what reached them."""
+    vlm, processor, bert = FakeVlm(), FakeProcessor(), FakeBertScore()
+    monkeypatch.setattr(llava, "load_with_processor", lambda *a, **k: (vlm, processor, "fake"))
+    monkeypatch.setattr(llava, "load_bertscore", lambda *a, **k: (bert, "fake"))
+    reward = build_reward(compose_reward_config([f"+reward={name}"]), "cpu")
+    assert reward(x, PROMPTS).tolist() == [0.5] * len(x)
+    (pil, texts), (_, references) = processor.calls[0], bert.calls[0]
+    return reward, vlm.calls[0], pil, texts, references
+
+
+def _decoded_jpeg(array, quality: int):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def test_paper_preset_request_matches_the_reference_code(monkeypatch):
+    x = images(3, size=32)
+    reward, generate, pil, texts, references = alignment_request(monkeypatch, "llava_bertscore_paper", x)
+    question = "Answer concisely: what is going on in this image?"
+    assert texts == [f"USER: <image>\n{question} ASSISTANT:"] * 3
+    assert references == [f"The image contains {p}" for p in PROMPTS]
+    assert generate["max_new_tokens"] == 64 and generate["do_sample"] is False and generate["num_beams"] == 1
+    assert reward.answerer.query.image_transport == "jpeg" and reward.answerer.query.jpeg_quality == 80
+    # the pixels that reach the VLM went through a JPEG of quality 80 (not the raw ones, not another quality)
+    raw = to_uint8(x)
+    for got, original in zip(pil, raw, strict=True):
+        got = np.asarray(got)
+        np.testing.assert_array_equal(got, _decoded_jpeg(original, 80))
+        assert not np.array_equal(got, original) and not np.array_equal(got, _decoded_jpeg(original, 95))
+
+
+def test_default_alignment_request_is_unchanged(monkeypatch):
+    x = images(3, size=32)
+    _, generate, pil, texts, references = alignment_request(monkeypatch, "llava_bertscore", x)
+    assert texts == ["USER: <image>\nAnswer concisely: what is going on in this image? ASSISTANT:"] * 3
+    assert references == [f"The image contains {p}" for p in PROMPTS]
+    assert generate["max_new_tokens"] == 32
+    for got, original in zip(pil, to_uint8(x), strict=True):  # the sampled pixels, 8-bit, untouched
+        np.testing.assert_array_equal(np.asarray(got), original)
+    with pytest.raises(ConfigError, match=r"reward\.image_transport=webp"):
+        llava.VlmQuery(image_transport="webp")
+
+
+def test_paper_preset_yaml_comments_every_field():
+    lines = (CONF / "llava_bertscore_paper.yaml").read_text().splitlines()
+    fields = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith(("#", "-", "defaults:"))]
+    assert fields and all("  # " in ln for ln in fields), [ln for ln in fields if "  # " not in ln]

@@ -10,14 +10,14 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 
-from rlcm_exp.sample import sample
+from rlcm_exp.evaluation.sampling import sample_images
 
 from .test_cli import CONF, SMALL, run_in_process
 
 
 def run_sample(overrides: list[str]) -> list[dict]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return sample(compose("sample", overrides=overrides))
+        return sample_images(compose("sample", overrides=overrides))
 
 
 def test_sample_writes_pngs_and_json_and_loads_the_lora(tiny_cache, tmp_path: Path) -> None:

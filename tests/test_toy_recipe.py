@@ -9,12 +9,12 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from rlcm_exp.toy import data, recipe
+from rlcm_exp.toy import captions, data, runner
 
 
 def test_tiny_recipe_saves_loadable_pipelines(tmp_path) -> None:  # noqa: ANN001
-    record = recipe.run(tmp_path, seed=0, schedule="tiny", caption_noise=0.2)
-    assert record["recipe_version"] == recipe.RECIPE_VERSION and record["caption_noise"] == 0.2
+    record = runner.run(tmp_path, seed=0, schedule="tiny", caption_noise=0.2)
+    assert record["recipe_version"] == runner.RECIPE_VERSION and record["caption_noise"] == 0.2
     saved = json.loads((tmp_path / "recipe.json").read_text())
     assert saved["schedule"] == "tiny" and "quality" in saved["wall_clock_s"]
     quality = json.loads((tmp_path / "quality.json").read_text())
@@ -38,15 +38,15 @@ def test_tiny_recipe_saves_loadable_pipelines(tmp_path) -> None:  # noqa: ANN001
 
 def test_caption_noise_redraws_attributes_and_never_trains_a_held_out_caption() -> None:
     train = data.train_prompts()
-    attrs = recipe.caption_attributes([train[i % len(train)] for i in range(4000)])
+    attrs = captions.caption_attributes([train[i % len(train)] for i in range(4000)])
     true = torch.tensor([i % len(train) + 1 for i in range(4000)])  # index into [""] + train
-    assert torch.equal(recipe.noisy_caption_index(attrs, 0.0, torch.Generator().manual_seed(0)), true)
+    assert torch.equal(captions.noisy_caption_index(attrs, 0.0, torch.Generator().manual_seed(0)), true)
 
-    idx = recipe.noisy_caption_index(attrs, 0.3, torch.Generator().manual_seed(0))
-    again = recipe.noisy_caption_index(attrs, 0.3, torch.Generator().manual_seed(0))
+    idx = captions.noisy_caption_index(attrs, 0.3, torch.Generator().manual_seed(0))
+    again = captions.noisy_caption_index(attrs, 0.3, torch.Generator().manual_seed(0))
     assert torch.equal(idx, again)  # reproducible from the generator
     assert int(idx.min()) >= 1 and int(idx.max()) <= len(train)  # a training caption, never "" or held out
-    got = recipe.caption_attributes([train[i - 1] for i in idx.tolist()])
+    got = captions.caption_attributes([train[i - 1] for i in idx.tolist()])
     changed = (got != attrs).float().mean(0)  # per attribute: re-drawn to another value, not rejected
     # q * (n - 1) / n before the rejections of held-out and same-colour compositions: colour and
     # background ~0.25, shape ~0.2; rejections pull these down a little, never to zero
@@ -56,4 +56,4 @@ def test_caption_noise_redraws_attributes_and_never_trains_a_held_out_caption() 
 
 def test_recipe_refuses_a_caption_noise_outside_0_1(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="caption_noise"):
-        recipe.run(tmp_path, schedule="tiny", caption_noise=1.0)
+        runner.run(tmp_path, schedule="tiny", caption_noise=1.0)

@@ -111,7 +111,7 @@ def test_logger_none_touches_no_wandb(tiny_cache, tmp_path) -> None:
     script = textwrap.dedent(f"""
         import sys
         from hydra import compose, initialize_config_dir
-        from rlcm_exp.__main__ import train
+        from rlcm_exp.training.build import train
         with initialize_config_dir(config_dir={str(CONF)!r}, version_base="1.3"):
             cfg = compose("config", overrides={[*SMALL, "train.epochs=1", "logger=none"]!r})
         train(cfg, __import__("pathlib").Path({str(run_dir)!r}))

@@ -20,11 +20,20 @@ ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
 UNSEEN = ["bike", "fridge", "waterfall", "tractor"]  # the paper's generalisation prompts
 
 
+IMAGENET_ANIMALS_FILE = Path(__file__).parent / "assets" / "imagenet_animals.txt"
+
+
 def imagenet_animals() -> list[str]:
-    """ImageNet-1k classes 0..397 (the animals), first synonym of each; names ship with torchvision."""
+    """ImageNet-1k classes 0..397 (the animals) with their full WordNet synonym strings ("tench, Tinca
+    tinca"), as the reference code (ddpo-pytorch's imagenet_classes.txt) prompts them."""
+    return IMAGENET_ANIMALS_FILE.read_text().splitlines()
+
+
+def imagenet_animals_short() -> list[str]:
+    """The same classes by their first synonym only ("tench"), as torchvision names them."""
     from torchvision.models import ResNet50_Weights
 
-    return [name for name in ResNet50_Weights.IMAGENET1K_V1.meta["categories"][:398]]
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"][:398])
 
 
 def simple_animals() -> list[str]:
@@ -58,6 +67,7 @@ def toy_heldout() -> list[str]:
 
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "imagenet_animals": imagenet_animals,
+    "imagenet_animals_short": imagenet_animals_short,
     "simple_animals": simple_animals,
     "animal_activities": animal_activities,
     "unseen": unseen,

@@ -2,72 +2,24 @@
 
 Writes one PNG per image and samples.json (prompt, seed, steps, sampler, checkpoint per image).
 Each image has its own seeded generator, so an image does not depend on the batch it was drawn in.
+An `out` folder that already holds samples is refused unless overwrite=true, which replaces only
+that earlier run's samples.json and the PNGs it lists. Exit codes: 0 written, 2 bad config or input.
+conf/sample.yaml lists the options; the library is `rlcm_exp.evaluation.sampling`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import hydra
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torchvision.utils import save_image
 
-from rlcm_exp.__main__ import CONF_DIR, find_config_error
-from rlcm_exp.checkpoint import resolve_lora_folder
-
-
-def sample(cfg: DictConfig) -> list[dict]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
-    family = instantiate(cfg.model)
-    policy = instantiate(cfg.sampler, _partial_=True)(family=family, device=device)
-    checkpoint = None
-    if cfg.checkpoint:
-        checkpoint = resolve_lora_folder(cfg.checkpoint)
-        policy.unet.load_lora_adapter(
-            str(checkpoint), prefix="unet", weight_name="pytorch_lora_weights.safetensors"
-        )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (p, cfg.seed + i) for i, p in enumerate(p for p in cfg.prompts for _ in range(cfg.images_per_prompt))
-    ]
-    records: list[dict] = []
-    for start in range(0, len(jobs), cfg.batch_size):
-        chunk = jobs[start : start + cfg.batch_size]
-        generators = [torch.Generator(device).manual_seed(seed) for _, seed in chunk]
-        images = policy.sample([p for p, _ in chunk], generators).images
-        for (prompt, seed), image in zip(chunk, images, strict=True):
-            name = f"{len(records):04d}.png"
-            save_image(image, out / name)
-            records.append(
-                {
-                    "file": name,
-                    "prompt": prompt,
-                    "seed": seed,
-                    "steps": policy.num_steps,
-                    "sampler": type(policy).__name__,
-                    "checkpoint": str(checkpoint) if checkpoint else None,
-                }
-            )
-    (out / "samples.json").write_text(json.dumps(records, indent=1))
-    print(f"wrote {len(records)} images to {out}")
-    return records
+from rlcm_exp.configs import HYDRA_CONFIG_PATH
+from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.evaluation.sampling import sample_images
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+@hydra.main(version_base="1.3", config_path=HYDRA_CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        print(f"error: {config_error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_config_error(lambda: sample_images(cfg))
 
 
 if __name__ == "__main__":

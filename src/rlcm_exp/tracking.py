@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -14,9 +15,13 @@ import numpy as np
 import torch
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards.base import to_uint8
 
 
 class Logger(Protocol):
+    """What the trainer logs to (logger=none | wandb); metrics.jsonl is written besides, always."""
+
+    def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> Logger: ...
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
     def log_images(self, key: str, images: torch.Tensor, captions: list[str], step: int) -> None: ...
     def finish(self) -> None: ...
@@ -69,8 +74,8 @@ def resolve_wandb_mode(mode: str, environ: Mapping[str, str] | None = None) -> s
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) floats in [0, 1] -> (H, W, C) uint8. wandb.Image casts floats with astype(uint8),
-    which turns a [0, 1] image black, so the conversion is done here."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    which turns a [0, 1] image black, so the conversion is done here (the project's one conversion)."""
+    return to_uint8(image)
 
 
 class WandbLogger:
@@ -191,5 +196,15 @@ class MetricsFile:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn line (a kill mid-write leaves the last one half
+    written) is dropped with a warning, so a resume rewrites it whole."""
+    records = []
     with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}: line {number} is torn (a write was interrupted); dropped", stacklevel=2)
+    return records

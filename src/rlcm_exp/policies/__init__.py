@@ -1,8 +1,7 @@
 """Samplers as Gaussian policies: one file per sampler (lcm.py, ddim.py), no shared base class.
 
-Both expose the same duck-typed surface used by the trainer:
-  num_transitions: int                      trained transitions per trajectory (T)
-  unet: torch.nn.Module                     the module that carries the LoRA parameters
-  sample(prompts, generator) -> Trajectory  a batch of rollouts, no grad
-  log_prob(latents, next_latents, step_index, prompt_embeds) -> (B,) log pi_theta, with grad
+base.py declares the interface (`Policy`, a Protocol) that the trainer, the evaluation and the
+benchmarks use; _sd.py holds what both samplers share (prompt encoding, random draws, decoding);
+members.py says which model-family member a sampler config drives; trajectory.py is the rollout
+record.
 """

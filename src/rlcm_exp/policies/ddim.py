@@ -5,9 +5,12 @@ H=50: 981, 961, ..., 1). One (classifier-free guided) UNet call eps_theta at t_k
     x_{t_prev} ~ N( sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma_t^2) * eps_theta,  sigma_t^2 I ),
     x0_hat = (x_t - sqrt(1 - abar_t) * eps_theta) / sqrt(abar_t),
     sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)),
-with t_prev = t - num_train // H and abar_prev := the scheduler's final_alpha_cumprod when t_prev < 0
-(DDIM eq. 12 and 16, as diffusers' DDIMScheduler.step computes it without clipping). Only the mean
-depends on theta. Every step is stochastic, so all H transitions are trained; the image decodes the
+with t_prev = t - num_train // H (DDIM eq. 12 and 16, as diffusers' DDIMScheduler.step computes it
+without clipping). Past the end of the chain (the last step, t_prev < 0) abar_prev := abar_0 =
+alphas_cumprod[0], as DDPO (ddpo-pytorch's ddim_step_with_logprob clamps t_prev to 0) and trl do.
+diffusers uses the scheduler's final_alpha_cumprod there, which equals abar_0 when
+set_alpha_to_one=False (SD's configs) but is 1 when it is True: then sigma of the last step is 0 and
+its log-probability undefined. Only the mean depends on theta. Every step is stochastic, so all H transitions are trained; the image decodes the
 last action x_{t_H prev} itself. eta = 0 is plain DDIM: deterministic, no density, not trainable.
 
 Classifier-free guidance doubles the batch: eps = eps_u + g * (eps_c - eps_u) with eps_u the UNet's
@@ -19,15 +22,16 @@ action was drawn from, so the first ratio is not 1 (unless guidance_scale <= 1, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.policies import _sd
+from rlcm_exp.policies.base import Generators, UNetInputs
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 
@@ -52,22 +56,24 @@ class DDIMCoefficients:
 def ddim_coefficients(
     alphas_cumprod: torch.Tensor,
     timesteps: torch.Tensor,
-    final_alpha_cumprod: float | torch.Tensor,
+    final_alpha_cumprod: float | torch.Tensor | None,
     eta: float,
 ) -> DDIMCoefficients:
     """The schedule constants of every step, for a scheduler with num_train = len(alphas_cumprod).
 
-    Computed in float64 and rounded once to float32, so they agree with diffusers' float32
-    arithmetic to an ulp.
+    `final_alpha_cumprod` is abar_prev past the end of the chain: None means alphas_cumprod[0], the
+    rule of DDPO and trl (what DDIMPolicy uses); a scheduler's `final_alpha_cumprod` gives diffusers'
+    DDIMScheduler.step. Computed in float64 and rounded once to float32, so they agree with diffusers'
+    float32 arithmetic to an ulp.
     """
     abar = alphas_cumprod.double()
     t = timesteps.long()
     # 1. t_prev = t - num_train // H: diffusers' rule for every timestep spacing (with "leading"
     #    spacing t_prev is exactly the next timestep; the last step has t_prev < 0)
     t_prev = t - len(abar) // len(t)
-    # 2. abar_t, and abar_prev := final_alpha_cumprod past the end of the chain
+    # 2. abar_t, and abar_prev := final_alpha_cumprod (default abar_0) past the end of the chain
     abar_t = abar[t]
-    final = torch.as_tensor(final_alpha_cumprod, dtype=torch.float64)
+    final = abar[0] if final_alpha_cumprod is None else torch.as_tensor(final_alpha_cumprod, dtype=abar.dtype)
     abar_prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], final)
     # 3. sigma_t = eta * sqrt(DDIM posterior variance)  (DDIM eq. 16)
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
@@ -109,14 +115,33 @@ def ddim_mean(
     return sqrt_abar_prev * x0_hat + to_x_t
 
 
+@dataclass
+class _DDIMStep:
+    """One step of a rollout: the state, the action, the action's mean and std, and the step's
+    predicted clean latent x0_hat."""
+
+    x: torch.Tensor
+    x_prev: torch.Tensor
+    mean: torch.Tensor
+    sigma: torch.Tensor
+    x0_hat: torch.Tensor
+
+
 class DDIMPolicy:
+    """DDIM (eta > 0) sampling as a `rlcm_exp.policies.base.Policy` over the family's "diffusion" member.
+
+    The public members implement that Protocol, so their signatures match it and LCMPolicy's
+    (lcm.py) on purpose; the constructor's module arguments are `_sd.pipeline_modules`."""
+
+    member = "diffusion"  # the model family's member this policy drives
+
     def __init__(
         self,
-        unet: torch.nn.Module,
-        vae: torch.nn.Module,
-        text_encoder: torch.nn.Module,
-        tokenizer,
-        scheduler,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
         num_steps: int,
         eta: float,
         guidance_scale: float,
@@ -134,42 +159,30 @@ class DDIMPolicy:
         # checkpoint ships (often PNDM) for DDIM the same way, and set_timesteps below must not
         # mutate a scheduler the pipeline still owns.
         sched = DDIMScheduler.from_config(scheduler.config)
-        cfg = sched.config
-        for key, bad in (("clip_sample", cfg.clip_sample), ("thresholding", cfg.thresholding)):
-            if bad:
-                raise ConfigError(
-                    f"the diffusion member's scheduler config has {key}=True: the DDIM policy's mean must be "
-                    f"smooth in eps, so {key} must be False (set {key}: false in its scheduler_config.json)"
-                )
-        if cfg.prediction_type != "epsilon":
-            raise ConfigError(
-                f"the diffusion member's scheduler config has prediction_type={cfg.prediction_type!r}: the DDIM "
-                "policy supports an epsilon-predicting UNet only"
-            )
-        if num_steps > cfg.num_train_timesteps:
-            raise ConfigError(
-                f"sampler.num_steps={num_steps} exceeds the model's num_train_timesteps={cfg.num_train_timesteps}"
-            )
+        _check_scheduler(sched.config, num_steps)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = sched
         self.num_steps = num_steps
         self.eta = float(eta)
         self.guidance_scale = float(guidance_scale)
         self.train_cfg = train_cfg
+        self.latent_channels = int(unet.config.in_channels)
+        self.vae_scale = _sd.vae_scale_factor(vae)
+        _sd.check_resolution(resolution, self.vae_scale)
         self.resolution = resolution
-        # diffusers' ModelMixin (a torch.nn.Module) carries its config; typed loosely here
-        self._vae_config: Any = cast(Any, vae).config
-        self.latent_channels = int(cast(Any, unet).config.in_channels)
-        self.vae_scale = 2 ** (len(self._vae_config.block_out_channels) - 1)
-        if resolution % self.vae_scale:
-            raise ConfigError(
-                f"sampler.resolution={resolution} is not a multiple of the VAE's factor {self.vae_scale}"
-            )
         self.init_noise_sigma = float(sched.init_noise_sigma)
 
         sched.set_timesteps(num_steps)
         self.timesteps = sched.timesteps.detach().cpu().long().clone()
-        self._coefs = ddim_coefficients(sched.alphas_cumprod, self.timesteps, sched.final_alpha_cumprod, eta)
+        # abar_prev past the end of the chain: alphas_cumprod[0] (DDPO, trl), not final_alpha_cumprod
+        self._coefs = ddim_coefficients(sched.alphas_cumprod, self.timesteps, None, eta)
+        if bool((self._coefs.sigma <= 0).any()):
+            k = int((self._coefs.sigma <= 0).nonzero()[0])
+            raise ConfigError(
+                f"sampler.num_steps={num_steps}: DDIM step {k} (t={int(self.timesteps[k])}) has no noise "
+                "(abar_prev = abar_t), so its log-probability is undefined. The diffusion member's scheduler "
+                "needs steps_offset >= 1 (Stable Diffusion's configs have steps_offset=1)."
+            )
         self._table = self._coefs.stacked()  # (5, H) float32, CPU
         # device copies of the table and timesteps, moved once per device rather than once per step
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -193,20 +206,12 @@ class DDIMPolicy:
         """Std sigma_t of each trained transition, (T,)."""
         return self._coefs.sigma.clone()
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder states, tokenised exactly as StableDiffusionPipeline.encode_prompt does."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return _sd.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return _sd.decode(self.vae, latents)
 
     def _uncond_embeds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
@@ -219,75 +224,84 @@ class DDIMPolicy:
             self._on_device[device] = (self._table.to(device), self.timesteps.to(device))
         return self._on_device[device]
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, cfg: bool) -> torch.Tensor:
-        """eps_theta(x, t) in float32; t is (B,). With cfg, one doubled batch (uncond first, as diffusers)."""
-        x_in = x.to(prompt_embeds.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
-        if not cfg:
-            return self.unet(x_in, t, encoder_hidden_states=prompt_embeds).sample.float()
+    def _guided(self, training: bool) -> bool:
+        """Whether this UNet call uses classifier-free guidance: when sampling, whenever the pipeline
+        would (guidance_scale > 1); when recomputing log-probs, only with `train_cfg` too."""
+        return self.use_cfg and (self.train_cfg or not training)
+
+    def unet_inputs(
+        self,
+        latents: torch.Tensor,
+        step_index: torch.Tensor | int,
+        prompt_embeds: torch.Tensor,
+        training: bool,
+    ) -> UNetInputs:
+        """(x, t, kwargs) of the UNet call at step k. With guidance, one doubled batch: the empty
+        prompt's half first, as diffusers orders it."""
+        device = latents.device
+        step = _sd.step_indices(step_index, latents.shape[0], device)
+        t = self._tables(device)[1][step]
+        x = latents.to(prompt_embeds.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
+        if not self._guided(training):
+            return x, t, {"encoder_hidden_states": prompt_embeds}
         uncond = self._uncond_embeds(prompt_embeds.device, prompt_embeds.dtype).expand(x.shape[0], -1, -1)
-        eps = self.unet(
-            torch.cat([x_in, x_in]),
+        return (
+            torch.cat([x, x]),
             torch.cat([t, t]),
-            encoder_hidden_states=torch.cat([uncond, prompt_embeds]),
-        ).sample.float()
+            {"encoder_hidden_states": torch.cat([uncond, prompt_embeds])},
+        )
+
+    def _eps(
+        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
+    ) -> torch.Tensor:
+        """eps_theta(x_t, t_k) in float32, guided as `unet_inputs` decides: eps_u + g * (eps_c - eps_u)."""
+        x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
+        eps = self.unet(x, t, **kwargs).sample.float()
+        if not self._guided(training):
+            return eps
         eps_u, eps_c = eps.chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
-    def _mean(
-        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, cfg: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy mean (float32) and std (B, 1, 1, 1) at per-sample step indices (B,) on x_t's device."""
-        table, timesteps = self._tables(x_t.device)
-        # one gather for all constants: (5, B) -> five (B, 1, 1, 1) tensors, no host round trip
-        sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = table[:, step_index].view(5, -1, 1, 1, 1)
-        eps = self._eps(x_t, timesteps[step_index], prompt_embeds, cfg)
-        return ddim_mean(eps, x_t.float(), sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction), sigma
+    def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(5, B, 1, 1, 1) schedule constants at per-sample steps, rows as DDIMCoefficients' fields:
+        one gather on the device, no host round trip."""
+        return self._tables(device)[0][:, step_index.to(device)].view(5, -1, 1, 1, 1)
 
-    @torch.no_grad()
-    def sample(
-        self, prompts: list[str], generator: torch.Generator | None, progress: bool = False
-    ) -> Trajectory:
-        """Roll out H DDIM steps for a batch of prompts; records all H transitions.
-
-        Random draws follow StableDiffusionPipeline + DDIMScheduler.step(eta, generator): x_T first,
-        then one latent-shaped normal per step, all from `generator` in the pipeline's dtype, so
-        the same seed gives the pipeline's image. The state is kept in float32 whatever the model
-        dtype, so the recorded actions are exact.
-        """
-        embeds = self.encode_prompts(prompts)
-        batch, device = len(prompts), self.device
-        side = self.resolution // self.vae_scale
-        shape = (batch, self.latent_channels, side, side)
-        x = (
-            randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-            * self.init_noise_sigma
-        )
-        x = x.float()
-        latents, next_latents, log_probs = [], [], []
-        for k in tqdm(range(self.num_steps), desc="ddim steps", leave=False, disable=not progress):
+    def _rollout(self, embeds: torch.Tensor, generator: Generators) -> Iterator[_DDIMStep]:
+        """The H steps of one rollout, lazily. Random draws follow StableDiffusionPipeline +
+        DDIMScheduler.step(eta, generator): x_T first, then one latent-shaped normal per step, all
+        from `generator` in the pipeline's dtype, so the same seed gives the pipeline's image. The
+        state is kept in float32 whatever the model dtype, so the recorded actions are exact."""
+        batch, device = embeds.shape[0], self.device
+        shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
+        x = _sd.initial_latents(shape, generator, device, embeds.dtype, self.init_noise_sigma)
+        for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
-            mean, sigma = self._mean(x, step, embeds, self.use_cfg)
-            # DDIMScheduler.step's draw: model_output's shape and dtype, the pipeline's generator
-            z = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-            x_prev = mean + sigma * z.float()  # the action
-            latents.append(x)
-            next_latents.append(x_prev)
-            log_probs.append(gaussian_log_prob(x_prev, mean, sigma))
+            sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step, device)
+            eps = self._eps(x, step, embeds, training=False)
+            mean = ddim_mean(eps, x, sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction)
+            x_prev = mean + sigma * _sd.step_noise(shape, generator, device, embeds.dtype)  # the action
+            yield _DDIMStep(x, x_prev, mean, sigma, (x - sqrt_1m_abar * eps) / sqrt_abar)
             x = x_prev
-        return Trajectory(
-            prompts=list(prompts),
-            prompt_embeds=embeds,
-            latents=torch.stack(latents, dim=1),
-            next_latents=torch.stack(next_latents, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            images=self.decode(x),
-        )
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        image = cast(Any, self.vae).decode((latents / self._vae_config.scaling_factor).to(dtype)).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+    def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
+        """Roll out H DDIM steps for a batch of prompts; records all H transitions. The image decodes
+        the last action itself."""
+        embeds = self.encode_prompts(prompts)
+        transitions = [
+            (step.x, step.x_prev, gaussian_log_prob(step.x_prev, step.mean, step.sigma))
+            for step in self._rollout(embeds, generator)
+        ]
+        return Trajectory.from_steps(prompts, embeds, transitions, self.decode(transitions[-1][1]))
+
+    @torch.no_grad()
+    def estimates(self, prompts: list[str], generator: Generators) -> Iterator[torch.Tensor]:
+        """After each DDIM step, that step's predicted x0_hat; after the last step, the final sample
+        itself (what `sample` decodes)."""
+        embeds = self.encode_prompts(prompts)
+        for k, step in enumerate(self._rollout(embeds, generator)):
+            yield step.x_prev if k == self.num_steps - 1 else step.x0_hat
 
     def log_prob(
         self,
@@ -301,12 +315,33 @@ class DDIMPolicy:
         CFG (one doubled batch) is applied when sampling used it and `train_cfg` is set.
         """
         step_index = step_index.to(device=latents.device, dtype=torch.long)
-        mean, sigma = self._mean(latents, step_index, prompt_embeds, self.use_cfg and self.train_cfg)
+        sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step_index, latents.device)
+        eps = self._eps(latents, step_index, prompt_embeds, training=True)
+        mean = ddim_mean(eps, latents.float(), sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction)
         return gaussian_log_prob(next_latents, mean, sigma)
 
 
+def _check_scheduler(cfg: Any, num_steps: int) -> None:
+    """Refuse scheduler settings the policy's Gaussian transition does not model."""
+    for key, bad in (("clip_sample", cfg.clip_sample), ("thresholding", cfg.thresholding)):
+        if bad:
+            raise ConfigError(
+                f"the diffusion member's scheduler config has {key}=True: the DDIM policy's mean must be "
+                f"smooth in eps, so {key} must be False (set {key}: false in its scheduler_config.json)"
+            )
+    if cfg.prediction_type != "epsilon":
+        raise ConfigError(
+            f"the diffusion member's scheduler config has prediction_type={cfg.prediction_type!r}: the DDIM "
+            "policy supports an epsilon-predicting UNet only"
+        )
+    if num_steps > cfg.num_train_timesteps:
+        raise ConfigError(
+            f"sampler.num_steps={num_steps} exceeds the model's num_train_timesteps={cfg.num_train_timesteps}"
+        )
+
+
 def build_ddim_policy(
-    family,
+    family: Any,
     num_steps: int = 50,
     eta: float = 1.0,
     guidance_scale: float = 5.0,
@@ -315,16 +350,13 @@ def build_ddim_policy(
     device: torch.device | str = "cpu",
 ) -> DDIMPolicy:
     """Load the family's diffusion member and wrap it as a DDIM policy. `resolution=None` uses the member's own."""
-    pipe = family.load("diffusion", device)
-    return DDIMPolicy(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
+    return _sd.from_family(
+        DDIMPolicy,
+        family,
+        device,
+        resolution,
         num_steps=num_steps,
         eta=eta,
         guidance_scale=guidance_scale,
         train_cfg=train_cfg,
-        resolution=resolution or family.member("diffusion").resolution,
     )

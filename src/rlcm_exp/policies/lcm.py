@@ -11,13 +11,15 @@ H transitions; that extra term has zero expected gradient, since the image decod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.policies import _sd
+from rlcm_exp.policies.base import Generators, UNetInputs
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 
@@ -68,7 +70,26 @@ def lcm_timesteps(
     raise ConfigError(f"sampler.timestep_schedule={schedule!r} is not one of ['skip', 'linspace']")
 
 
+@dataclass
+class _LCMStep:
+    """One step of a rollout: the state, the action (None for the deterministic final call), the
+    action's mean and std, and the call's denoised estimate f_theta(x_t, t)."""
+
+    x: torch.Tensor
+    x_next: torch.Tensor | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    denoised: torch.Tensor
+
+
 class LCMPolicy:
+    """Multistep LCM sampling as a `rlcm_exp.policies.base.Policy` over the family's "lcm" member.
+
+    The public members implement that Protocol, so their signatures match it and DDIMPolicy's
+    (ddim.py) on purpose; the constructor's module arguments are `_sd.pipeline_modules`."""
+
+    member = "lcm"  # the model family's member this policy drives
+
     def __init__(
         self,
         unet: Any,
@@ -105,12 +126,12 @@ class LCMPolicy:
         self.guidance_scale = guidance_scale
         self.noisy_final_step = noisy_final_step
         self.timestep_schedule = timestep_schedule
+        self.latent_channels = int(unet.config.in_channels)
+        # read once: a DDP-wrapped unet has no .config
+        self.time_cond_proj_dim = int(unet.config.time_cond_proj_dim)
+        self.vae_scale = _sd.vae_scale_factor(vae)
+        _sd.check_resolution(resolution, self.vae_scale)
         self.resolution = resolution
-        self.latent_channels = unet.config.in_channels
-        self.time_cond_proj_dim = (
-            unet.config.time_cond_proj_dim
-        )  # read once: a DDP-wrapped unet has no .config
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
 
         t = lcm_timesteps(num_steps, cfg.original_inference_steps, cfg.num_train_timesteps, timestep_schedule)
@@ -136,6 +157,7 @@ class LCMPolicy:
         )
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._timesteps: dict[torch.device, torch.Tensor] = {}
+        self._w_embeddings: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
     def num_transitions(self) -> int:
@@ -149,21 +171,25 @@ class LCMPolicy:
         """Std of each trained transition, (T,)."""
         return self._table_cpu[5, : self.num_transitions].clone()
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return _sd.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
 
-    def _w_embedding(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        w = torch.full((batch,), self.guidance_scale - 1.0)
-        emb = guidance_embedding(w, self.time_cond_proj_dim)
-        return emb.to(device=self.device, dtype=dtype)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return _sd.decode(self.vae, latents)
+
+    def _w_embedding(
+        self, batch: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """The guidance embedding of w = guidance_scale - 1 for a batch: the UNet's timestep_cond.
+        Computed once per (batch, dtype, device): it is constant, and a fresh one per step would be a
+        host-to-device copy per UNet call."""
+        device = self.device if device is None else device
+        key = (batch, dtype, device)
+        if key not in self._w_embeddings:
+            w = torch.full((batch,), self.guidance_scale - 1.0)
+            emb = guidance_embedding(w, self.time_cond_proj_dim)
+            self._w_embeddings[key] = emb.to(device=device, dtype=dtype)
+        return self._w_embeddings[key]
 
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Schedule constants at per-sample steps k: (6, B, 1, 1, 1), rows as in `_table_cpu`."""
@@ -172,8 +198,34 @@ class LCMPolicy:
             table = self._tables[device] = self._table_cpu.to(device)
         return table[:, step_index.to(device)].view(6, -1, 1, 1, 1)
 
+    def _timesteps_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._timesteps.get(device)
+        if cached is None:
+            cached = self._timesteps[device] = self.timesteps.to(device)
+        return cached
+
+    def unet_inputs(
+        self,
+        latents: torch.Tensor,
+        step_index: torch.Tensor | int,
+        prompt_embeds: torch.Tensor,
+        training: bool,
+    ) -> UNetInputs:
+        """(x, t, kwargs) of the UNet call at step k: the guidance enters as `timestep_cond`, so there
+        is no batch doubling and sampling and training (`training` is ignored) make the same call."""
+        batch, device = latents.shape[0], latents.device
+        step = _sd.step_indices(step_index, batch, device)
+        t = self._timesteps_on(device)[step]
+        w_emb = self._w_embedding(batch, prompt_embeds.dtype, device)
+        # the UNet runs in the text encoder's dtype; the state itself stays float32 (see `_mean`)
+        return (
+            latents.to(prompt_embeds.dtype),
+            t,
+            {"encoder_hidden_states": prompt_embeds, "timestep_cond": w_emb},
+        )
+
     def _mean(
-        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, w_emb: torch.Tensor
+        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Policy mean sqrt(abar_next) * f_theta(x_t, t), the denoised estimate f_theta, and the std.
 
@@ -181,61 +233,48 @@ class LCMPolicy:
         and recomputed log-probs see the same numbers under fp16/bf16.
         """
         c = self._consts(step_index, x_t.device)
-        t = self._timesteps_on(x_t.device)[step_index.to(x_t.device)]
-        eps = self.unet(
-            x_t.to(prompt_embeds.dtype), t, encoder_hidden_states=prompt_embeds, timestep_cond=w_emb
-        ).sample.float()
+        x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
+        eps = self.unet(x, t, **kwargs).sample.float()
         denoised = lcm_denoise(eps, x_t, c[0], c[1], c[2], c[3])
         # 3. mean of the action: sqrt(abar_next) * denoised  (std sqrt(1 - abar_next) is fixed)
         return c[4] * denoised, denoised, c[5]
 
-    def _timesteps_on(self, device: torch.device) -> torch.Tensor:
-        cached = self._timesteps.get(device)
-        if cached is None:
-            cached = self._timesteps[device] = self.timesteps.to(device)
-        return cached
-
-    @torch.no_grad()
-    def sample(
-        self, prompts: list[str], generator: torch.Generator | None, progress: bool = False
-    ) -> Trajectory:
-        """Roll out H steps for a batch of prompts; records every trained transition."""
-        embeds = self.encode_prompts(prompts)
-        batch, device = len(prompts), self.device
-        side = self.resolution // self.vae_scale
-        shape = (batch, self.latent_channels, side, side)
-        x = (
-            randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype).float()
-            * self.init_noise_sigma
-        )
-        w_emb = self._w_embedding(batch, embeds.dtype)
-        latents, next_latents, log_probs = [], [], []
-        denoised = x
-        for k in tqdm(range(self.num_steps), desc="lcm steps", leave=False, disable=not progress):
+    def _rollout(self, embeds: torch.Tensor, generator: Generators) -> Iterator[_LCMStep]:
+        """The H steps of one rollout, lazily. Random draws as LatentConsistencyModelPipeline makes
+        them: x_T, then one latent-shaped normal per noised transition, all from `generator`."""
+        batch, device = embeds.shape[0], self.device
+        shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
+        x = _sd.initial_latents(shape, generator, device, embeds.dtype, self.init_noise_sigma)
+        for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
-            mean, denoised, std = self._mean(x, step, embeds, w_emb)
+            mean, denoised, std = self._mean(x, step, embeds, training=False)
             if k == self.num_steps - 1 and not self.noisy_final_step:
-                break  # deterministic final call: the image is decode(denoised)
-            z = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype).float()
-            x_next = mean + std * z  # the action
-            latents.append(x)
-            next_latents.append(x_next)
-            log_probs.append(gaussian_log_prob(x_next, mean, std))
+                yield _LCMStep(x, None, mean, std, denoised)  # deterministic final call
+                return
+            x_next = mean + std * _sd.step_noise(shape, generator, device, embeds.dtype)  # the action
+            yield _LCMStep(x, x_next, mean, std, denoised)
             x = x_next
-        return Trajectory(
-            prompts=list(prompts),
-            prompt_embeds=embeds,
-            latents=torch.stack(latents, dim=1),
-            next_latents=torch.stack(next_latents, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            images=self.decode(denoised),
-        )
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype)).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+    def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
+        """Roll out H steps for a batch of prompts; records every trained transition. The image
+        decodes the last call's denoised estimate."""
+        embeds = self.encode_prompts(prompts)
+        transitions, final = [], None
+        for step in self._rollout(embeds, generator):
+            if step.x_next is not None:
+                transitions.append((step.x, step.x_next, gaussian_log_prob(step.x_next, step.mean, step.std)))
+            final = step.denoised
+        assert final is not None
+        return Trajectory.from_steps(prompts, embeds, transitions, self.decode(final))
+
+    @torch.no_grad()
+    def estimates(self, prompts: list[str], generator: Generators) -> Iterator[torch.Tensor]:
+        """After each UNet call, the LCM's current estimate of the clean latent: that call's `denoised`
+        (the last one is what `sample` decodes)."""
+        embeds = self.encode_prompts(prompts)
+        for step in self._rollout(embeds, generator):
+            yield step.denoised
 
     def log_prob(
         self,
@@ -245,13 +284,12 @@ class LCMPolicy:
         prompt_embeds: torch.Tensor,
     ) -> torch.Tensor:
         """log pi_theta(next | latents) at per-sample transition indices (B,), with grad; (B,) float32."""
-        w_emb = self._w_embedding(latents.shape[0], prompt_embeds.dtype)
-        mean, _, std = self._mean(latents.float(), step_index, prompt_embeds, w_emb)
+        mean, _, std = self._mean(latents.float(), step_index, prompt_embeds, training=True)
         return gaussian_log_prob(next_latents, mean, std)
 
 
 def build_lcm_policy(
-    family,
+    family: Any,
     num_steps: int = 8,
     guidance_scale: float = 8.0,
     noisy_final_step: bool = False,
@@ -260,16 +298,13 @@ def build_lcm_policy(
     device: torch.device | str = "cpu",
 ) -> LCMPolicy:
     """Load the family's LCM member and wrap it as a policy. `resolution=None` uses the member's own."""
-    pipe = family.load("lcm", device)
-    return LCMPolicy(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
+    return _sd.from_family(
+        LCMPolicy,
+        family,
+        device,
+        resolution,
         num_steps=num_steps,
         guidance_scale=guidance_scale,
         noisy_final_step=noisy_final_step,
-        resolution=resolution or family.member("lcm").resolution,
         timestep_schedule=timestep_schedule,
     )

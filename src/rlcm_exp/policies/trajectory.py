@@ -20,6 +20,24 @@ class Trajectory:
         return len(self.prompts)
 
     @staticmethod
+    def from_steps(
+        prompts: list[str],
+        prompt_embeds: torch.Tensor,
+        steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        images: torch.Tensor,
+    ) -> Trajectory:
+        """A rollout from its trained transitions in order, each (state, action, log-prob)."""
+        latents, next_latents, log_probs = zip(*steps, strict=True)
+        return Trajectory(
+            prompts=list(prompts),
+            prompt_embeds=prompt_embeds,
+            latents=torch.stack(latents, dim=1),
+            next_latents=torch.stack(next_latents, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            images=images,
+        )
+
+    @staticmethod
     def cat(parts: list[Trajectory]) -> Trajectory:
         return Trajectory(
             prompts=[p for t in parts for p in t.prompts],

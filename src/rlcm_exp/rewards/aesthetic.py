@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.clip import ClipEmbedder, check_images, describe_source, load_clip_embedder
+from rlcm_exp.rewards.base import check_images, score_in_chunks
+from rlcm_exp.rewards.clip import ClipEmbedder, load_clip_embedder
+from rlcm_exp.rewards.hub import describe_source, existing_path
 
 # LAION's repository pinned at a commit, so the URL cannot move to another file under us
 LAION_HEAD_URL = (
@@ -106,12 +108,11 @@ def fetch_head_weights(
     and renamed into place, so processes fetching at once never see a half-written file.
     """
     if local_path is not None:
-        path = Path(local_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"reward.head_local_path={local_path}: no such file. Point it at a copy of the aesthetic "
-                f"head (e.g. sac+logos+ava1-l14-linearMSE.pth), or set it to null to fetch reward.head_url."
-            )
+        advice = (
+            "Point it at a copy of the aesthetic head (e.g. sac+logos+ava1-l14-linearMSE.pth), or set it "
+            "to null to fetch reward.head_url."
+        )
+        path = existing_path(local_path, "reward.head_local_path", False, advice)
         if sha256 is not None and (actual := _sha256(path)) != sha256.lower():
             raise ConfigError(
                 f"reward.head_local_path={local_path} has sha256 {actual}, but reward.head_sha256={sha256}. "
@@ -200,11 +201,9 @@ class AestheticReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images, "aesthetic")
-        out = []
-        with self._lock, torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                out.append(self.scorer(images[i : i + self.batch_size]))
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+        return score_in_chunks(
+            lambda part: self.scorer(images[part]), len(images), self.batch_size, self._lock
+        )
 
 
 def aesthetic(

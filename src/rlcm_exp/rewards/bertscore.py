@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.clip import describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
 
 
 def greedy_recall(
@@ -45,7 +45,7 @@ def greedy_recall(
     return (best * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-class BertScorer:
+class BertScorer(HoldsModel):
     """BERTScore recall of candidates against references with one transformers encoder; thread-safe."""
 
     def __init__(self, model: Any, tokenizer: Any, num_layers: int, batch_size: int) -> None:
@@ -62,10 +62,6 @@ class BertScorer:
         self.num_layers = num_layers
         self.batch_size = batch_size
         self._lock = threading.Lock()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, D) unit-norm layer-L states, (B, T) real-token mask, (B, T) word mask (no [CLS]/[SEP])."""
@@ -115,14 +111,7 @@ def load_bertscore(
     key: str = "reward.bertscore_",
 ) -> tuple[BertScorer, str]:
     """Load the encoder and tokenizer; returns the scorer and a description for /health."""
-    source: dict[str, Any] = {
-        "model_id": model_id,
-        "revision": revision,
-        "local_path": local_path,
-        "key": key,
-    }
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, **source)
-    model = load_pretrained(AutoModel.from_pretrained, **source, dtype=torch_dtype(dtype))
-    return BertScorer(model.to(device), tokenizer, num_layers, batch_size), describe_source(
-        model_id, revision, local_path
+    model, tokenizer, description = load_with_processor(
+        AutoModel.from_pretrained, AutoTokenizer.from_pretrained, model_id, revision, local_path, dtype, key
     )
+    return BertScorer(model.to(device), tokenizer, num_layers, batch_size), description

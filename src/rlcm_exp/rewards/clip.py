@@ -8,88 +8,23 @@ score is differentiable and runs on whatever device the images and model are on.
     clip_score:  cosine(image embedding, text embedding) of openai/clip-vit-large-patch14, in [-1, 1]
     pickscore:   logit_scale * cosine of yuvalkirstain/PickScore_v1 (about 15..25 for typical images)
 
-The helpers here (`torch_dtype`, `load_pretrained`, `ClipImagePreprocess`) are also what the
-aesthetic, BERTScore and LLaVA rewards use, so every model-based reward loads the same way: a hub
-id + revision, or a local folder in the hub layout, with failures turned into a ConfigError that
-names the key to set.
+`ClipEmbedder` and `load_clip_embedder` are also what the aesthetic reward uses; every model-based
+reward loads through rewards/hub.py.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-from transformers.utils import logging as transformers_logging
 
 from rlcm_exp.errors import ConfigError
-
-transformers_logging.disable_progress_bar()
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_OFFLINE_HINT = (
-    "No model hub is reachable from this machine (or HF_HUB_OFFLINE=1 is set) and the files are not in "
-    "the local Hugging Face cache. Download the model elsewhere (e.g. `hf download {model_id}`) and set "
-    "{local_key}=/path/to/folder (a folder written by save_pretrained or a hub snapshot)."
-)
-
-T = TypeVar("T")
-
-
-def torch_dtype(name: str | torch.dtype, key: str = "reward.dtype") -> torch.dtype:
-    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype; anything else is a ConfigError."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ConfigError(f"{key}={name} is not a supported dtype; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
-
-
-def load_pretrained(
-    loader: Callable[..., T],
-    *,
-    model_id: str | None,
-    revision: str,
-    local_path: str | None,
-    key: str,
-    **kwargs: Any,
-) -> T:
-    """Call `loader(location, ...)` (a `from_pretrained`) on a local folder if given, else on the hub id.
-
-    `key` is the config key prefix the user sets, e.g. "reward.clip_" gives the messages
-    "reward.clip_model_id" and "reward.clip_local_path". Hub and file errors come in many types
-    (OSError, HTTP errors, JSON errors, missing keys); all of them mean "not loadable here", so all
-    become one ConfigError that says which key to set.
-    """
-    local_key, id_key = f"{key}local_path", f"{key}model_id"
-    if local_path is not None:
-        path = Path(local_path).expanduser()
-        if not path.is_dir():
-            raise ConfigError(
-                f"{local_key}={local_path}: no such folder. Point it at a folder in the Hugging Face hub "
-                f"layout (written by save_pretrained, or a downloaded snapshot), or set it to null to load "
-                f"{id_key}={model_id}."
-            )
-        location, extra = str(path), {}
-    elif model_id is not None:
-        location, extra = model_id, {"revision": revision}
-    else:
-        raise ConfigError(f"{id_key} and {local_key} are both null; set one of them.")
-    try:
-        return loader(location, **extra, **kwargs)
-    except Exception as err:
-        if local_path is not None:
-            where, hint = f"{local_key}={location}", ""
-        else:
-            where = f"{id_key}={location} (revision {revision})"
-            hint = " " + _OFFLINE_HINT.format(model_id=location, local_key=local_key)
-        # first line only: hub errors run to several lines of advice that does not apply here
-        reason = (str(err).strip().splitlines() or [""])[0].rstrip(".")
-        raise ConfigError(f"could not load {where}: {type(err).__name__}: {reason}.{hint}") from err
+from rlcm_exp.rewards.base import check_images, check_prompts, score_in_chunks
+from rlcm_exp.rewards.hub import HoldsModel, describe_source, load_pretrained, torch_dtype
 
 
 def _side(size: Any, name: str) -> int | None:
@@ -142,15 +77,7 @@ class ClipImagePreprocess(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-def check_images(images: torch.Tensor, what: str) -> None:
-    """The reward contract's input shape; a wrong one is a programming error, said plainly."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"{what}: expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}"
-        )
-
-
-class ClipEmbedder(torch.nn.Module):
+class ClipEmbedder(HoldsModel, torch.nn.Module):
     """A transformers CLIPModel + its preprocessing: images and prompts to L2-normalised embeddings."""
 
     def __init__(self, model: CLIPModel, image_processor: Any, tokenizer: Any = None) -> None:
@@ -158,14 +85,6 @@ class ClipEmbedder(torch.nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.preprocess = ClipImagePreprocess(image_processor)
         self.tokenizer = tokenizer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, projection_dim) float32, unit norm. Differentiable in `images`."""
@@ -235,11 +154,6 @@ def load_clip_embedder(
     return ClipEmbedder(model, image_processor, tokenizer).to(device)
 
 
-def describe_source(model_id: str | None, revision: str, local_path: str | None) -> str:
-    """What /health and logs report for one loaded model."""
-    return f"{local_path} (local)" if local_path else f"{model_id}@{revision}"
-
-
 class ClipAlignmentReward:
     """reward(images, prompts) = scale * cosine(image, prompt) per image, in `batch_size` chunks.
 
@@ -269,15 +183,13 @@ class ClipAlignmentReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images, type(self).__name__)
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        out = []
-        with self._lock, torch.no_grad():
-            for i in range(0, len(images), self.batch_size):
-                out.append(
-                    self.scorer(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
-                )
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+        check_prompts(images, prompts)
+        return score_in_chunks(
+            lambda part: self.scorer(images[part], list(prompts[part])),
+            len(images),
+            self.batch_size,
+            self._lock,
+        )
 
 
 def clip_score(

@@ -8,34 +8,27 @@ its "reward" to the sum and its own components as "<name>/<sub>".
 
 The YAML sets `_recursive_: false` so the components arrive here as configs and are built with the
 `device` the trainer passes to this builder (Hydra would otherwise build them first, on the CPU).
-Components may also be given as ready callables when used from Python.
+Each is built by `rewards.base.build_reward`, the trainer's builder, so a component may be a
+builder or a plain reward function `fn(images, prompts, **options)`; from Python, components may
+also be ready callables.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.reward_server import accepts_device, config_error_in
-
-RewardFn = Callable[[torch.Tensor, list[str]], Any]
-
-
-def _accepts_device(target: str) -> bool:
-    try:
-        return accepts_device(target)
-    except Exception as err:  # ImportError, AttributeError, ValueError: all "no such callable"
-        raise ConfigError(f"reward component _target_={target} cannot be imported: {err}") from err
+from rlcm_exp.rewards.base import RewardFn, as_reward_dict, build_reward
 
 
 def build_component(name: str, spec: Any, device: str | None) -> RewardFn:
-    """A ready callable as is; a config (with `_target_`) instantiated, with `device` if its builder takes one."""
+    """A ready callable as is; a config built by `build_reward` (the trainer's builder, so a plain
+    reward function works as a component too), with `device` if its builder takes one."""
     if callable(spec) and not isinstance(spec, DictConfig | Mapping):
         return spec
     if not isinstance(spec, DictConfig | Mapping) or "_target_" not in spec:
@@ -43,19 +36,11 @@ def build_component(name: str, spec: Any, device: str | None) -> RewardFn:
             f"reward.components.{name} must be a reward config with a _target_ (e.g. "
             "_target_: rlcm_exp.rewards.aesthetic.aesthetic) or a callable (images, prompts) -> rewards."
         )
-    # the trainer's rule: a device the component sets itself wins
-    takes = device is not None and "device" not in spec and _accepts_device(str(spec["_target_"]))
-    kwargs = {"device": device} if takes else {}
     try:
-        built = instantiate(spec, **kwargs)
-    except Exception as err:
-        if (config_error := config_error_in(err)) is None:
-            raise
+        return build_reward(spec, device)
+    except ConfigError as err:
         # the component's builder names its keys as reward.<key>; here they live one level down
-        raise ConfigError(re.sub(r"\breward\.", f"reward.components.{name}.", str(config_error))) from err
-    if not callable(built):
-        raise ConfigError(f"reward.components.{name} built a {type(built).__name__}, which is not callable")
-    return built
+        raise ConfigError(re.sub(r"\breward\.", f"reward.components.{name}.", str(err))) from err
 
 
 class WeightedReward:
@@ -74,18 +59,15 @@ class WeightedReward:
         total = torch.zeros(len(images), dtype=torch.float32)
         for name, fn in self.components.items():
             value = fn(images, prompts)
-            if isinstance(value, Mapping):
-                for sub, tensor in value.items():
-                    if sub != "reward":
-                        out[f"{name}/{sub}"] = torch.as_tensor(tensor).float().cpu()
-                value = value["reward"]
-            value = torch.as_tensor(value).float().cpu()
-            if value.shape != (len(images),):
-                raise ValueError(
-                    f"reward component {name} returned shape {tuple(value.shape)}, expected ({len(images)},)"
-                )
-            out[name] = value
-            total = total + self.weights[name] * value
+            try:
+                parts = as_reward_dict(value, len(images))
+            except RuntimeError as err:
+                raise RuntimeError(f"reward component {name}: {err}") from err
+            for sub, tensor in parts.items():
+                if sub != "reward":
+                    out[f"{name}/{sub}"] = tensor
+            out[name] = parts["reward"]
+            total = total + self.weights[name] * parts["reward"]
         out["reward"] = total
         return out
 

@@ -6,26 +6,18 @@ DDPO and RLCM. The encoder is PIL's libjpeg; files are written to memory only.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image
+
+from rlcm_exp.rewards.base import encode_image, to_uint8
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB (1000 bytes) of each image saved as JPEG; images (B, 3, H, W) in [0, 1]."""
-    # one device->host copy for the whole batch, then uint8 HWC as the encoder wants it
-    array = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-    sizes = np.empty(len(array), dtype=np.float32)
-    for i, img in enumerate(array):  # libjpeg encodes one image per call
-        buffer = io.BytesIO()
-        Image.fromarray(img).save(buffer, format="JPEG", quality=quality)
-        sizes[i] = buffer.tell() / 1000.0
-    return torch.from_numpy(sizes)
+    # one device->host copy for the whole batch; libjpeg encodes one image per call
+    sizes = [len(encode_image(img, "jpeg", quality)) / 1000.0 for img in to_uint8(images)]
+    return torch.tensor(sizes, dtype=torch.float32)
 
 
 def jpeg_compressibility(quality: int = 95) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:

@@ -10,11 +10,17 @@ way to run it is the reward server on its own GPU or machine:
 
 and `reward=remote` in the training run. The paper notes the 7B LLaVA often answered with an
 empty string (BERTScore recall 0), hence the 13B default.
+
+`reward=llava_bertscore_paper` sets what the paper's reference code did where this one differs by
+default: each image re-encoded as JPEG quality 80 before the VLM, answers of up to 64 tokens,
+the VLM in float16 (see that file for the one difference left: the conversation format).
 """
 
 from __future__ import annotations
 
+import io
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,82 +28,104 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
-from rlcm_exp.rewards.clip import check_images, describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
 
 QUESTION = "Answer concisely: what is going on in this image?"
 LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # the llava-hf 1.5 conversation format
 REFERENCE_TEMPLATE = "The image contains {prompt}"
+TRANSPORTS = ("raw", "jpeg")
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> B RGB PIL images (uint8, rounded): what a VLM processor expects."""
-    array = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-    return [Image.fromarray(a) for a in array]
+@dataclass(frozen=True)
+class VlmQuery:
+    """What the VLM is given for every image: one text prompt, an answer length, and the image as it
+    travels to the model.
 
+    image_transport "raw" hands the VLM the sampled pixels (8-bit, via `to_uint8`); "jpeg" first
+    re-encodes each image as a JPEG of `jpeg_quality` and decodes it again, as the paper's reference
+    client did (quality 80) before sending images to its LLaVA server.
+    """
 
-class VlmAnswerer:
-    """Greedy short answers of an image-text-to-text model (LLaVA) to one fixed question; thread-safe."""
+    question: str = QUESTION
+    prompt_template: str = LLAVA_15_TEMPLATE
+    max_new_tokens: int = 32
+    image_transport: str = "raw"
+    jpeg_quality: int = 80
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        processor: Any,
-        question: str,
-        prompt_template: str,
-        max_new_tokens: int,
-        batch_size: int,
-    ) -> None:
-        if "{question}" not in prompt_template or "<image>" not in prompt_template:
+    def __post_init__(self) -> None:
+        if "{question}" not in self.prompt_template or "<image>" not in self.prompt_template:
             raise ConfigError(
-                f"reward.prompt_template={prompt_template!r} must contain '<image>' and '{{question}}', e.g. "
-                f"{LLAVA_15_TEMPLATE!r} for LLaVA-1.5."
+                f"reward.prompt_template={self.prompt_template!r} must contain '<image>' and '{{question}}', "
+                f"e.g. {LLAVA_15_TEMPLATE!r} for LLaVA-1.5."
             )
-        if max_new_tokens < 1 or batch_size < 1:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"reward.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.image_transport not in TRANSPORTS:
             raise ConfigError(
-                f"reward.max_new_tokens={max_new_tokens} and reward.batch_size={batch_size} must be >= 1"
+                f"reward.image_transport={self.image_transport}: use raw (the pixels as sampled) or jpeg "
+                "(re-encoded at reward.jpeg_quality first, as the paper's reference code)."
             )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"reward.jpeg_quality={self.jpeg_quality} must be in 1..100 (the paper: 80)")
+
+    @property
+    def text(self) -> str:
+        """The text put to the VLM with every image."""
+        return self.prompt_template.format(question=self.question)
+
+    def images(self, images: torch.Tensor) -> list[Image.Image]:
+        """(B, 3, H, W) in [0, 1] -> the B RGB images the VLM's processor receives."""
+        arrays = to_uint8(images)
+        if self.image_transport == "raw":
+            return [Image.fromarray(a) for a in arrays]
+        return [
+            Image.open(io.BytesIO(encode_image(a, "jpeg", self.jpeg_quality)), formats=["JPEG"]).convert(
+                "RGB"
+            )
+            for a in arrays
+        ]
+
+    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        """Greedy decoding of at most max_new_tokens (it stops earlier at end of sequence)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_new_tokens": self.max_new_tokens,
+            "pad_token_id": pad,
+        }
+
+
+class VlmAnswerer(HoldsModel):
+    """Greedy short answers of an image-text-to-text model (LLaVA) to one fixed query; thread-safe."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, query: VlmQuery, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1")
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         # a decoder-only batch must be left-padded so every answer starts right after its prompt
         processor.tokenizer.padding_side = "left"
-        self.prompt = prompt_template.format(question=question)
-        self.max_new_tokens = max_new_tokens
+        self.query = query
         self.batch_size = batch_size
         self._lock = threading.Lock()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def answer(self, images: torch.Tensor) -> list[str]:
         """One answer per image, stripped of the prompt and special tokens."""
-        pil = to_pil(images)
+        pil = self.query.images(images)
         answers: list[str] = []
         tokenizer = self.processor.tokenizer
         with self._lock, torch.no_grad():
             for i in range(0, len(pil), self.batch_size):
                 chunk = pil[i : i + self.batch_size]
                 inputs = self.processor(
-                    images=chunk, text=[self.prompt] * len(chunk), return_tensors="pt", padding=True
+                    images=chunk, text=[self.query.text] * len(chunk), return_tensors="pt", padding=True
                 )
                 inputs = {k: v.to(self.device) for k, v in inputs.items()}
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-                out = self.model.generate(  # type: ignore[operator]
-                    **inputs,
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=self.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id
-                    if tokenizer.pad_token_id is not None
-                    else tokenizer.eos_token_id,
-                )
+                out = self.model.generate(**inputs, **self.query.generate_kwargs(tokenizer))  # type: ignore[operator]
                 new_tokens = out[:, inputs["input_ids"].shape[1] :]
                 answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return answers
@@ -121,28 +149,13 @@ class LlavaBertscoreReward:
     def score_with_answers(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Scores and the answers they came from (for logging and debugging a low reward)."""
         check_images(images, "llava_bertscore")
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        check_prompts(images, prompts)
         answers = self.answerer.answer(images)
         references = [self.reference_template.format(prompt=p) for p in prompts]
         return self.bertscore.recall(answers, references), answers
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.score_with_answers(images, prompts)[0]
-
-
-def load_vlm(
-    model_id: str | None, revision: str, local_path: str | None, dtype: str, key: str = "reward.vlm_"
-) -> tuple[torch.nn.Module, Any]:
-    source: dict[str, Any] = {
-        "model_id": model_id,
-        "revision": revision,
-        "local_path": local_path,
-        "key": key,
-    }
-    processor = load_pretrained(AutoProcessor.from_pretrained, **source)
-    model = load_pretrained(AutoModelForImageTextToText.from_pretrained, **source, dtype=torch_dtype(dtype))
-    return model, processor
 
 
 def llava_bertscore(
@@ -160,10 +173,22 @@ def llava_bertscore(
     dtype: str = "float32",
     device: str = "cpu",
     batch_size: int = 16,
+    image_transport: str = "raw",
+    jpeg_quality: int = 80,
 ) -> LlavaBertscoreReward:
     """The paper's prompt-alignment reward, in-process (the reward server runs exactly this)."""
-    model, processor = load_vlm(vlm_model_id, vlm_revision, vlm_local_path, dtype)
-    answerer = VlmAnswerer(model.to(device), processor, question, prompt_template, max_new_tokens, batch_size)
+    # the query is checked before the (large) models load, so a config mistake fails at once
+    query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
+    model, processor, vlm_source = load_with_processor(
+        AutoModelForImageTextToText.from_pretrained,
+        AutoProcessor.from_pretrained,
+        vlm_model_id,
+        vlm_revision,
+        vlm_local_path,
+        dtype,
+        "reward.vlm_",
+    )
+    answerer = VlmAnswerer(model.to(device), processor, query, batch_size)
     # BERTScore stays float32 whatever `dtype` is: it is small next to the VLM, and cosine
     # similarities of half-precision states would blur the small reward differences PPO learns from
     scorer, bert_source = load_bertscore(
@@ -175,5 +200,5 @@ def llava_bertscore(
         device,
         batch_size,
     )
-    models = {"vlm": describe_source(vlm_model_id, vlm_revision, vlm_local_path), "bertscore": bert_source}
+    models = {"vlm": vlm_source, "bertscore": bert_source}
     return LlavaBertscoreReward(answerer, scorer, reference_template, models)

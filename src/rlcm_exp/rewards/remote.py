@@ -1,4 +1,5 @@
-"""The client of the reward server (rlcm_exp.reward_server): a reward scored on another process or machine.
+"""The client of the reward server (rlcm_exp.serving; `python -m rlcm_exp.reward_server`): a reward
+scored on another process or machine.
 
 Protocol (JSON over HTTP, nothing pickled either way):
 
@@ -8,7 +9,10 @@ Protocol (JSON over HTTP, nothing pickled either way):
       4xx / 5xx   {"error": "<message>"}
     GET  /health  200 {"status": "ok", "reward": ..., "models": {...}, "max_batch": ..., ...}
 
-    With a token, every request carries `Authorization: Bearer <token>`.
+    With a token, every request carries `Authorization: Bearer <token>`. The token is read from the
+    environment variable `reward.token_env` (default RLCM_REWARD_TOKEN) or the file
+    `reward.token_file`; `reward.token=...` inline works too but shows in `ps` (and is redacted from
+    every config a run saves, see rlcm_exp.secrets).
 
 Failure policy, so a run never trains on made-up rewards and never hangs on a dead server:
 - connection refused/reset, timeouts, 502/503/504/429: retried at most `max_retries` times with
@@ -22,7 +26,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
-import io
 import json
 import logging
 import math
@@ -31,9 +34,10 @@ import urllib.parse
 from typing import Any
 
 import torch
-from PIL import Image
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
+from rlcm_exp.secrets import DEFAULT_TOKEN_ENV, read_token
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +55,10 @@ class _Retryable(Exception):
 
 def encode_images(images: torch.Tensor, image_format: str = "png", jpeg_quality: int = 95) -> list[str]:
     """(B, 3, H, W) in [0, 1] -> B base64 strings of uint8 PNG (lossless) or JPEG files."""
-    array = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-    out = []
-    for img in array:
-        buffer = io.BytesIO()
-        if image_format == "png":
-            # compress_level 1: the PNG stays lossless, and encoding is several times faster than the default 6
-            Image.fromarray(img).save(buffer, format="PNG", compress_level=1)
-        else:
-            Image.fromarray(img).save(buffer, format="JPEG", quality=jpeg_quality)
-        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return out
+    return [
+        base64.b64encode(encode_image(img, image_format, jpeg_quality)).decode("ascii")
+        for img in to_uint8(images)
+    ]
 
 
 def _scores(value: Any, n: int, what: str) -> torch.Tensor:
@@ -213,12 +208,8 @@ class RemoteReward:
                 time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"remote reward: expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}"
-            )
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        check_images(images, "remote reward")
+        check_prompts(images, prompts)
         parts: list[dict[str, torch.Tensor]] = []
         for i in range(0, len(images), self.max_images_per_request):
             chunk, chunk_prompts = (
@@ -260,11 +251,17 @@ def _error_text(data: bytes) -> str:
     return data[:200].decode("utf-8", "replace")
 
 
+_TOKEN_HINT = (
+    "Set the token the server was started with in $RLCM_REWARD_TOKEN (or the variable reward.token_env "
+    "names), in a file (reward.token_file=PATH) or as reward.token."
+)
+
+
 def _status_message(url: str, path: str, status: int, text: str) -> str:
     hint = {
         400: "The request was malformed; client and server versions may differ.",
-        401: "Set reward.token (or $RLCM_REWARD_TOKEN) to the token the server was started with.",
-        403: "Set reward.token (or $RLCM_REWARD_TOKEN) to the token the server was started with.",
+        401: _TOKEN_HINT,
+        403: _TOKEN_HINT,
         404: "reward.url should be the server's root, e.g. http://127.0.0.1:8060.",
         413: "Lower reward.max_images_per_request, or start the server with a larger max_request_mb.",
         500: "The reward raised an exception on the server; its log has the traceback.",
@@ -283,15 +280,25 @@ def remote(
     jpeg_quality: int = 95,
     max_images_per_request: int = 32,
     wait_for_server_s: float = 0.0,
+    token_env: str | None = DEFAULT_TOKEN_ENV,
+    token_file: str | None = None,
 ) -> RemoteReward:
     """A reward scored by `python -m rlcm_exp.reward_server` at `url`; see the module docstring for the policy.
 
-    With wait_for_server_s > 0, building it waits (polling /health) until the server is up, so a
-    run started next to a server that is still loading models fails fast only if it never comes up.
+    The token is `token` if given, else the first line of `token_file`, else the environment
+    variable `token_env` (unset: no token). With wait_for_server_s > 0, building it waits (polling
+    /health) until the server is up, so a run started next to a server that is still loading models
+    fails fast only if it never comes up.
     """
+    if token:
+        log.warning(
+            "reward.token is given inline: on a command line it shows in `ps` and shell history; prefer "
+            "$%s (reward.token_env) or reward.token_file. Run dirs keep it redacted.",
+            token_env or DEFAULT_TOKEN_ENV,
+        )
     client = RemoteReward(
         url,
-        token,
+        read_token(token, token_env, token_file, "reward.token_file"),
         timeout_s,
         max_retries,
         backoff_s,

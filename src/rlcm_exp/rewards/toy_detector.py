@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from rlcm_exp.rewards.base import check_images
 from rlcm_exp.toy.detector import PARTS, detector_parts
 
 
@@ -19,8 +20,7 @@ def toy_detector() -> Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor
     """
 
     def reward(images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        check_images(images, "toy_detector")
         parts = {k: torch.from_numpy(v).float() for k, v in detector_parts(images, list(captions)).items()}
         return {"reward": torch.stack([parts[k] for k in PARTS]).mean(0), **parts}
 

@@ -40,9 +40,6 @@ class PerPromptStatTracker:
             advantages[mask] = (rewards[mask] - mean) / std
         return advantages
 
-    def stats(self) -> dict[str, float]:
-        return {"tracked_prompts": float(len(self.buffers))}
-
     def state_dict(self) -> dict[str, list[float]]:
         return {prompt: list(buf) for prompt, buf in self.buffers.items()}
 

@@ -1,7 +1,10 @@
 """The toy world: coloured shapes, a detector, and a CPU-trained diffusion model + its LCM.
 
-`data` draws images and captions, `detector` scores an image against its caption, `recipe`
-trains the committed weights under `weights/`, `quality` measures them.
+`data` draws images and captions, `detector` scores an image against its caption. The recipe
+that trains the committed weights under `weights/`: `build` (the models, schedulers and pipelines),
+`captions` (caption noise), `stages` (VAE, latent pool, teacher, distillation), `runner` (`run`:
+every stage in order, saved and measured); `scoring` (`measure`) measures them. `recipe` and
+`quality` are their command lines.
 """
 
 from pathlib import Path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rlcm_exp.rewards.base import to_uint8
 from rlcm_exp.toy.data import COLOURS, PALETTE, SHAPES, parse_caption
 
 _PALETTE = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)  # (6, 3)
@@ -27,8 +28,7 @@ TRIANGLE_BELOW, CIRCLE_BELOW = 0.65, 0.93
 def _to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """Accept uint8 NHWC numpy or float [0, 1] NCHW torch (any device)."""
     if isinstance(images, torch.Tensor):
-        x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-        return x.permute(0, 2, 3, 1).numpy()
+        return to_uint8(images)
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"numpy images must be uint8 NHWC, got {images.dtype}")

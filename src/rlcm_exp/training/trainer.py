@@ -1,17 +1,19 @@
 """The epoch loop, shared by RLCM and DDPO: sample -> reward -> advantages -> clipped PG update.
 
 Nothing here knows which algorithm runs: the policy (LCM or DDIM sampler) supplies rollouts and
-log-probs, the config supplies the numbers. Read it top to bottom; one epoch is `run_epoch`.
+log-probs, the config supplies the numbers. Read it top to bottom: `fit` runs the epochs, with the
+checkpoint cadence and preemption; one epoch is `run_epoch`. Callbacks observe, never steer.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +23,24 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from rlcm_exp.batching import BatchPlan
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.evaluation.heldout import evaluate_policy
+from rlcm_exp.models.lora import load_lora_into, save_lora
 from rlcm_exp.policies.trajectory import Trajectory
+from rlcm_exp.rewards.base import RewardFn, as_reward_dict
 from rlcm_exp.rl.ppo import PPOSettings, clip_advantages, ppo_loss
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
-from rlcm_exp.tracking import MetricsFile
+from rlcm_exp.tracking import Logger, MetricsFile
+from rlcm_exp.training.batching import BatchPlan
+from rlcm_exp.training.callbacks import Callback
+from rlcm_exp.training.checkpoint import checkpoint_dir, read_checkpoint, set_rng_state, write_checkpoint
+from rlcm_exp.training.settings import TrainSettings
 
-RewardFn = Callable[[torch.Tensor, list[str]], Any]
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=auto continues
 
 
-@dataclass
-class TrainSettings:
-    epochs: int = 100  # sampling rounds
-    samples_per_epoch: int = 320  # GLOBAL trajectories sampled per epoch (all processes)
-    sample_batch_size: int = 8  # PER PROCESS trajectories per sampling forward
-    train_batch_size: int = 2  # PER PROCESS trajectories per training minibatch
-    samples_per_step: int = 32  # GLOBAL trajectories per optimizer step
-    inner_epochs: int = 1  # passes over each round's samples
-    max_grad_norm: float = 5.0  # clip of the LoRA gradient norm
-    save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
-    save_images_every: int = 0  # also save a grid every N epochs (0: only first and last)
-    reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
-    max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
-    reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
-    checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
-    keep_last: int = 3  # complete checkpoints kept (older ones deleted)
-    dump_rollouts: bool = (
-        False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
-    )
-    eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
-    eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -62,15 +52,6 @@ def trained_steps(n: int, t_window: int, t_train: int, generator: torch.Generato
     """(n, t_train) transition indices to train: per trajectory, t_train distinct ones drawn uniformly
     from its first t_window transitions (index 0 is the noisiest), in random order."""
     return torch.argsort(torch.rand(n, t_window, generator=generator), dim=1)[:, :t_train]
-
-
-def _as_reward_dict(result: Any, n: int) -> dict[str, torch.Tensor]:
-    parts = result if isinstance(result, dict) else {"reward": result}
-    out = {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1) for k, v in parts.items()}
-    if "reward" not in out or any(len(v) != n for v in out.values()):
-        shapes = {k: tuple(v.shape) for k, v in out.items()}
-        raise RuntimeError(f"the reward returned {shapes} for {n} images; expected 'reward' of shape ({n},)")
-    return out
 
 
 class Trainer:
@@ -91,8 +72,9 @@ class Trainer:
         accelerator: Accelerator,
         run_dir: Path,
         seed: int,
-        logger: Any,
+        logger: Logger,
         eval_prompts: list[str] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.policy, self.reward_fn, self.prompts = policy, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
@@ -111,12 +93,78 @@ class Trainer:
         self.eval_images: dict[str, torch.Tensor] = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
         self.logger_run_id: str | None = None
+        self.callbacks = list(callbacks)
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Epochs from `self.epoch` to `settings.epochs`, checkpoints every `checkpoint_every` and at the
+        end, the final LoRA in checkpoints/final. SIGTERM/SIGUSR1 ask for a checkpoint at the next epoch
+        boundary, then `Preempted` is raised."""
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        if self.epoch == 0 and self._eval_due(0):  # the base model's held-out score: the "before"
+            self.evaluate(0)
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        records = []
+        try:
+            for epoch in range(self.epoch, self.settings.epochs):
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, epoch)
+                records.append(self.run_epoch(epoch))
+                self._print_epoch(records[-1])
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, records[-1])
+                self._checkpoint_or_stop(epoch)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+            self.logger.finish()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._timed_checkpoint(
+                lambda: save_lora(
+                    self.accelerator.unwrap_model(self.policy.unet), self.run_dir / "checkpoints" / "final"
+                )
+            )
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return records
+
+    def _checkpoint_or_stop(self, epoch: int) -> None:
+        stop = self.should_stop()
+        every, epochs = self.settings.checkpoint_every, self.settings.epochs
+        if stop or (every > 0 and self.epoch % every == 0) or self.epoch == epochs:
+            self._timed_checkpoint(self.save_checkpoint)
+        if stop:
+            raise Preempted(
+                f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto"
+            )
+
+    def _timed_checkpoint(self, write: Callable[[], Path]) -> None:
+        start = time.perf_counter()
+        folder = write()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, folder, time.perf_counter() - start)
+
+    def _print_epoch(self, rec: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            print(
+                f"epoch {rec['epoch']}: reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f}  "
+                f"kl {rec['approx_kl']:.2e}  clipfrac {rec['clipfrac']:.3f}  ratio_first {rec['ratio_first']:.6f}  "
+                f"t {rec['wallclock_s']:.1f}s"
+            )
 
     # ------------------------------------------------------------------ sampling and rewards
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[dict[str, torch.Tensor], float]:
         start = time.perf_counter()
-        out = _as_reward_dict(self.reward_fn(images, prompts), len(prompts))
+        out = as_reward_dict(self.reward_fn(images, prompts), len(prompts))
         return out, time.perf_counter() - start
 
     def sample_round(self, epoch: int) -> tuple[Trajectory, dict[str, torch.Tensor], dict[str, float]]:
@@ -310,8 +358,6 @@ class Trainer:
 
     def evaluate(self, epochs_done: int) -> dict[str, Any]:
         """Held-out prompts x fixed seeds on the main process; its time is reported, not counted as training."""
-        from rlcm_exp.evaluate import evaluate_policy
-
         start = time.perf_counter()
         out: dict[str, Any] = {}
         if self.accelerator.is_main_process:
@@ -401,8 +447,6 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        from rlcm_exp.checkpoint import checkpoint_dir, write_checkpoint
-
         acc = self.accelerator
         return write_checkpoint(
             checkpoint_dir(self.run_dir, self.epoch),
@@ -417,11 +461,26 @@ class Trainer:
             keep_last=self.settings.keep_last,
         )
 
-    def restore(self, folder: Path) -> None:
-        from rlcm_exp.checkpoint import load_lora_into, read_checkpoint, set_rng_state
+    def restore(self, candidates: Sequence[Path], fall_back: bool = True) -> Path | None:
+        """Load the first of `candidates` whose files load; a newer checkpoint with a truncated or
+        corrupt file is skipped with a warning (fall_back) or refused. Returns the folder used."""
+        for folder in candidates:
+            try:
+                ckpt = read_checkpoint(folder, self.rank, self.accelerator.device)
+            except Exception as err:  # torch, safetensors and json each raise their own type
+                if not fall_back:
+                    raise ConfigError(f"resume={folder}: the checkpoint does not load ({err})") from err
+                warnings.warn(
+                    f"checkpoint {folder} does not load ({type(err).__name__}: {err}); trying the one before",
+                    stacklevel=2,
+                )
+                continue
+            self._apply_checkpoint(folder, ckpt)
+            return folder
+        return None
 
+    def _apply_checkpoint(self, folder: Path, ckpt: dict[str, Any]) -> None:
         acc = self.accelerator
-        ckpt = read_checkpoint(folder, self.rank, acc.device)
         state = ckpt["state"]
         if state["world_size"] != acc.num_processes:
             raise RuntimeError(

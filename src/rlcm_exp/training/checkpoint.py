@@ -1,62 +1,24 @@
-"""Saving what a run learned: LoRA weights in the diffusers format, written atomically.
+"""The full training state of a run, for an exact resume: LoRA, optimizer, RNGs, counters.
 
-A folder is written under a temporary name and renamed into place, so a crash or a full disk
-never leaves a half-written checkpoint where a loader would read it.
+Each checkpoint folder is written under a temporary name and renamed into place after a COMPLETE
+marker, so a crash or a full disk never leaves a half-written checkpoint where resume would read it.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft.utils import get_peft_model_state_dict
 
-from rlcm_exp.errors import ConfigError
-
-
-def lora_payload(unet: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
-    loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    config = unet.peft_config["default"].to_dict()
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return state, metadata
-
-
-def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` so that `pipe.load_lora_weights(folder)` loads it."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        state, metadata = lora_payload(unet)
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
-        )
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"could not write the LoRA checkpoint to {folder}: {err}") from err
-    return folder
-
-
-def resolve_lora_folder(path: str | Path) -> Path:
-    """Accept a LoRA folder, a run dir (uses checkpoints/final), or the safetensors file itself."""
-    p = Path(path).expanduser()
-    candidates = [p, p / "checkpoints" / "final", p.parent if p.suffix == ".safetensors" else p]
-    for c in candidates:
-        if (c / "pytorch_lora_weights.safetensors").is_file():
-            return c
-    raise ConfigError(
-        f"checkpoint={path}: no pytorch_lora_weights.safetensors there. Give a run dir (its checkpoints/final "
-        "is used) or a checkpoint folder written by training."
-    )
-
+from rlcm_exp.errors import CheckpointError
+from rlcm_exp.models.lora import write_lora_weights
 
 # ----------------------------------------------------------------------------- full training state
 #
@@ -67,18 +29,8 @@ def resolve_lora_folder(path: str | Path) -> Path:
 #   state.json                         epoch, counters, time offsets, per-prompt buffers, wandb id
 #   COMPLETE                           written last, before the atomic rename
 
-import json  # noqa: E402
-import random  # noqa: E402
-import warnings  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 CHECKPOINT_PREFIX = "epoch_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the previous one is untouched."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,20 +69,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
-    """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
-    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(
-            f"the checkpoint's LoRA does not fit this model: unexpected keys {unexpected[:3]}..."
-        )
-
-
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{epoch:06d}"
 
@@ -161,10 +99,7 @@ def write_checkpoint(
         barrier()
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
         if is_main:
-            lora, metadata = lora_payload(unet)
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata, safe_serialization=True
-            )
+            write_lora_weights(unet, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if scaler is not None:
@@ -209,18 +144,24 @@ def is_complete(folder: Path, world_size: int) -> bool:
     return True
 
 
-def latest_checkpoint(run_dir: Path, world_size: int) -> Path | None:
-    """Newest complete checkpoint under run_dir/checkpoints; torn or partial ones are skipped with a warning."""
+def complete_checkpoints(run_dir: Path, world_size: int) -> Iterator[Path]:
+    """Complete checkpoints under run_dir/checkpoints, newest first; torn or partial ones are skipped
+    with a warning."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
-        return None
+        return
     for folder in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
         if folder.name.endswith(".tmp") or not folder.is_dir():
             continue
         if is_complete(folder, world_size):
-            return folder
-        warnings.warn(f"skipping torn or partial checkpoint {folder}", stacklevel=2)
-    return None
+            yield folder
+        else:
+            warnings.warn(f"skipping torn or partial checkpoint {folder}", stacklevel=2)
+
+
+def latest_checkpoint(run_dir: Path, world_size: int) -> Path | None:
+    """Newest complete checkpoint under run_dir/checkpoints (torn or partial ones skipped), if any."""
+    return next(complete_checkpoints(run_dir, world_size), None)
 
 
 def read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:

@@ -63,67 +63,16 @@ def plan_batches(
     timestep_fraction: float,
     timestep_window: float = 1.0,
 ) -> BatchPlan:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    for key, value in [
-        ("train.samples_per_epoch", samples_per_epoch),
-        ("train.sample_batch_size", sample_batch_size),
-        ("train.train_batch_size", train_batch_size),
-        ("train.samples_per_step", samples_per_step),
-        ("train.inner_epochs", inner_epochs),
-    ]:
-        need(value >= 1, f"{key}={value} must be a positive integer")
-    need(
-        0.0 < timestep_fraction <= 1.0,
-        f"algo.timestep_fraction={timestep_fraction} must be in (0, 1]: the fraction of each trajectory's "
-        "transitions trained per inner epoch",
-    )
-    need(
-        0.0 < timestep_window <= 1.0,
-        f"algo.timestep_window={timestep_window} must be in (0, 1]: the leading (noisiest) fraction of each "
-        "trajectory's transitions that may be trained; 1.0 = any of them, as in DDPO and RLCM",
-    )
-    need(
-        samples_per_epoch % world_size == 0,
-        f"train.samples_per_epoch={samples_per_epoch} (global) is not divisible by the {world_size} processes; "
-        f"use a multiple of {world_size}",
-    )
+    sizes = {
+        "samples_per_epoch": samples_per_epoch,
+        "sample_batch_size": sample_batch_size,
+        "train_batch_size": train_batch_size,
+        "samples_per_step": samples_per_step,
+        "inner_epochs": inner_epochs,
+    }
+    _check_sizes(world_size, **sizes)
+    trained, eligible = _trained_transitions(transitions_per_trajectory, timestep_fraction, timestep_window)
     per_process = samples_per_epoch // world_size
-    need(
-        per_process % sample_batch_size == 0,
-        f"train.samples_per_epoch={samples_per_epoch} gives {per_process} trajectories per process, which "
-        f"train.sample_batch_size={sample_batch_size} (per process) does not divide",
-    )
-    need(
-        per_process % train_batch_size == 0,
-        f"train.samples_per_epoch={samples_per_epoch} gives {per_process} trajectories per process, which "
-        f"train.train_batch_size={train_batch_size} (per process) does not divide",
-    )
-    need(
-        samples_per_step % (world_size * train_batch_size) == 0,
-        f"train.samples_per_step={samples_per_step} (global) must be a multiple of {world_size} process(es) x "
-        f"train.train_batch_size={train_batch_size} = {world_size * train_batch_size}",
-    )
-    need(
-        samples_per_epoch % samples_per_step == 0,
-        f"train.samples_per_step={samples_per_step} (global) must divide train.samples_per_epoch="
-        f"{samples_per_epoch}: an optimizer step may not straddle two sampling rounds",
-    )
-    trained = int(transitions_per_trajectory * timestep_fraction)
-    need(
-        trained >= 1,
-        f"algo.timestep_fraction={timestep_fraction} x {transitions_per_trajectory} transitions trains no "
-        "transition; raise it or sampler.num_steps",
-    )
-    eligible = math.ceil(round(transitions_per_trajectory * timestep_window, 6))
-    need(
-        trained <= eligible,
-        f"algo.timestep_fraction={timestep_fraction} trains {trained} of {transitions_per_trajectory} transitions, "
-        f"but algo.timestep_window={timestep_window} lets only the first {eligible} be trained; lower the "
-        "fraction or widen the window",
-    )
     return BatchPlan(
         world_size=world_size,
         samples_per_epoch=samples_per_epoch,
@@ -140,3 +89,71 @@ def plan_batches(
         eligible_transitions=eligible,
         inner_epochs=inner_epochs,
     )
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _check_sizes(world_size: int, **sizes: int) -> None:
+    """Every size (the train.* keys) positive, and each global size divisible as the plan needs."""
+    for key, value in sizes.items():
+        _need(value >= 1, f"train.{key}={value} must be a positive integer")
+    samples_per_epoch, sample_batch_size = sizes["samples_per_epoch"], sizes["sample_batch_size"]
+    train_batch_size, samples_per_step = sizes["train_batch_size"], sizes["samples_per_step"]
+    _need(
+        samples_per_epoch % world_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} (global) is not divisible by the {world_size} processes; "
+        f"use a multiple of {world_size}",
+    )
+    _need(
+        (samples_per_epoch // world_size) % sample_batch_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} gives {samples_per_epoch // world_size} trajectories per process, which "
+        f"train.sample_batch_size={sample_batch_size} (per process) does not divide",
+    )
+    _need(
+        (samples_per_epoch // world_size) % train_batch_size == 0,
+        f"train.samples_per_epoch={samples_per_epoch} gives {samples_per_epoch // world_size} trajectories per process, which "
+        f"train.train_batch_size={train_batch_size} (per process) does not divide",
+    )
+    _need(
+        samples_per_step % (world_size * train_batch_size) == 0,
+        f"train.samples_per_step={samples_per_step} (global) must be a multiple of {world_size} process(es) x "
+        f"train.train_batch_size={train_batch_size} = {world_size * train_batch_size}",
+    )
+    _need(
+        samples_per_epoch % samples_per_step == 0,
+        f"train.samples_per_step={samples_per_step} (global) must divide train.samples_per_epoch="
+        f"{samples_per_epoch}: an optimizer step may not straddle two sampling rounds",
+    )
+
+
+def _trained_transitions(
+    transitions: int, timestep_fraction: float, timestep_window: float
+) -> tuple[int, int]:
+    """(T_train, T_window): transitions trained per trajectory, and the leading ones they are drawn from."""
+    _need(
+        0.0 < timestep_fraction <= 1.0,
+        f"algo.timestep_fraction={timestep_fraction} must be in (0, 1]: the fraction of each trajectory's "
+        "transitions trained per inner epoch",
+    )
+    _need(
+        0.0 < timestep_window <= 1.0,
+        f"algo.timestep_window={timestep_window} must be in (0, 1]: the leading (noisiest) fraction of each "
+        "trajectory's transitions that may be trained; 1.0 = any of them, as in DDPO and RLCM",
+    )
+    trained = int(transitions * timestep_fraction)
+    _need(
+        trained >= 1,
+        f"algo.timestep_fraction={timestep_fraction} x {transitions} transitions trains no "
+        "transition; raise it or sampler.num_steps",
+    )
+    eligible = math.ceil(round(transitions * timestep_window, 6))
+    _need(
+        trained <= eligible,
+        f"algo.timestep_fraction={timestep_fraction} trains {trained} of {transitions} transitions, "
+        f"but algo.timestep_window={timestep_window} lets only the first {eligible} be trained; lower the "
+        "fraction or widen the window",
+    )
+    return trained, eligible

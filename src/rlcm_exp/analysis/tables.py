@@ -1,8 +1,4 @@
-"""Figures and tables from local run folders (metrics.jsonl + config.yaml): no wandb needed.
-
-A run folder is any folder holding both files. Runs that differ only in their seed form a group;
-a group's curve is the seed mean (and std) of a metric at each epoch, plotted against the seed
-mean of a time axis (reward queries, GPU-hours, wall-clock) at that epoch.
+"""The comparison tables, as rows (dicts, also written to report.json) and as markdown.
 
 Time-to-threshold: the first point of a group's seed-mean curve at which the mean reward reaches
 the threshold (>=: every reward here is higher-is-better). The default threshold of a task is the
@@ -11,107 +7,13 @@ lower of the algorithms' final seed-mean rewards, so that every algorithm reache
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from rlcm_exp.tracking import read_metrics
-
-
-@dataclass
-class Run:
-    path: Path
-    algo: str  # cfg.algo.name
-    task: str  # cfg.task.name
-    seed: int  # cfg.seed
-    num_steps: int  # cfg.sampler.num_steps (H)
-    epochs: int  # cfg.train.epochs (planned)
-    records: list[dict[str, Any]]  # metrics.jsonl, one per finished epoch
-    flat_config: dict[str, Any] = field(default_factory=dict)  # config.yaml as {"a.b.c": leaf}
-
-    @property
-    def group(self) -> tuple[str, str, int]:
-        """What a seed-mean averages over: same task, algorithm and horizon."""
-        return (self.task, self.algo, self.num_steps)
-
-    @property
-    def finished(self) -> bool:
-        return len(self.records) >= self.epochs and (self.path / "checkpoints" / "final").is_dir()
-
-
-def load_run(path: Path) -> Run:
-    cfg = OmegaConf.load(path / "config.yaml")
-    assert isinstance(cfg, DictConfig)
-    return Run(
-        path=path,
-        algo=str(OmegaConf.select(cfg, "algo.name", default="?")),
-        task=str(OmegaConf.select(cfg, "task.name", default="?")),
-        seed=int(OmegaConf.select(cfg, "seed", default=0)),
-        num_steps=int(OmegaConf.select(cfg, "sampler.num_steps", default=0)),
-        epochs=int(OmegaConf.select(cfg, "train.epochs", default=0)),
-        records=read_metrics(path / "metrics.jsonl"),
-        flat_config=flatten(OmegaConf.to_container(cfg, resolve=False)),
-    )
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay leaves."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def find_runs(root: Path) -> list[Run]:
-    """Every folder under `root` (itself included) with metrics.jsonl and config.yaml, sorted by path."""
-    folders = {p.parent for p in Path(root).rglob("metrics.jsonl") if (p.parent / "config.yaml").is_file()}
-    return [load_run(p) for p in sorted(folders)]
-
-
-@dataclass
-class Curve:
-    x: np.ndarray  # seed mean of the x-axis at each epoch
-    y: np.ndarray  # seed mean of the metric at each epoch
-    y_std: np.ndarray  # std over seeds (0 with one seed)
-    seeds: int  # runs averaged
-
-    def final(self) -> float:
-        return float(self.y[-1])
-
-
-def seed_mean_curve(runs: Sequence[Run], x_key: str, y_key: str = "reward_mean") -> Curve:
-    """Seed mean/std of `y_key` against the seed mean of `x_key`, epoch by epoch, over the epochs every
-    run has finished."""
-    n = min(len(r.records) for r in runs)
-    if n == 0:
-        raise ValueError(f"no finished epoch in {[str(r.path) for r in runs]}")
-    xs = np.array([[rec[x_key] for rec in r.records[:n]] for r in runs], dtype=np.float64)
-    ys = np.array([[rec[y_key] for rec in r.records[:n]] for r in runs], dtype=np.float64)
-    return Curve(x=xs.mean(0), y=ys.mean(0), y_std=ys.std(0), seeds=len(runs))
-
-
-def time_to_threshold(curve: Curve, threshold: float) -> float | None:
-    """x at the first point where the seed-mean y reaches `threshold`; None if it never does."""
-    hits = np.nonzero(curve.y >= threshold)[0]
-    return float(curve.x[hits[0]]) if len(hits) else None
-
-
-def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str, int], list[Run]]:
-    groups: dict[tuple[str, str, int], list[Run]] = {}
-    for r in runs:
-        groups.setdefault(r.group, []).append(r)
-    return groups
-
-
-# ----------------------------------------------------------------------------- the comparison table
+from rlcm_exp.analysis.runs import Run, group_runs, seed_mean_curve, time_to_threshold
 
 # What the paper states (sec. 6): training-time speed-up on aesthetic, and rollout time.
 PAPER_TRAINING_SPEEDUP = {"aesthetic": "17x (GPU-hours)"}
@@ -294,129 +196,6 @@ def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(columns, cells)
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _label(run: Run) -> str:
-    return f"{run.algo.upper()} (H={run.num_steps})"
-
-
-def plot_groups(
-    ax: Any, groups: dict[tuple[str, str, int], list[Run]], x_key: str, y_key: str = "reward_mean"
-) -> None:
-    """One line per group: the seed mean, with a +- std band over seeds."""
-    for _, members in sorted(groups.items()):
-        c = seed_mean_curve(members, x_key, y_key)
-        (line,) = ax.plot(
-            c.x, c.y, marker="o", markersize=3, label=f"{_label(members[0])}, {c.seeds} seed(s)"
-        )
-        if c.seeds > 1:
-            ax.fill_between(c.x, c.y - c.y_std, c.y + c.y_std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(AXIS_LABELS.get(x_key, x_key))
-    ax.set_ylabel(AXIS_LABELS.get(y_key, y_key))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-ALGO_COLORS = {"rlcm": "tab:green", "ddpo": "tab:blue"}  # the same colour for an algorithm in every figure
-AXIS_LABELS = {
-    "reward_queries": "reward queries",
-    "gpu_hours": "GPU-hours (device-hours on CPU)",
-    "wallclock_s": "training wall-clock (s)",
-    "epoch": "epoch",
-    "reward_mean": "reward (mean over the epoch's samples)",
-}
-
-
-def training_figure(
-    runs: Sequence[Run], x_key: str, out: Path, title: str, tasks: Sequence[str] | None = None
-) -> Path:
-    """One panel per task: reward against `x_key` for every group of that task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = group_runs(runs)
-    task_names = list(tasks) if tasks else sorted({t for t, _, _ in groups})
-    fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 4), squeeze=False)
-    for ax, task in zip(axes[0], task_names, strict=True):
-        plot_groups(ax, {g: m for g, m in groups.items() if g[0] == task}, x_key)
-        ax.set_title(task)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def inference_figure(results: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
-    """Fig. 6: reward against inference seconds per image, both algorithms on one axis per task.
-
-    Solid: the time-budget protocol (x = the budget). Dashed: full rollouts at each step count
-    (x = measured seconds per image)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    tasks = sorted({r["task"] for r in results})
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for algo in sorted({r["algo"] for r in results if r["task"] == task}):
-            color = ALGO_COLORS.get(algo)
-            mine = [r for r in results if r["task"] == task and r["algo"] == algo]
-            budget = _mean_rows([r["budgets"] for r in mine], None, x_key="budget_s")
-            if budget:
-                x, y, s = zip(*budget, strict=True)
-                ax.plot(x, y, marker="o", color=color, label=f"{algo.upper()} time budget ({len(mine)} ckpt)")
-                ax.fill_between(x, np.subtract(y, s), np.add(y, s), color=color, alpha=0.15)
-            steps = _mean_rows([r["steps"] for r in mine], "num_steps", x_key="seconds_per_image")
-            if steps:
-                x, y, _ = zip(*steps, strict=True)
-                ax.plot(
-                    x,
-                    y,
-                    linestyle="--",
-                    marker="s",
-                    color=color,
-                    alpha=0.7,
-                    label=f"{algo.upper()} full rollouts by step count",
-                )
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("inference seconds per image (this device)")
-        ax.set_ylabel("reward (held-out prompts)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def _mean_rows(
-    tables: Sequence[Sequence[dict[str, Any]]], key: str | None, x_key: str
-) -> list[tuple[float, float, float]]:
-    """Rows of several checkpoints, matched by `key` (None: by position, for budgets chosen relative to
-    each checkpoint's own timing): (mean x, mean reward, std of the per-checkpoint means when several,
-    else the std over trajectories)."""
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for table in tables:
-        for i, row in enumerate(table):
-            groups.setdefault(i if key is None else row[key], []).append(row)
-    out = []
-    for rows in groups.values():
-        means = [row["reward_mean"] for row in rows]
-        spread = float(np.std(means)) if len(rows) > 1 else float(rows[0]["reward_std"])
-        out.append((float(np.mean([row[x_key] for row in rows])), float(np.mean(means)), spread))
-    return sorted(out)
-
-
 def rollout_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Seconds per image of a full rollout at each checkpoint's own H, mean over checkpoints, with DDPO/RLCM."""
     rows = []
@@ -455,7 +234,3 @@ def rollout_markdown(rows: Sequence[dict[str, Any]]) -> str:
         for r in rows
     ]
     return markdown_table(columns, cells)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))

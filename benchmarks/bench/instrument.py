@@ -1,0 +1,263 @@
+"""Timing and memory of the production epoch, collected by a trainer callback.
+
+The trainer runs unchanged. `BenchCallback.on_fit_start` wraps a few bound methods of the trainer's
+own instances (policy, accelerator, optimizer, the trainer itself) with timers; each epoch is timed
+between `on_epoch_start` and `on_epoch_end`, and after each measured epoch the compute floor
+(floor.py) runs in the same process at the same batch sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import resource
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench.device import cuda_available, sync
+from benchmarks.bench.floor import Floor
+from rlcm_exp.training.callbacks import Callback
+
+
+class PhaseClock:
+    """Seconds per named phase, accumulated by wrapped callables.
+
+    On a GPU a wrapped call records CUDA events instead of synchronising, so the instrumented
+    epoch keeps its asynchrony; the events are resolved once, at the end of the epoch. Host-side
+    phases (advantages, logging) are always wall-clock.
+    """
+
+    HOST = {"advantages", "logging"}
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, Any, Any]] = []
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        use_events = cuda_available() and name not in self.HOST
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if use_events:
+                start_ev = torch.cuda.Event(enable_timing=True)
+                start_ev.record()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.wall[name] += time.perf_counter() - start
+                if use_events:
+                    end_ev = torch.cuda.Event(enable_timing=True)
+                    end_ev.record()
+                    self.events.append((name, start_ev, end_ev))
+
+        return timed
+
+    def wrap_attr(self, obj: Any, attr: str, name: str) -> None:
+        """Time `obj.attr` as phase `name`: an instance attribute shadows the class's method, and the
+        production code calls self.<attr>(...), so only this object is affected."""
+        setattr(obj, attr, self.wrap(name, getattr(obj, attr)))
+
+    def take(self) -> dict[str, float]:
+        """This epoch's seconds per phase; resets the clock."""
+        out = dict(self.wall)
+        if self.events:
+            sync()
+            gpu: dict[str, float] = defaultdict(float)
+            for name, s, e in self.events:
+                gpu[name] += s.elapsed_time(e) / 1000.0
+            out.update(gpu)
+        self.wall, self.events = defaultdict(float), []
+        return out
+
+
+def reset_peak_memory() -> None:
+    if cuda_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        # Linux >= 4.0: "5" resets VmHWM (peak RSS) of this process to its current RSS
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory() -> dict[str, Any]:
+    if cuda_available():
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"kind": "rss_peak", "bytes": int(line.split()[1]) * 1024}
+    except OSError:
+        pass
+    # fallback: the process's lifetime peak (kB on Linux, bytes on macOS)
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {
+        "kind": "rss_peak_process",
+        "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale,
+    }
+
+
+@contextmanager
+def count_cuda_syncs(enabled: bool) -> Iterator[list[str] | None]:
+    """On a GPU, the host-device synchronisations of the block (torch's sync debug mode), else None.
+
+    Used on the warm-up epoch only: the check itself slows what it watches. A hot path with no
+    synchronisation inside its step loops shows a count that grows with batches and optimizer
+    steps, not with steps x minibatches.
+    """
+    if not (enabled and cuda_available()):
+        yield None
+        return
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower())
+
+
+@dataclasses.dataclass
+class Collected:
+    """What one algorithm's run measured: per measured epoch its phases and its floor, once the FLOPs."""
+
+    algo: str
+    epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    floors: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    flops: dict[str, int] = dataclasses.field(default_factory=dict)
+    batch_plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cuda_syncs_warmup_epoch: int | None = None
+    checkpoint_s: float | None = None  # the final LoRA save
+    checkpoints_s: list[float] = dataclasses.field(default_factory=list)  # full training-state checkpoints
+
+
+# (object on the trainer, its method, the phase it is timed as)
+POLICY_PHASES = [
+    ("encode_prompts", "text_encode"),
+    ("sample", "sample_total"),
+    ("decode", "vae_decode"),
+    ("log_prob", "logprob_forward"),
+]
+
+
+def instrument(trainer: Any, clock: PhaseClock) -> None:
+    """Wrap the trainer's collaborators' methods with the phase clock (instances only, nothing global)."""
+    for attr, name in POLICY_PHASES:
+        clock.wrap_attr(trainer.policy, attr, name)
+    clock.wrap_attr(trainer.accelerator, "backward", "backward")
+    clock.wrap_attr(trainer.accelerator, "clip_grad_norm_", "optimizer")
+    for attr in ("step", "zero_grad"):
+        clock.wrap_attr(trainer.optimizer, attr, "optimizer")
+    # not lr_scheduler.step: its state_dict pickles the instance __dict__, wrapper included;
+    # a LinearLR step is a few multiplications and lands in "other"
+    clock.wrap_attr(trainer, "advantages", "advantages")
+    clock.wrap_attr(trainer.metrics, "write", "logging")
+    if trainer.logger is not None:
+        clock.wrap_attr(trainer.logger, "log", "logging")
+    save_grid = clock.wrap("logging", trainer.maybe_save_images)
+
+    def first_grid_only(epoch: int, *args: Any, **kwargs: Any) -> Any:
+        # the last epoch's grid is skipped: in a long run only the first and last of ~100 epochs
+        # save one, so the measured epochs should not
+        if epoch > 0 and epoch == trainer.settings.epochs - 1:
+            return None
+        return save_grid(epoch, *args, **kwargs)
+
+    trainer.maybe_save_images = first_grid_only
+
+
+def split_epoch(
+    record: dict[str, Any], ph: dict[str, float], wall: float, plan: Any, reward_inline: bool
+) -> dict[str, Any]:
+    """One measured epoch as phases summing to its wall-clock ("other": the loop code between calls)."""
+    sample_total = ph.get("sample_total", record["time_sample_s"])
+    text, decode = ph.get("text_encode", 0.0), ph.get("vae_decode", 0.0)
+    phases = {
+        "text_encode": text,
+        "sampling": max(sample_total - text - decode, 0.0),  # the UNet step loop
+        "vae_decode": decode,
+        "reward_wait": record.get("time_reward_wait_s", 0.0),  # reward not hidden behind sampling
+        "advantages": ph.get("advantages", 0.0),
+        "logprob_forward": ph.get("logprob_forward", 0.0),
+        "backward": ph.get("backward", 0.0),
+        "optimizer": ph.get("optimizer", 0.0),
+        "logging": ph.get("logging", 0.0),
+    }
+    if reward_inline:  # reward_workers=0: scored inside the sampling loop's wall
+        phases["reward_wait"] = record.get("time_reward_s", 0.0)
+    # the remainder: loop code between the model calls (indexing, loss, tqdm, stats)
+    phases["other"] = max(wall - sum(phases.values()), 0.0)
+    return {
+        "epoch_s": wall,
+        "phases": phases,
+        "reward_s": record.get("time_reward_s", 0.0),  # total scoring time, overlapped with sampling
+        "sample_total_s": sample_total,
+        "train_s": record.get("time_train_s", 0.0),
+        "images_per_s": plan.samples_per_process / sample_total if sample_total > 0 else None,
+        "rollout_s": sample_total / plan.sampling_batches,
+    }
+
+
+class BenchCallback(Callback):
+    """Times each epoch of `Trainer.fit` by phase; after each measured epoch, measures the floor."""
+
+    def __init__(self, collected: Collected, warmup: int) -> None:
+        self.collected, self.warmup = collected, warmup
+        self.clock = PhaseClock()
+        self.floor: Floor | None = None
+        self._start = 0.0
+        self._syncs = contextlib.ExitStack()
+        self._found: list[str] | None = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        instrument(trainer, self.clock)
+        self.collected.batch_plan = trainer.plan.as_dict()
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self.clock.take()
+        gc.collect()
+        reset_peak_memory()
+        sync()
+        self._found = self._syncs.enter_context(count_cuda_syncs(enabled=epoch < self.warmup))
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, Any]) -> None:
+        sync()
+        wall = time.perf_counter() - self._start
+        self._syncs.close()
+        if self._found is not None:
+            self.collected.cuda_syncs_warmup_epoch = len(self._found)
+        mem = peak_memory()
+        phases = self.clock.take()
+        measured = epoch >= self.warmup
+        label = "measured" if measured else "warm-up"
+        print(f"[bench] {self.collected.algo} epoch {epoch} ({label}): {wall:.2f} s", flush=True)
+        if self.floor is None:
+            self.floor = Floor(trainer)
+            self.collected.flops = self.floor.flops()
+        if not measured:
+            return
+        floor = self.floor.measure()
+        print(f"[bench] {self.collected.algo} floor: {floor['total']:.2f} s", flush=True)
+        reward_inline = trainer.settings.reward_workers == 0
+        split = split_epoch(record, phases, wall, trainer.plan, reward_inline)
+        self.collected.epochs.append({**split, "peak_memory": mem})
+        self.collected.floors.append(floor)
+
+    def on_checkpoint(self, trainer: Any, folder: Path, seconds: float) -> None:
+        if folder.name == "final":  # the LoRA weights written once, after the last epoch
+            self.collected.checkpoint_s = seconds
+        else:  # the full training state, every `checkpoint_every` epochs and at the end
+            self.collected.checkpoints_s.append(seconds)

@@ -1,0 +1,231 @@
+"""Every figure the project draws, from run folders and evaluation results (PNG, 120 dpi).
+
+- reward_vs_time_figure, before_after_grid: one run's summary (end of `python -m rlcm_exp`)
+- compare_figure: every run of a sweep (`python -m rlcm_exp.compare`)
+- training_figure, inference_figure: the paper's Figs. 4, 5, 7 and 6 (`python -m rlcm_exp.reproduce`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rlcm_exp.analysis.runs import Run, find_runs, group_runs, run_labels, seed_mean_curve
+
+if TYPE_CHECKING:
+    import torch
+
+ALGO_COLORS = {"rlcm": "tab:green", "ddpo": "tab:blue"}  # the same colour for an algorithm in every figure
+AXIS_LABELS = {
+    "reward_queries": "reward queries",
+    "gpu_hours": "GPU-hours (device-hours on CPU)",
+    "wallclock_s": "training wall-clock (s)",
+    "epoch": "epoch",
+    "reward_mean": "reward (mean over the epoch's samples)",
+}
+COMPARE_AXES = ("gpu_hours", "reward_queries")  # the compare figure's two panels, left to right
+DPI = 120
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on a cluster node); imported on use,
+    as a training run that never draws should not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> Path:
+    plt = _pyplot()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def reward_vs_time_figure(
+    records: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], out: Path
+) -> Path:
+    """Training reward (mean +- std of each round) and held-out reward against wall-clock seconds."""
+    import torch  # on use: `python -m rlcm_exp.compare` draws without loading torch
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    t = [r["wallclock_s"] for r in records]
+    mean = torch.tensor([r["reward_mean"] for r in records])
+    std = torch.tensor([r["reward_std"] for r in records])
+    ax.plot(t, mean, label="training reward (mean of the round)")
+    ax.fill_between(t, mean - std, mean + std, alpha=0.2)
+    if evals:
+        ax.plot(
+            [e["wallclock_s"] for e in evals],
+            [e["eval_reward_mean"] for e in evals],
+            "o-",
+            label="held-out prompts, fixed seeds",
+        )
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def before_after_grid(before: torch.Tensor, after: torch.Tensor, out: Path, max_images: int = 8) -> Path:
+    """Held-out images of the first evaluation (top row) and of the last (bottom row), same prompts
+    and seeds; float images in [0, 1]."""
+    import torch
+    from torchvision.utils import save_image
+
+    k = min(len(before), len(after), max_images)
+    save_image(torch.cat([before[:k], after[:k]]), out, nrow=k, padding=2)
+    return out
+
+
+# ----------------------------------------------------------------------------- a sweep
+
+
+def compare_figure(sweep_dir: Path, out: Path | None = None, metric: str = "reward_mean") -> Path:
+    """Every run under `sweep_dir` in one PNG (default SWEEP_DIR/compare.png), one line per run, named
+    by the config values that differ; `metric` against GPU-hours and against reward queries."""
+    plt = _pyplot()
+    sweep_dir = Path(sweep_dir)
+    runs = [r for r in find_runs(sweep_dir) if r.records]
+    if not runs:
+        raise FileNotFoundError(
+            f"no run folders (metrics.jsonl + config.yaml with at least one epoch) under {sweep_dir}"
+        )
+    labels = run_labels(runs)
+    fig, axes = plt.subplots(1, len(COMPARE_AXES), figsize=(6 * len(COMPARE_AXES), 4.5 + 0.2 * len(runs)))
+    for ax, x_key in zip(axes, COMPARE_AXES, strict=True):
+        for run, label in zip(runs, labels, strict=True):
+            xs = [rec[x_key] for rec in run.records]
+            ys = [rec.get(metric, float("nan")) for rec in run.records]
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xlabel(AXIS_LABELS.get(x_key, x_key))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    # one legend under both panels: labels can be long
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=1 if len(runs) > 6 else 2, fontsize=7)
+    fig.suptitle(f"{sweep_dir} ({len(runs)} runs)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(runs) + 1) // 2 if len(runs) <= 6 else len(runs)), 1, 1))
+    return _save(fig, Path(out) if out else sweep_dir / "compare.png")
+
+
+# ----------------------------------------------------------------------------- the paper's figures
+
+
+def _label(run: Run) -> str:
+    return f"{run.algo.upper()} (H={run.num_steps})"
+
+
+def plot_groups(
+    ax: Any, groups: dict[tuple[str, str, int], list[Run]], x_key: str, y_key: str = "reward_mean"
+) -> None:
+    """One line per group: the seed mean, with a +- std band over seeds."""
+    for _, members in sorted(groups.items()):
+        c = seed_mean_curve(members, x_key, y_key)
+        (line,) = ax.plot(
+            c.x, c.y, marker="o", markersize=3, label=f"{_label(members[0])}, {c.seeds} seed(s)"
+        )
+        if c.seeds > 1:
+            ax.fill_between(c.x, c.y - c.y_std, c.y + c.y_std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(AXIS_LABELS.get(x_key, x_key))
+    ax.set_ylabel(AXIS_LABELS.get(y_key, y_key))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def training_figure(
+    runs: Sequence[Run], x_key: str, out: Path, title: str, tasks: Sequence[str] | None = None
+) -> Path:
+    """Figs. 4, 5 and 7: one panel per task, reward against `x_key` for every group of that task."""
+    plt = _pyplot()
+    groups = group_runs(runs)
+    task_names = list(tasks) if tasks else sorted({t for t, _, _ in groups})
+    fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 4), squeeze=False)
+    for ax, task in zip(axes[0], task_names, strict=True):
+        plot_groups(ax, {g: m for g, m in groups.items() if g[0] == task}, x_key)
+        ax.set_title(task)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def inference_figure(results: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
+    """Fig. 6: reward against inference seconds per image, both algorithms on one axis per task.
+
+    Solid: the time-budget protocol (x = the budget). Dashed: full rollouts at each step count
+    (x = measured seconds per image)."""
+    plt = _pyplot()
+    tasks = sorted({r["task"] for r in results})
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for algo in sorted({r["algo"] for r in results if r["task"] == task}):
+            _plot_inference(ax, algo, [r for r in results if r["task"] == task and r["algo"] == algo])
+        _inference_axes(ax, task)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _plot_inference(ax: Any, algo: str, mine: Sequence[dict[str, Any]]) -> None:
+    """One algorithm's lines of a Fig. 6 panel, over the checkpoints `mine` evaluated."""
+    color = ALGO_COLORS.get(algo)
+    budget = _mean_rows([r["budgets"] for r in mine], None, x_key="budget_s")
+    if budget:
+        x, y, s = zip(*budget, strict=True)
+        ax.plot(x, y, marker="o", color=color, label=f"{algo.upper()} time budget ({len(mine)} ckpt)")
+        ax.fill_between(x, np.subtract(y, s), np.add(y, s), color=color, alpha=0.15)
+    steps = _mean_rows([r["steps"] for r in mine], "num_steps", x_key="seconds_per_image")
+    if steps:
+        x, y, _ = zip(*steps, strict=True)
+        ax.plot(
+            x,
+            y,
+            linestyle="--",
+            marker="s",
+            color=color,
+            alpha=0.7,
+            label=f"{algo.upper()} full rollouts by step count",
+        )
+
+
+def _inference_axes(ax: Any, task: str) -> None:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("inference seconds per image (this device)")
+    ax.set_ylabel("reward (held-out prompts)")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _mean_rows(
+    tables: Sequence[Sequence[dict[str, Any]]], key: str | None, x_key: str
+) -> list[tuple[float, float, float]]:
+    """Rows of several checkpoints, matched by `key` (None: by position, for budgets chosen relative to
+    each checkpoint's own timing): (mean x, mean reward, std of the per-checkpoint means when several,
+    else the std over trajectories)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for table in tables:
+        for i, row in enumerate(table):
+            groups.setdefault(i if key is None else row[key], []).append(row)
+    out = []
+    for rows in groups.values():
+        means = [row["reward_mean"] for row in rows]
+        spread = float(np.std(means)) if len(rows) > 1 else float(rows[0]["reward_std"])
+        out.append((float(np.mean([row[x_key] for row in rows])), float(np.mean(means)), spread))
+    return sorted(out)

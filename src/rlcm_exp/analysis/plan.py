@@ -1,0 +1,235 @@
+"""What a reproduction trains: its scale (conf/reproduce/<scale>.yaml) and the planned runs.
+
+A scale is data: the tasks, seeds, stated thresholds and the Hydra overrides of every training run,
+plus rough costs for the plan's time estimate. A planned run's overrides, in order (Hydra keeps the
+last value of a key, so later entries win):
+
+    algo=A task=T seed=S, common, algos.A.overrides, algos.A.task_overrides.T,
+    [sampler.num_steps=H: the horizon runs of Fig. 7], the wandb group and tags, --override values
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from rlcm_exp.configs import conf_dir
+from rlcm_exp.errors import ConfigError
+
+FIGURES = ("4", "5", "6", "7")  # the paper's figures a reproduction can draw
+ALGOS = ("rlcm", "ddpo")  # the algorithms compared, in plan order
+
+
+@dataclass(frozen=True)
+class AlgoScale:
+    """One algorithm's part of a scale (see conf/reproduce/*.yaml for each field's meaning and unit)."""
+
+    overrides: tuple[str, ...]  # after the scale's common overrides
+    eval_steps: tuple[int, ...]  # step counts timed and scored as full rollouts in Fig. 6
+    epoch_seconds: float  # plan estimate: seconds per epoch at main_steps and the common batch
+    main_steps: int  # plan estimate: the main H (the config decides the real one)
+    task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # after `overrides`, per task
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What one scale runs (see conf/reproduce/*.yaml for each field's meaning and unit)."""
+
+    name: str  # the file's name: full | toy | smoke
+    notes: str  # said in the report
+    tasks: tuple[str, ...]  # task options compared in Figs. 4-6
+    seeds: tuple[int, ...]  # seeds of every training run
+    common: tuple[str, ...]  # overrides of every training run
+    algos: dict[str, AlgoScale]  # per algorithm
+    horizon_task: str  # task of the Fig. 7 ablation
+    horizon_steps: tuple[int, ...]  # extra RLCM horizons H trained for Fig. 7 (the main H is reused)
+    eval_overrides: tuple[str, ...]  # conf/evaluate.yaml overrides of the inference evaluation
+    eval_seeds: tuple[int, ...]  # training seeds whose final checkpoints are evaluated for Fig. 6
+    startup_seconds: float  # plan estimate: per-run process start + model load
+    eval_seconds: float  # plan estimate: per evaluated checkpoint
+    thresholds: dict[str, float] = field(default_factory=dict)  # stated time-to-threshold reward per task
+
+
+def scale_names() -> list[str]:
+    """The scales shipped in conf/reproduce/, sorted."""
+    return sorted(p.stem for p in (conf_dir() / "reproduce").glob("*.yaml"))
+
+
+def load_scale(name: str) -> Scale:
+    """conf/reproduce/<name>.yaml as a Scale; a missing or unknown key is a ConfigError naming it."""
+    path = conf_dir() / "reproduce" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown reproduction scale '{name}': choose from {', '.join(scale_names())}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(data, dict)
+    where = f"conf/reproduce/{name}.yaml"
+    _check_keys(data, Scale, where, skip=frozenset({"name"}))
+    algos = data["algos"]
+    if set(algos) != set(ALGOS):
+        raise ConfigError(f"{where}: algos must be exactly {', '.join(ALGOS)}, got {', '.join(algos)}")
+    return Scale(
+        name=name,
+        notes=str(data["notes"]),
+        tasks=_strs(data["tasks"]),
+        seeds=_ints(data["seeds"]),
+        common=_strs(data["common"]),
+        algos={algo: _algo_scale(algos[algo], f"{where}: algos.{algo}") for algo in ALGOS},
+        horizon_task=str(data["horizon_task"]),
+        horizon_steps=_ints(data["horizon_steps"]),
+        eval_overrides=_strs(data["eval_overrides"]),
+        eval_seeds=_ints(data["eval_seeds"]),
+        startup_seconds=float(data["startup_seconds"]),
+        eval_seconds=float(data["eval_seconds"]),
+        thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
+    )
+
+
+def _algo_scale(data: dict[str, Any], where: str) -> AlgoScale:
+    _check_keys(data, AlgoScale, where)
+    return AlgoScale(
+        overrides=_strs(data["overrides"]),
+        eval_steps=_ints(data["eval_steps"]),
+        epoch_seconds=float(data["epoch_seconds"]),
+        main_steps=int(data["main_steps"]),
+        task_overrides={str(k): _strs(v) for k, v in (data.get("task_overrides") or {}).items()},
+    )
+
+
+def _check_keys(data: Mapping[Any, Any], cls: type, where: str, skip: frozenset[str] = frozenset()) -> None:
+    """Every key of `data` is a field of `cls`, and every field without a default is there."""
+    names = {f.name for f in fields(cls)} - skip
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - skip
+    if unknown := set(data) - names:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+        )
+    if missing := required - set(data):
+        raise ConfigError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
+
+
+def _strs(values: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # folder under runs/
+    kind: str  # main | horizon
+    task: str
+    algo: str
+    seed: int
+    overrides: tuple[str, ...]  # everything but hydra.run.dir
+    est_seconds: float  # plan estimate
+
+
+def plan_runs(
+    scale: Scale, seeds: tuple[int, ...], figures: tuple[str, ...], user: tuple[str, ...] = ()
+) -> list[RunSpec]:
+    """The training runs the chosen figures need; Fig. 7 reuses the main RLCM run as its main H."""
+    specs = []
+    # Fig. 7 alone still needs its task's main runs: its main H and the DDPO reference
+    tasks = scale.tasks if {"4", "5", "6"} & set(figures) else (scale.horizon_task,) if "7" in figures else ()
+    for task in tasks:
+        for algo in ALGOS:
+            for seed in seeds:
+                specs.append(plan_run(scale, "main", task, algo, seed, (), user))
+    if "7" in figures:
+        for steps in scale.horizon_steps:
+            for seed in seeds:
+                extra = (f"sampler.num_steps={steps}",)
+                specs.append(plan_run(scale, "horizon", scale.horizon_task, "rlcm", seed, extra, user))
+    return specs
+
+
+def last_int(overrides: Sequence[str], key: str, default: int) -> int:
+    """The value the last `key=N` override sets (the one Hydra keeps), or `default`."""
+    return next((int(o.split("=", 1)[1]) for o in overrides[::-1] if o.startswith(f"{key}=")), default)
+
+
+def plan_run(
+    scale: Scale,
+    kind: str,
+    task: str,
+    algo: str,
+    seed: int,
+    extra: tuple[str, ...],
+    user: tuple[str, ...] = (),
+) -> RunSpec:
+    """One training run: its folder name, overrides (in the order the module docstring gives) and
+    estimated seconds."""
+    part = scale.algos[algo]
+    overrides = (
+        f"algo={algo}",
+        f"task={task}",
+        f"seed={seed}",
+        *scale.common,
+        *part.overrides,
+        *part.task_overrides.get(task, ()),
+        *extra,
+        # wandb grouping (ignored by logger=none): one group per scale and task, as the paper's figures
+        f"++logger.group=reproduce_{scale.name}_{task}",
+        f"++logger.tags=[reproduce,{scale.name},{algo},{kind}]",
+        *user,  # --override: last, so they win
+    )
+    steps = last_int(extra, "sampler.num_steps", 0) or None  # set only by the horizon runs
+    name = f"{task}_{algo}" + (f"_h{steps}" if steps is not None else "") + f"_s{seed}"
+    epochs = last_int(overrides, "train.epochs", 100)
+    # epoch_seconds is at the main H and the common batch; scale by this run's steps and batch
+    run_steps = last_int(overrides, "sampler.num_steps", part.main_steps)
+    batch, common_batch = (
+        last_int(overrides, "train.samples_per_epoch", 1),
+        last_int(scale.common, "train.samples_per_epoch", 1),
+    )
+    per_epoch = part.epoch_seconds * run_steps / part.main_steps * batch / common_batch
+    return RunSpec(name, kind, task, algo, seed, overrides, scale.startup_seconds + epochs * per_epoch)
+
+
+def estimate(specs: list[RunSpec], scale: Scale, eval_count: int, jobs: int = 1) -> float:
+    """Plan seconds: training runs spread over `jobs` workers, then the evaluations one by one."""
+    return sum(s.est_seconds for s in specs) / max(1, jobs) + eval_count * scale.eval_seconds
+
+
+def eval_seeds(scale: Scale, seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The training seeds whose final checkpoints Fig. 6 evaluates: the scale's among those trained,
+    else the first trained seed."""
+    return tuple(s for s in scale.eval_seeds if s in seeds) or seeds[:1]
+
+
+def parse_figures(text: str) -> tuple[str, ...]:
+    """Parse "4,5,6" into ("4", "5", "6"); an unknown figure is a ValueError naming it."""
+    figures = tuple(f.strip() for f in text.split(",") if f.strip())
+    if bad := set(figures) - set(FIGURES):
+        raise ValueError(f"unknown {sorted(bad)}; choose from {','.join(FIGURES)}")
+    return figures
+
+
+def parse_thresholds(items: Sequence[str]) -> dict[str, float]:
+    """Parse ["toy_compression=-0.9"] into {"toy_compression": -0.9}."""
+    out = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        out[task] = float(value)
+    return out
+
+
+@dataclass
+class Outcome:
+    """What running a plan did, each list in plan order."""
+
+    ran: list[str] = field(default_factory=list)  # trained now and finished
+    skipped: list[str] = field(default_factory=list)  # already finished
+    failed: list[str] = field(default_factory=list)  # trained now, not finished (see RUN/stdout.log)
+    commands: list[str] = field(default_factory=list)  # every planned run's command line
+
+
+def scale_dir(out: Path, scale: Scale) -> Path:
+    """OUT/<scale>: the report, the figures and runs/."""
+    return (out / scale.name).resolve()

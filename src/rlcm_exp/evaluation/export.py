@@ -1,0 +1,241 @@
+"""What a run learned, written as something diffusers loads without this package: a LoRA folder
+(`pipe.load_lora_weights(DIR)`) or a standalone pipeline with the LoRA fused in
+(`DiffusionPipeline.from_pretrained(DIR)`), each with a model card (base model, task, reward, steps,
+final metrics). `python -m rlcm_exp.export` is its command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+
+from hydra.utils import instantiate
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.evaluation.runs import LORA_WEIGHTS, load_run_config
+from rlcm_exp.models.lora import resolve_lora_folder
+from rlcm_exp.policies.members import sampler_member
+from rlcm_exp.tracking import read_metrics
+
+FORMATS = ("lora", "pipeline")
+# What an export wrote, relative path -> sha256 (a list of them while an overwrite is moving files in),
+# kept inside the export: --overwrite replaces these files and nothing else (a user's notes or images
+# beside them are never deleted), and only while they still hold what the export wrote.
+MANIFEST = ".rlcm_export.json"
+
+
+def model_card(run_dir: Path, kind: str) -> str:
+    """README.md of an export: what was trained from what, how, and with what result."""
+    cfg = load_run_config(run_dir)
+    member = sampler_member(cfg.sampler)
+    source = cfg.model.get(member) or {}
+    base = source.get("local_path") or source.get("hub_id") or cfg.model.get("name", "?")
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    last = records[-1] if records else {}
+    first = records[0] if records else {}
+    commit_file = run_dir / "git_commit.txt"
+    commit = commit_file.read_text().strip() if commit_file.is_file() else "?"
+    lines = [
+        f"# {cfg.algo.name.upper()} fine-tune ({kind})",
+        "",
+        f"- base model: `{base}` (family `{cfg.model.get('name', '?')}`, member `{member}`)",
+        f"- algorithm: {cfg.algo.name}; sampler `{cfg.sampler._target_.rsplit('.', 1)[-1]}`, "
+        f"steps {cfg.sampler.num_steps}, guidance {cfg.sampler.guidance_scale}",
+        f"- task: {cfg.task.name}; reward `{cfg.reward._target_}`",
+        f"- LoRA: rank {cfg.algo.lora.rank}, alpha {cfg.algo.lora.alpha}, modules {list(cfg.algo.lora.target_modules)}",
+        f"- trained epochs: {len(records)}; reward {first.get('reward_mean', float('nan')):.4f} -> "
+        f"{last.get('reward_mean', float('nan')):.4f}; GPU-hours {last.get('gpu_hours', 0.0):.4f}; "
+        f"reward queries {last.get('reward_queries', 0)}",
+        f"- seed {cfg.seed}; code `{commit}`",
+        "",
+        "Trained with rlcm-exp. Load with diffusers:",
+        "",
+        "```python",
+        "pipe.load_lora_weights(DIR)  # LoRA export"
+        if kind == "lora"
+        else "pipe = DiffusionPipeline.from_pretrained(DIR)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every regular file below `folder` (relative POSIX paths, sorted), the manifest excepted."""
+    found = (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return sorted(rel for rel in (p.relative_to(folder).as_posix() for p in found) if rel != MANIFEST)
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, files: Mapping[str, str | list[str]]) -> None:
+    """MANIFEST in `folder`, written whole or not at all (a torn manifest would list too little)."""
+    tmp = folder / (MANIFEST + ".part")
+    tmp.write_text(json.dumps({"written_by": "rlcm_exp.export", "files": files}, indent=1, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(target: Path) -> dict[str, list[str]]:
+    """The files an earlier export into `target` listed ({} when there was none); a manifest that is
+    unreadable or names a path outside `target` is refused: nothing could be replaced safely."""
+    path = target / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"--out {target}: {MANIFEST} there (the list of files an earlier export wrote) cannot be read "
+            f"({err}), so the export cannot tell its own files from yours. Move what you want to keep "
+            "elsewhere and delete the folder, or choose another --out."
+        ) from err
+    for rel in files:
+        parts = PurePosixPath(str(rel)).parts
+        if not parts or PurePosixPath(str(rel)).is_absolute() or ".." in parts or str(rel) == MANIFEST:
+            raise ConfigError(
+                f"--out {target}: {MANIFEST} lists {rel!r}, which is not a file inside the folder; it was not "
+                "written by rlcm_exp.export. Remove it (and the files you do not need), or choose another --out."
+            )
+    return {str(k): [str(d) for d in v] if isinstance(v, list) else [str(v)] for k, v in files.items()}
+
+
+def _describe(target: Path, given: bool) -> str:
+    return f"--out {target}" if given else f"--out (default {target})"
+
+
+def check_target(target: Path, overwrite: bool, given: bool = True) -> None:
+    """Refuse an output folder whose contents the export could destroy, before any work is done:
+    a file, or a non-empty folder without --overwrite."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{_describe(target, given)} is a file, not a folder: choose another --out.")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(
+            f"{_describe(target, given)} is not empty ({len(entries)} entries: {shown}); the export does not "
+            f"write into a folder that holds other files. Pass --overwrite to replace an earlier export "
+            f"there (only the files it listed in {MANIFEST} are replaced; anything else is kept), or "
+            "choose another --out."
+        )
+    read_manifest(target)  # an unreadable manifest is refused now, not after the export is built
+
+
+def _blocked(target: Path, rel: str, listed: dict[str, list[str]]) -> bool:
+    """Whether writing `rel` into `target` would replace something the earlier export did not write
+    (or write through a link to outside `target`)."""
+    parts = PurePosixPath(rel).parts
+    for depth in range(1, len(parts)):
+        folder = target.joinpath(*parts[:depth])
+        if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+            return True
+    path = target / rel
+    return os.path.lexists(path) and (rel not in listed or path.is_symlink() or not path.is_file())
+
+
+def _changed(target: Path, listed: dict[str, list[str]]) -> list[str]:
+    """Listed files that are no longer what the export wrote (edited by the user, or now a link)."""
+    changed = []
+    for rel, digests in listed.items():
+        path = target / rel
+        if os.path.lexists(path) and (
+            path.is_symlink() or not path.is_file() or _digest(path) not in digests
+        ):
+            changed.append(rel)
+    return changed
+
+
+def _remove_listed(target: Path, rel: str) -> None:
+    """Delete one file an earlier export wrote, and the folders that only it had filled."""
+    path = target / rel
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != target and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def install(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move the complete export in `staging` (with its manifest) to `target`: a rename when `target`
+    is absent or empty; otherwise file by file, replacing only what the earlier export listed."""
+    check_target(target, overwrite)  # again: the folder may have filled while the export was built
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        staging.rename(target)
+        return
+    listed = read_manifest(target)
+    new: dict[str, str] = json.loads((staging / MANIFEST).read_text())["files"]
+    blocked = [rel for rel in new if _blocked(target, rel, listed)]
+    changed = _changed(target, listed)
+    if blocked or changed:
+        problems = [f"{rel} (not written by an export)" for rel in blocked]
+        problems += [f"{rel} (changed since the export wrote it)" for rel in changed]
+        raise ConfigError(
+            f"--out {target}: --overwrite replaces only files an earlier export wrote and listed in "
+            f"{MANIFEST}, unchanged, but the export would replace {', '.join(problems)}. Nothing was "
+            "replaced: move those files away, or choose another --out."
+        )
+    # list the old and the new files (either content of a path) before any moves: a kill midway
+    # leaves nothing of ours unlisted, and a later --overwrite can finish the job
+    write_manifest(
+        target,
+        {
+            rel: listed.get(rel, []) + ([new[rel]] if rel in new else [])
+            for rel in sorted(set(listed) | set(new))
+        },
+    )
+    for rel in sorted(set(listed) - set(new)):
+        _remove_listed(target, rel)
+    for rel in new:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, target / rel)
+    write_manifest(target, new)
+
+
+def export(
+    run_dir: str | Path, fmt: str = "lora", out: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write the run's final LoRA as `fmt` (lora | pipeline) to `out` (default RUN_DIR/export/FORMAT).
+
+    A non-empty `out` is refused unless `overwrite`; even then only the files an earlier export
+    listed in its manifest (MANIFEST) are replaced, and nothing else there is touched. The export is
+    written completely into a fresh hidden folder beside `out` first, so a failed or killed export
+    never replaces a complete one."""
+    run_dir = Path(run_dir)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+    cfg = load_run_config(run_dir)
+    lora = resolve_lora_folder(run_dir)
+    target = Path(out) if out else run_dir / "export" / fmt
+    check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of this call (mkdir fails on an existing one), never DIR.tmp: a user's is not touched
+    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.export-tmp"
+    staging.mkdir()
+    try:
+        if fmt == "lora":
+            shutil.copy2(lora / LORA_WEIGHTS, staging / LORA_WEIGHTS)
+        else:  # a standalone pipeline of the member the sampler drives, LoRA fused into its UNet
+            pipe = instantiate(cfg.model).load(sampler_member(cfg.sampler))
+            pipe.load_lora_weights(str(lora))
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+            pipe.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(run_dir, fmt))
+        write_manifest(staging, {rel: _digest(staging / rel) for rel in files_under(staging)})
+        install(staging, target, overwrite)
+    finally:
+        if staging.exists():  # created by this call: whatever is left of it is ours
+            shutil.rmtree(staging)
+    return target

@@ -1,0 +1,102 @@
+"""Model families: a diffusion model and the LCM distilled from it, loaded the same way real or tiny.
+
+A family names up to two members. `sampler=lcm` drives the `lcm` member, `sampler=ddim` the
+`diffusion` member; a family without the member a sampler needs is refused with a clear error,
+so LCM-only or diffusion-only models are fine. Every member loads through `from_pretrained`
+(hub id + revision, or a local folder in the hub layout): the tiny family is built from configs,
+saved in that layout and loaded back through the very same path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.hub import PIPELINES, MemberSource, load_pipeline, local_vae_scale, torch_dtype
+from rlcm_exp.models.synthetic import build_tiny_family_folders
+from rlcm_exp.toy import WEIGHTS_DIR
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    diffusion: MemberSource | None = None
+    lcm: MemberSource | None = None
+    dtype: str = "float32"  # dtype of the frozen weights (fp16/bf16 halves memory on a GPU)
+
+    def member(self, kind: str) -> MemberSource:
+        source = getattr(self, kind) if kind in PIPELINES else None
+        if source is None:
+            sampler = "ddim" if kind == "diffusion" else "lcm"
+            other = "lcm" if kind == "diffusion" else "diffusion"
+            raise ConfigError(
+                f"model={self.name} has no {kind} member (model.{kind} is null), but sampler={sampler} needs "
+                f"one. Give the family a model.{kind} member, or use a sampler for the {other} member it has."
+            )
+        return source
+
+    def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
+        """Load the `kind` member ('lcm' or 'diffusion') as a diffusers pipeline on `device`."""
+        return load_pipeline(kind, self.member(kind), torch_dtype(self.dtype), device)
+
+
+def check_vae_resolution(resolution: int, scale: int) -> None:
+    """Refuse an image side the VAE cannot produce: the latent side is resolution / scale."""
+    if resolution <= 0 or resolution % scale:
+        raise ConfigError(
+            f"sampler.resolution={resolution} is not a positive multiple of the VAE's factor {scale}: "
+            f"use a multiple of {scale} (or null for the model's own resolution)"
+        )
+
+
+def check_resolution(family: ModelFamily | Any, member: str, resolution: int | None) -> None:
+    """Refuse `resolution` (sampler.resolution; None: the member's own) for the family's `member`
+    (a ModelFamily, or anything with its `member(kind) -> MemberSource`)
+    BEFORE any weights load, reading the VAE factor from the member's vae/config.json. A member whose
+    config is not on this machine (a hub id not yet downloaded) is checked by the policy after
+    loading. Also refuses a family without that member."""
+    source = family.member(member)
+    scale = local_vae_scale(source)
+    if scale is not None:
+        check_vae_resolution(source.resolution if resolution is None else resolution, scale)
+
+
+def tiny_family(cache_dir: str, seed: int = 0) -> ModelFamily:
+    """Random tiny members for tests and smoke runs: nothing to download, built in well under a second."""
+    root = build_tiny_family_folders(Path(cache_dir).expanduser(), seed)
+    return ModelFamily(
+        name="tiny",
+        diffusion=MemberSource(local_path=str(root / "diffusion"), resolution=32),
+        lcm=MemberSource(local_path=str(root / "lcm"), resolution=32),
+    )
+
+
+TOY_WEIGHTS = WEIGHTS_DIR  # the committed toy weights (rlcm_exp.toy.WEIGHTS_DIR)
+
+
+def toy_family(weights_dir: str | None = None) -> ModelFamily:
+    """The toy world's trained members (committed under src/rlcm_exp/toy/weights, see `make toy-model`)."""
+    root = Path(weights_dir).expanduser() if weights_dir else TOY_WEIGHTS
+    if not (root / "lcm" / "model_index.json").is_file():
+        raise ConfigError(
+            f"model=toy: no toy weights in {root} (expected lcm/ and diffusion/ pipeline folders). "
+            "Rebuild them with `make toy-model`, or use model=tiny."
+        )
+    return ModelFamily(
+        name="toy",
+        diffusion=MemberSource(
+            local_path=str(root / "diffusion"), resolution=_resolution(root / "diffusion")
+        ),
+        lcm=MemberSource(local_path=str(root / "lcm"), resolution=_resolution(root / "lcm")),
+    )
+
+
+def _resolution(folder: Path) -> int:
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(vae["sample_size"])

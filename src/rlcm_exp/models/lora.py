@@ -1,0 +1,110 @@
+"""LoRA on the UNet: attach an adapter, save it in the diffusers format, load it back.
+
+A folder is written under a temporary name and renamed into place, so a crash or a full disk
+never leaves a half-written checkpoint where a loader would read it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from rlcm_exp.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The trained adapter: rank, alpha (scale = alpha / rank), init and the UNet layers it wraps."""
+
+    rank: int
+    alpha: int
+    init: Any  # peft init_lora_weights: "gaussian" | True (kaiming); B starts at 0 either way
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def attach(self, unet: Any) -> list[torch.nn.Parameter]:
+        return attach_lora(unet, self.rank, self.alpha, self.init, list(self.target_modules))
+
+
+def attach_lora(
+    unet: Any, rank: int, alpha: int, init: Any, target_modules: list[str]
+) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter to its attention projections; return the trainable params (fp32)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"algo.lora.target_modules={list(target_modules)} matched no layer of the UNet")
+    for p in params:  # LoRA weights train in fp32 even when the frozen base is fp16/bf16
+        p.data = p.data.float()
+    return params
+
+
+def lora_payload(unet: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
+    loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    config = unet.peft_config["default"].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return state, metadata
+
+
+def write_lora_weights(unet: torch.nn.Module, folder: Path) -> None:
+    """Write `pytorch_lora_weights.safetensors` (with its LoraConfig) into `folder`, in place."""
+    state, metadata = lora_payload(unet)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
+    )
+
+
+def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` so that `pipe.load_lora_weights(folder)` loads it."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_lora_weights(unet, tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"could not write the LoRA checkpoint to {folder}: {err}") from err
+    return folder
+
+
+def resolve_lora_folder(path: str | Path) -> Path:
+    """Accept a LoRA folder, a run dir (uses checkpoints/final), or the safetensors file itself."""
+    p = Path(path).expanduser()
+    candidates = [p, p / "checkpoints" / "final", p.parent if p.suffix == ".safetensors" else p]
+    for c in candidates:
+        if (c / "pytorch_lora_weights.safetensors").is_file():
+            return c
+    raise ConfigError(
+        f"checkpoint={path}: no pytorch_lora_weights.safetensors there. Give a run dir (its checkpoints/final "
+        "is used) or a checkpoint folder written by training."
+    )
+
+
+def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
+    """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
+    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint's LoRA does not fit this model: unexpected keys {unexpected[:3]}..."
+        )

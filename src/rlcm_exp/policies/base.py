@@ -1,0 +1,87 @@
+"""The policy interface: what the trainer, the evaluation and the benchmarks may use of a sampler.
+
+A policy is a sampler seen as a Gaussian policy over latent transitions (RLCM sec. 4, DDPO sec. 4.2).
+LCMPolicy (lcm.py) and DDIMPolicy (ddim.py) satisfy it structurally; nothing inherits from it.
+Code outside `rlcm_exp.policies` uses only these members: no private attribute, no isinstance fork
+on a concrete policy class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from rlcm_exp.policies.trajectory import Trajectory
+
+Generators = torch.Generator | list[torch.Generator] | None
+UNetInputs = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the trainer, evaluation and benchmarks use of a policy; LCMPolicy (lcm.py) and DDIMPolicy
+    (ddim.py) repeat these signatures on purpose."""
+
+    # The modules. `unet` carries the LoRA parameters and may be replaced by a wrapped module
+    # (DDP, torch.compile), so it is typed loosely, as diffusers' own modules are.
+    unet: Any
+    vae: Any
+    tokenizer: Any
+    member: str  # the model family's member it drives: "lcm" or "diffusion"
+
+    resolution: int  # image side in pixels
+    vae_scale: int  # pixels per latent cell: the latent side is resolution // vae_scale
+    latent_channels: int
+    num_steps: int  # H: UNet calls (sampler steps) per image
+    timesteps: torch.Tensor  # (H,) long, CPU: the scheduler timestep of each step
+
+    @property
+    def num_transitions(self) -> int:
+        """T: trained (stochastic) transitions per trajectory."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text-encoder states of the prompts (no grad)."""
+        ...
+
+    def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
+        """A batch of rollouts, no grad: all H steps, every trained transition recorded."""
+        ...
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B,) float32 log pi_theta(next | latents) at per-sample transition indices (B,), with grad."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 images in [0, 1]."""
+        ...
+
+    def estimates(self, prompts: list[str], generator: Generators) -> Iterator[torch.Tensor]:
+        """After each of the H sampler steps, the current estimate of the clean latent (what decoding
+        would show if sampling stopped there). Draws the same random numbers in the same order as
+        `sample`, so the last estimate decodes to `sample`'s images. The inference-budget
+        evaluation stops iterating when the budget is spent."""
+        ...
+
+    def unet_inputs(
+        self,
+        latents: torch.Tensor,
+        step_index: torch.Tensor | int,
+        prompt_embeds: torch.Tensor,
+        training: bool,
+    ) -> UNetInputs:
+        """The exact (x, t, kwargs) of the one UNet call of step `step_index` at state `latents`:
+        `unet(x, t, **kwargs)` is what `sample` (training=False) or `log_prob` (training=True)
+        calls, classifier-free doubling and guidance embedding included."""
+        ...

@@ -1,0 +1,33 @@
+"""Which member of a model family ("lcm" or "diffusion") a sampler config drives, read without
+loading any model (the export's model card needs it for a run that is not loaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.policies.ddim import DDIMPolicy, build_ddim_policy
+from rlcm_exp.policies.lcm import LCMPolicy, build_lcm_policy
+
+# each builder a sampler config may name -> the policy class it returns (which carries `member`)
+BUILDERS: dict[Callable[..., Any], type[LCMPolicy] | type[DDIMPolicy]] = {
+    build_lcm_policy: LCMPolicy,
+    build_ddim_policy: DDIMPolicy,
+}
+
+
+def sampler_member(sampler_cfg: Mapping[str, Any]) -> str:
+    """The family member the sampler config's builder loads, e.g. "lcm" for conf/sampler/lcm.yaml."""
+    from hydra.utils import get_method
+
+    target = str(sampler_cfg.get("_target_"))
+    try:
+        builder = get_method(target)
+    except Exception as err:  # ImportError, AttributeError, ValueError: all "no such builder"
+        raise ConfigError(f"sampler._target_={target} cannot be imported: {err}") from err
+    policy_class = BUILDERS.get(builder)
+    if policy_class is None:
+        known = sorted(f"{b.__module__}.{b.__name__}" for b in BUILDERS)
+        raise ConfigError(f"sampler._target_={target} is not a known policy builder (one of {known})")
+    return policy_class.member

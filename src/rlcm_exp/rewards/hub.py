@@ -1,0 +1,124 @@
+"""Loading the pretrained parts of model-based rewards (CLIP, aesthetic, BERTScore, LLaVA) one way:
+a hub id + revision, or a local folder in the hub layout, with every failure turned into a
+ConfigError that names the key to set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from rlcm_exp.errors import ConfigError
+
+transformers_logging.disable_progress_bar()
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OFFLINE_HINT = (
+    "No model hub is reachable from this machine (or HF_HUB_OFFLINE=1 is set) and the files are not in "
+    "the local Hugging Face cache. Download the model elsewhere (e.g. `hf download {model_id}`) and set "
+    "{local_key}=/path/to/folder (a folder written by save_pretrained or a hub snapshot)."
+)
+
+T = TypeVar("T")
+
+
+def torch_dtype(name: str | torch.dtype, key: str = "reward.dtype") -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype; anything else is a ConfigError."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConfigError(f"{key}={name} is not a supported dtype; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def existing_path(local_path: str, key: str, folder: bool, advice: str) -> Path:
+    """`local_path` expanded, if it is a folder (folder=True) or a file; else a ConfigError naming `key`."""
+    path = Path(local_path).expanduser()
+    if not (path.is_dir() if folder else path.is_file()):
+        kind = "folder" if folder else "file"
+        raise ConfigError(f"{key}={local_path}: no such {kind}. {advice}")
+    return path
+
+
+def load_pretrained(
+    loader: Callable[..., T],
+    *,
+    model_id: str | None,
+    revision: str,
+    local_path: str | None,
+    key: str,
+    **kwargs: Any,
+) -> T:
+    """Call `loader(location, ...)` (a `from_pretrained`) on a local folder if given, else on the hub id.
+
+    `key` is the config key prefix the user sets, e.g. "reward.clip_" gives the messages
+    "reward.clip_model_id" and "reward.clip_local_path". Hub and file errors come in many types
+    (OSError, HTTP errors, JSON errors, missing keys); all of them mean "not loadable here", so all
+    become one ConfigError that says which key to set.
+    """
+    local_key, id_key = f"{key}local_path", f"{key}model_id"
+    if local_path is not None:
+        advice = (
+            "Point it at a folder in the Hugging Face hub layout (written by save_pretrained, or a "
+            f"downloaded snapshot), or set it to null to load {id_key}={model_id}."
+        )
+        location, extra = str(existing_path(local_path, local_key, True, advice)), {}
+    elif model_id is not None:
+        location, extra = model_id, {"revision": revision}
+    else:
+        raise ConfigError(f"{id_key} and {local_key} are both null; set one of them.")
+    try:
+        return loader(location, **extra, **kwargs)
+    except Exception as err:
+        if local_path is not None:
+            where, hint = f"{local_key}={location}", ""
+        else:
+            where = f"{id_key}={location} (revision {revision})"
+            hint = " " + _OFFLINE_HINT.format(model_id=location, local_key=local_key)
+        # first line only: hub errors run to several lines of advice that does not apply here
+        reason = (str(err).strip().splitlines() or [""])[0].rstrip(".")
+        raise ConfigError(f"could not load {where}: {type(err).__name__}: {reason}.{hint}") from err
+
+
+def load_with_processor(
+    model_loader: Callable[..., Any],
+    processor_loader: Callable[..., Any],
+    model_id: str | None,
+    revision: str,
+    local_path: str | None,
+    dtype: str,
+    key: str,
+) -> tuple[Any, Any, str]:
+    """A model and its tokenizer/processor from one source; returns (model, processor, description)."""
+    source: dict[str, Any] = {
+        "model_id": model_id,
+        "revision": revision,
+        "local_path": local_path,
+        "key": key,
+    }
+    processor = load_pretrained(processor_loader, **source)
+    model = load_pretrained(model_loader, **source, dtype=torch_dtype(dtype))
+    return model, processor, describe_source(model_id, revision, local_path)
+
+
+def describe_source(model_id: str | None, revision: str, local_path: str | None) -> str:
+    """What /health and logs report for one loaded model."""
+    return f"{local_path} (local)" if local_path else f"{model_id}@{revision}"
+
+
+class HoldsModel:
+    """`device` and `dtype` of a scorer: those of its model's (first) parameters."""
+
+    model: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -1,0 +1,189 @@
+"""The composition root: a composed config -> the objects of one run -> `Trainer.fit`.
+
+Every object comes from `instantiate` on its config group (model, sampler, algo, memory, reward,
+task prompts, optimizer, train, logger); this module only wires them, in an order that keeps
+fixed-seed runs reproducible (the LoRA init draws from a freshly seeded RNG, after loading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.family import check_resolution
+from rlcm_exp.policies.members import sampler_member
+from rlcm_exp.provenance import git_commit
+from rlcm_exp.rewards.base import build_reward
+from rlcm_exp.secrets import redact, redact_run_dir
+from rlcm_exp.tracking import NullLogger
+from rlcm_exp.training.batching import BatchPlan, plan_batches
+from rlcm_exp.training.callbacks import Callback
+from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
+from rlcm_exp.training.settings import AlgoSettings
+from rlcm_exp.training.trainer import Trainer
+from rlcm_exp.validation import check_config
+
+
+def build_policy(
+    cfg: DictConfig, device: torch.device | str, family: Any = None, **sampler_overrides: Any
+) -> Any:
+    """Model family (built from cfg.model unless given: evaluation shares one across step counts)
+    -> the sampler-as-policy over the member it drives (no LoRA attached)."""
+    family = instantiate(cfg.model) if family is None else family
+    # objects go in through a partial: instantiate() would turn a dataclass keyword argument into a
+    # config node. _partial_ is also in the sampler configs, but configs saved by older runs lack it
+    return instantiate(cfg.sampler, _partial_=True, **sampler_overrides)(family=family, device=device)
+
+
+def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> BatchPlan:
+    """The batch plan, or a ConfigError naming the keys; with transitions=1 (before the policy
+    exists) only the sizes are checked."""
+    t = cfg.train
+    return plan_batches(
+        world_size=world_size,
+        samples_per_epoch=t.samples_per_epoch,
+        sample_batch_size=t.sample_batch_size,
+        train_batch_size=t.train_batch_size,
+        samples_per_step=t.samples_per_step,
+        inner_epochs=t.inner_epochs,
+        transitions_per_trajectory=transitions,
+        timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
+        timestep_window=cfg.algo.timestep_window if transitions > 1 else 1.0,
+    )
+
+
+def shared_run_dir(accelerator: Accelerator, own: Path) -> Path:
+    """The main process's run dir on every process (each process's Hydra made its own timestamped one)."""
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([str(own)])[0]
+    if Path(chosen) != own and own.is_dir():
+        shutil.rmtree(own, ignore_errors=True)  # only Hydra's own files were written there
+    return Path(chosen)
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    precision = ("no" if cpu else "fp16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    return Accelerator(mixed_precision=precision, cpu=cpu)
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback] = ()
+) -> Trainer:
+    """model -> policy -> LoRA -> memory options -> batch plan -> reward, prompts, optimizer, schedule."""
+    set_seed(cfg.seed, device_specific=True)  # seed + process index
+    policy = build_policy(cfg, accelerator.device)
+    set_seed(cfg.seed, device_specific=True)  # LoRA init must not depend on what loading drew before it
+    algo: AlgoSettings = instantiate(cfg.algo)
+    params = algo.lora.attach(policy.unet)
+    instantiate(cfg.memory).apply(policy)
+    plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
+    reward_fn = build_reward(cfg.reward, accelerator.device)
+    prompts = instantiate(cfg.task.prompts)
+    optimizer = instantiate(cfg.optimizer)(params)
+    settings = instantiate(cfg.train)
+    lr_scheduler = algo.lr_schedule(optimizer, settings.epochs * plan.optimizer_steps_per_epoch)
+    policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    return Trainer(
+        policy=policy,
+        reward_fn=reward_fn,
+        prompts=prompts,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        params=params,
+        tracker=algo.stat_tracker,
+        plan=plan,
+        settings=settings,
+        ppo=algo.ppo,
+        accelerator=accelerator,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        logger=NullLogger(),
+        eval_prompts=instantiate(cfg.task.eval_prompts),
+        callbacks=callbacks,
+    )
+
+
+def start_logger(cfg: DictConfig, trainer: Trainer) -> None:
+    """The tracker (wandb or none) on the main process; a resumed run continues its wandb run."""
+    if trainer.logger_run_id:
+        os.environ.setdefault("WANDB_RUN_ID", trainer.logger_run_id)
+        os.environ.setdefault("WANDB_RESUME", "allow")
+    logger = instantiate(cfg.logger) if trainer.accelerator.is_main_process else NullLogger()
+    logger.start(
+        trainer.run_dir, resolved_config(cfg) | {"batch_plan": trainer.plan.as_dict()}, trainer.run_dir.name
+    )
+    trainer.logger = logger
+    trainer.logger_run_id = getattr(getattr(logger, "run", None), "id", None)
+
+
+def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+    """Run one training job into `run_dir` (the main process's; shared by every process)."""
+    check_config(cfg)  # types and ranges of every key, before anything is written or loaded
+    accelerator = make_accelerator(cfg)
+    run_dir = shared_run_dir(accelerator, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run dir {run_dir} (hydra.run.dir): {err}") from err
+    check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
+    # the image size against the VAE's factor, read from the member's config: no weights load
+    check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))
+    check_run_dir(cfg, run_dir)  # a fresh run never lands on another; a resume must be the same run
+    candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)
+    if accelerator.is_main_process:
+        record_run(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks)
+    resumed = trainer.restore(candidates, fall_back=cfg.resume == "auto")
+    if resumed is not None and accelerator.is_main_process:
+        print(f"resumed from {resumed} at epoch {trainer.epoch}")
+    elif accelerator.is_main_process:
+        reset_records(run_dir)  # a restart before the first checkpoint: its rows are written again
+    start_logger(cfg, trainer)
+    if accelerator.is_main_process:
+        print(trainer.plan.describe())
+        print(f"trainable LoRA parameters: {sum(p.numel() for p in trainer.params):,}; run dir: {run_dir}")
+        (run_dir / "batch_plan.json").write_text(json.dumps(trainer.plan.as_dict(), indent=1))
+    records = trainer.fit()
+    if accelerator.is_main_process and records:
+        print_summary(trainer)
+    return records
+
+
+def record_run(cfg: DictConfig, run_dir: Path) -> None:
+    """What runs: the resolved config (secrets redacted, here and in Hydra's own copies) and the code."""
+    try:
+        OmegaConf.save(OmegaConf.create(resolved_config(cfg)), run_dir / "config.yaml")
+        (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write the run dir {run_dir} (hydra.run.dir): {err}") from err
+    redact_run_dir(run_dir)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, every secret-looking value redacted."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[no-any-return]
+
+
+def print_summary(trainer: Trainer) -> None:
+    """The run's figures and its before -> after line."""
+    from rlcm_exp.analysis.summary import write_summary
+
+    run_dir, images = trainer.run_dir, trainer.eval_images
+    print(write_summary(run_dir, images.get("first"), images.get("last")))
+    after = f", {run_dir / 'before_after.png'} (top: before, bottom: after)" if len(images) else ""
+    print(f"plots: {run_dir / 'reward_vs_time.png'}" + after)

@@ -1,0 +1,102 @@
+"""What a run dir may hold when a run starts, checked before anything is written into it.
+
+A fresh run never lands on another run (that would overwrite config.yaml and mix metrics); a
+resumed run must be the same run (only keys that change no result may differ); and the records
+on disk are made consistent with the checkpoint resumed from, or with the fresh start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.secrets import REDACTED
+from rlcm_exp.tracking import MetricsFile
+from rlcm_exp.training.checkpoint import complete_checkpoints, is_complete
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints")  # present once a run started
+RECORD_FILES = ("metrics.jsonl", "eval.jsonl")
+# keys a resume may change: the length of the run, where and how fast it runs, what it logs;
+# anything else (task, reward, sampler, LoRA, batch sizes, seed, ...) would make it another run
+RESUMABLE = (
+    "train.epochs", "train.checkpoint_every", "train.keep_last", "train.reward_workers",
+    "train.eval_every", "train.save_images", "train.save_images_every", "train.dump_rollouts",
+    "train.max_nonfinite_in_a_row", "resume", "device", "logger", "memory",
+)  # fmt: skip
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a fresh run into a run dir that holds one, and a resume whose config differs."""
+    if not holds_run(run_dir):
+        return
+    if cfg.resume in (None, "none", "null", False):
+        raise ConfigError(
+            f"{run_dir} already holds a run (config.yaml, metrics or checkpoints); a fresh run there would "
+            "overwrite it. Continue it with resume=auto, or start a new run in another folder "
+            "(hydra.run.dir=NEW_DIR, or leave hydra.run.dir unset for a new timestamped one)."
+        )
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        differing = config_differences(OmegaConf.load(saved_path), cfg)
+        if differing:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differing[:8])
+            raise ConfigError(
+                f"resume={cfg.resume} in {run_dir}: the config differs from the run's {saved_path.name} in "
+                f"{len(differing)} key(s): {shown}. A resume may change only {', '.join(RESUMABLE)}; "
+                "start a new run (another hydra.run.dir) to change anything else."
+            )
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            if str(k) != "_partial_":  # set by configs only since the sampler YAML carries it
+                out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: node}
+
+
+def config_differences(saved: Any, current: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every key that differs and that a resume may not change."""
+    a = _flat(OmegaConf.to_container(saved, resolve=True))
+    b = _flat(OmegaConf.to_container(current, resolve=True))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == r or key.startswith(r + ".") for r in RESUMABLE):
+            continue
+        if REDACTED in (a.get(key), b.get(key)):  # secrets are not saved: nothing to compare
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
+    return out
+
+
+def resume_candidates(resume: Any, run_dir: Path, world_size: int) -> list[Path]:
+    """Checkpoints to try, best first: resume=auto gives every complete one of the run dir, newest
+    first (a newer one whose files do not load falls back to the one before); a path gives itself."""
+    if resume in (None, "none", "null", False):
+        return []
+    if resume == "auto":
+        return list(complete_checkpoints(run_dir, world_size))
+    folder = Path(str(resume)).expanduser()
+    if not is_complete(folder, world_size):
+        raise ConfigError(
+            f"resume={resume}: not a complete checkpoint folder (needs COMPLETE, state.json, optimizer.pt, ...). "
+            "Use resume=auto to continue the newest complete checkpoint of this run dir."
+        )
+    return [folder]
+
+
+def reset_records(run_dir: Path) -> None:
+    """A (re)start from scratch: records of an earlier attempt that never checkpointed are dropped,
+    so the run's files hold each epoch once."""
+    for name in RECORD_FILES:
+        MetricsFile(run_dir / name).truncate(lambda record: False)

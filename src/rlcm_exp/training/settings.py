@@ -1,0 +1,95 @@
+"""The settings objects the config groups map to: `train` -> TrainSettings, `algo` -> AlgoSettings,
+`memory` -> MemorySettings, `algo.lr_schedule` -> a schedule builder. Each is built by `instantiate`
+from its group; the composition root (training/build.py) wires them, nothing else reads `cfg`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlcm_exp.models.lora import LoraSettings
+from rlcm_exp.rl.ppo import PPOSettings
+from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+
+LRScheduleBuilder = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 100  # sampling rounds
+    samples_per_epoch: int = 320  # GLOBAL trajectories sampled per epoch (all processes)
+    sample_batch_size: int = 8  # PER PROCESS trajectories per sampling forward
+    train_batch_size: int = 2  # PER PROCESS trajectories per training minibatch
+    samples_per_step: int = 32  # GLOBAL trajectories per optimizer step
+    inner_epochs: int = 1  # passes over each round's samples
+    max_grad_norm: float = 5.0  # clip of the LoRA gradient norm
+    save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
+    save_images_every: int = 0  # also save a grid every N epochs (0: only first and last)
+    reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
+    max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
+    reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
+    checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
+    keep_last: int = 3  # complete checkpoints kept (older ones deleted)
+    dump_rollouts: bool = (
+        False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
+    )
+    eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
+    eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
+
+
+@dataclass
+class AlgoSettings:
+    """What distinguishes one algorithm from another: numbers and small objects, never a code path."""
+
+    name: str  # label for logs, sweep folders and reports; nothing branches on it
+    lr_schedule: LRScheduleBuilder  # (optimizer, total optimizer steps) -> LR scheduler
+    ppo: PPOSettings
+    lora: LoraSettings
+    stat_tracker: PerPromptStatTracker  # per-prompt advantage normaliser (fresh per run)
+    timestep_fraction: float = 1.0  # fraction of each trajectory's transitions trained per inner epoch
+    timestep_window: float = 1.0  # trained transitions come from the first ceil(T * this)
+
+
+@dataclass
+class MemorySettings:
+    """Speed/memory switches on the policy's UNet; each is off by default and changes no result."""
+
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile_unet: bool = False
+
+    def apply(self, policy: Any) -> None:
+        if self.gradient_checkpointing:
+            policy.unet.enable_gradient_checkpointing()
+            policy.unet.train()  # diffusers only checkpoints in training mode; the UNet has no dropout to switch on
+        if self.channels_last:
+            policy.unet.to(memory_format=torch.channels_last)
+        if self.compile_unet:
+            policy.unet = torch.compile(policy.unet)
+
+
+def linear_lr(
+    optimizer: torch.optim.Optimizer, total_steps: int, start_factor: float = 1.0, end_factor: float = 1.0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """LR x start_factor at the first optimizer step, falling linearly to LR x end_factor at the last
+    (RLCM: 1 -> 2/3; DDPO: constant, end_factor 1)."""
+    return torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=start_factor, end_factor=end_factor, total_iters=max(total_steps, 1)
+    )
+
+
+def cosine_lr(
+    optimizer: torch.optim.Optimizer, total_steps: int, end_factor: float = 0.0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay from LR to LR x end_factor over the run's optimizer steps."""
+
+    def factor(step: int) -> float:
+        progress = min(step / max(total_steps, 1), 1.0)
+        return end_factor + (1 - end_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

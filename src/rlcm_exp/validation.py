@@ -1,0 +1,165 @@
+"""Typed ranges for every numeric, boolean and choice key of the shipped configs, checked on the
+composed config before anything is written or loaded.
+
+One table, not checks scattered case by case: a key the table does not know is caught by the test
+that composes every config (tests/test_validation.py), so a new key cannot ship without its range.
+Keys under `reward.` that the table does not name are a user reward's own options and pass through.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlcm_exp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str  # "int" | "float" | "bool" | "choice"
+    low: float | None = None  # inclusive lower bound (exclusive when low_open)
+    high: float | None = None  # inclusive upper bound
+    low_open: bool = False
+    nullable: bool = False  # null is a valid value (e.g. "the member's native resolution")
+    choices: tuple[str, ...] = ()
+    what: str = ""  # meaning, for the message
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"one of {list(self.choices)}" + (" or null" if self.nullable else "")
+        if self.kind == "bool":
+            return "true or false"
+        lo = "" if self.low is None else (f"> {self.low}" if self.low_open else f">= {self.low}")
+        hi = "" if self.high is None else f"<= {self.high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        kind = "an integer" if self.kind == "int" else "a number"
+        return f"{kind}" + (f" {bounds}" if bounds else "") + (" (or null)" if self.nullable else "")
+
+
+def _int(low: float | None = None, high: float | None = None, what: str = "", nullable: bool = False) -> Rule:
+    return Rule("int", low, high, nullable=nullable, what=what)
+
+
+def _pos(what: str = "") -> Rule:
+    return Rule("float", 0.0, None, low_open=True, what=what)
+
+
+def _nonneg(what: str = "") -> Rule:
+    return Rule("float", 0.0, None, what=what)
+
+
+BOOL = Rule("bool")
+
+RULES: dict[str, Rule] = {
+    "seed": _int(0, 2**63 - 1, "global seed"),
+    "device": Rule("choice", choices=("auto", "cpu", "job", "cuda"), what="where the run goes"),
+    "mixed_precision": Rule("choice", choices=("auto", "no", "fp16", "bf16")),
+    "train.epochs": _int(1, None, "sampling rounds"),
+    "train.samples_per_epoch": _int(1, None, "GLOBAL trajectories per round"),
+    "train.sample_batch_size": _int(1, None, "PER PROCESS trajectories per sampling forward"),
+    "train.train_batch_size": _int(1, None, "PER PROCESS trajectories per minibatch"),
+    "train.samples_per_step": _int(1, None, "GLOBAL trajectories per optimizer step"),
+    "train.inner_epochs": _int(1, None),
+    "train.max_grad_norm": _pos("gradient-norm clip"),
+    "train.save_images": _int(0),
+    "train.save_images_every": _int(0),
+    "train.reward_workers": _int(0, 64),
+    "train.max_nonfinite_in_a_row": _int(1),
+    "train.reward_server_gpus": _int(0),
+    "train.checkpoint_every": _int(0),
+    "train.keep_last": _int(0),
+    "train.dump_rollouts": BOOL,
+    "train.eval_every": _int(0),
+    "train.eval_seeds": _int(1),
+    "memory.*": BOOL,
+    "algo.timestep_fraction": Rule("float", 0.0, 1.0, low_open=True),
+    "algo.timestep_window": Rule("float", 0.0, 1.0, low_open=True),
+    "algo.lr_schedule.start_factor": Rule("float", 0.0, None, low_open=True),
+    "algo.lr_schedule.end_factor": _nonneg(),
+    "algo.ppo.clip_range": Rule("float", 0.0, 1.0, low_open=True, what="PPO clip range eps"),
+    "algo.ppo.adv_clip_max": _pos("advantage clip"),
+    "algo.lora.rank": _int(1, 4096, "LoRA rank"),
+    "algo.lora.alpha": Rule("float", 0.0, None, low_open=True, what="LoRA alpha"),
+    "algo.stat_tracker.buffer_size": _int(1),
+    "algo.stat_tracker.min_count": _int(1),
+    "optimizer.lr": _pos("learning rate"),
+    "optimizer.eps": _pos(),
+    "optimizer.weight_decay": _nonneg(),
+    "model.dtype": Rule("choice", choices=("float32", "float16", "bfloat16")),
+    "model.*.resolution": _int(8, 8192, "native image side in px"),
+    "model.seed": _int(0),
+    "sampler.num_steps": _int(1, 1000, "sampler steps"),
+    "sampler.guidance_scale": _nonneg("guidance scale"),
+    "sampler.eta": _nonneg("DDIM eta"),
+    "sampler.resolution": _int(8, 8192, "image side in px", nullable=True),
+    "sampler.noisy_final_step": BOOL,
+    "sampler.train_cfg": BOOL,
+    "sampler.timestep_schedule": Rule("choice", choices=("skip", "linspace")),
+    "reward.batch_size": _int(1),
+    "reward.jpeg_quality": _int(1, 100),
+    "reward.max_new_tokens": _int(1, 4096),
+    "reward.bertscore_num_layers": _int(1),
+    "reward.max_retries": _int(0),
+    "reward.max_images_per_request": _int(1),
+    "reward.timeout_s": _pos(),
+    "reward.backoff_s": _nonneg(),
+    "reward.max_backoff_s": _nonneg(),
+    "reward.wait_for_server_s": _nonneg(),
+    "reward.download_timeout_s": _pos(),
+    "reward.scale": Rule("float"),
+    "reward.weights.*": Rule("float"),
+}
+INTERNAL = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def rule_for(key: str) -> Rule | None:
+    if key in RULES:
+        return RULES[key]
+    matches = [pattern for pattern in RULES if "*" in pattern and fnmatch.fnmatchcase(key, pattern)]
+    return RULES[max(matches, key=len)] if matches else None
+
+
+def leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every scalar of a resolved container; lists are left to their users."""
+    if isinstance(node, dict):
+        out = []
+        for k, v in node.items():
+            if str(k) not in INTERNAL:
+                out += leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if isinstance(node, list) else [(prefix, node)]
+
+
+def _valid(rule: Rule, value: Any) -> bool:
+    if value is None:
+        return rule.nullable
+    if rule.kind == "bool":
+        return isinstance(value, bool)
+    if rule.kind == "choice":
+        return isinstance(value, str) and (value in rule.choices or value.split(":")[0] in rule.choices)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if rule.kind == "int" and not isinstance(value, int):
+        return False
+    if not math.isfinite(value):
+        return False
+    if rule.low is not None and (value <= rule.low if rule.low_open else value < rule.low):
+        return False
+    return rule.high is None or value <= rule.high
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse the first key whose value is of the wrong type or out of range, naming it."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that does not resolve: say which
+        raise ConfigError(f"the config does not resolve: {err}") from err
+    for key, value in leaves(resolved):
+        rule = rule_for(key)
+        if rule is not None and not _valid(rule, value):
+            what = f" ({rule.what})" if rule.what else ""
+            raise ConfigError(f"{key}={value!r}{what} is not valid: expected {rule.describe()}.")
