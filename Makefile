@@ -8,7 +8,7 @@ SCALE   ?= full
 JOBS    ?= $(if $(filter full,$(SCALE)),1,2)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all lint format toy-model bench reproduce-paper clean
+.PHONY: help install demo test test-all lint format toy-model bench gpu-check reproduce-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -45,9 +45,12 @@ toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~50 min on 
 	# one thread, as the committed weights were made (recipe.json): same float reduction order
 	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0 --threads 1
 
-bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor (toy world, < 10 min on a CPU)
+bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor, 1 vs all transitions/call (toy, < 10 min on a CPU)
 	# one intra-op thread: on the 2-core CPU two OpenMP threads ran these 1M-parameter models ~4x slower
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --out benchmarks/results --readme benchmarks/README.md
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --compare-transitions-per-forward --out benchmarks/results --readme benchmarks/README.md
+
+gpu-check: $(STAMP)  ## full-size random-weight RLCM and DDPO rounds per paper task on one GPU (<= 10 min, no downloads)
+	$(BIN)/python -m benchmarks.bench.gpu_check --out benchmarks/results
 
 reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke, JOBS=N); finished runs skipped
 	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE) --jobs $(JOBS)

@@ -32,6 +32,7 @@ SMALLEST = [
     "train.sample_batch_size=4",
     "--set",
     "train.samples_per_step=8",
+    "--compare-transitions-per-forward",
 ]
 PHASES = {
     "text_encode",
@@ -96,6 +97,27 @@ def test_report_has_every_field(report: tuple[dict, Path]) -> None:
         and ddpo["batch_plan"]["transitions_per_trajectory"] == 3
     )
     assert data["comparison"]["rollout_ratio_rlcm_to_ddpo"] > 0
+
+
+def test_transitions_per_forward_comparison(report: tuple[dict, Path]) -> None:
+    """The training phase replayed with 1 and all transitions per UNet call; DDPO's CFG doubles its batches."""
+    data, out = report
+    for name, algo in data["algos"].items():
+        plan, batches = algo["batch_plan"], algo["unet_batches"]
+        cfg = 2 if name == "ddpo" else 1
+        assert batches["sample"] == plan["sample_batch_size"] * cfg
+        assert batches["train"] == batches["train_per_transition"] == plan["train_batch_size"] * cfg
+        rows = {r["transitions_per_forward"]: r for r in algo["transitions_compare"]}
+        assert set(rows) == {1, 0}
+        trained, minibatches = plan["trained_transitions"], plan["minibatches_per_inner_epoch"]
+        assert rows[1]["unet_training_calls"] == minibatches * trained and rows[1]["per_call"] == 1
+        assert rows[0]["unet_training_calls"] == minibatches and rows[0]["per_call"] == trained
+        for row in rows.values():
+            assert _is_spread(row["seconds"]) and row["seconds"]["n"] == 1
+            assert row["peak_memory"]["bytes"] > 0
+    table = (out / "tiny-cpu.md").read_text()
+    assert "| | RLCM 1/call | RLCM all/call | DDPO 1/call | DDPO all/call |" in table
+    assert "DDPO CFG path: classifier-free guidance" in table
 
 
 def test_table_and_readme_block(report: tuple[dict, Path]) -> None:

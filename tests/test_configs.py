@@ -72,7 +72,9 @@ def test_model_tiny_brings_smoke_sizes_and_the_command_line_wins() -> None:
     assert cfg.train.samples_per_epoch == 8 and cfg.train.samples_per_step == 8
     assert cfg.sampler.num_steps == 50  # only sizes change, not the algorithm
     assert compose_with(["model=tiny", "train.samples_per_epoch=32"]).train.samples_per_epoch == 32
-    assert compose_with(["model=toy"]).train.samples_per_epoch == compose_with([]).train.samples_per_epoch
+    # model=toy brings the toy experiments' sizes (conf/model_defaults/toy.yaml; issue 19), not the paper's
+    assert compose_with(["model=toy"]).train.samples_per_epoch == 96
+    assert compose_with(["model=toy", "train.samples_per_epoch=32"]).train.samples_per_epoch == 32
 
 
 def test_algo_picks_its_sampler_and_the_command_line_wins() -> None:

@@ -209,3 +209,15 @@ def test_a_torn_last_line_is_dropped(tmp_path) -> None:
     path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')
     with pytest.warns(UserWarning, match="torn"):
         assert read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
+
+
+@pytest.mark.parametrize("bad", ["/proc/no_such/run", "FILE/sub"])
+def test_a_run_dir_that_cannot_be_created_is_one_line(tiny_cache, tmp_path, bad) -> None:
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    bad = bad.replace("FILE", str(tmp_path / "FILE"))
+    res = subprocess.run(
+        [sys.executable, "-m", "rlcm_exp", "model=tiny", "task=compression", f"hydra.run.dir={bad}"],
+        env=env(tiny_cache), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "hydra.run.dir" in res.stderr and "cannot be created" in res.stderr

@@ -18,5 +18,6 @@ its own. Results: `OUT/{scale}-{device}.json` (everything, raw per-repeat number
 
 Modules: scales (sizes and overrides), full_models (SD-1.5-sized random pipelines), instrument
 (timers, memory, the trainer callback), floor, environment, run (processes), report; __main__
-holds the command line only.
+holds the command line only. `python -m benchmarks.bench.gpu_check` (gpu_check, gpu_plan,
+gpu_report) is the ten-minute GPU check of `make gpu-check`.
 """

@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="a Hydra override applied to every algorithm (repeatable), e.g. --set sampler.num_steps=4",
     )
+    ap.add_argument(
+        "--compare-transitions-per-forward",
+        action="store_true",
+        help="also replay each algorithm's last training phase with one and with all trained transitions "
+        "per UNet call (train.transitions_per_forward=1 vs 0), --repeats times each, with peak memory",
+    )
     ap.add_argument("--only", choices=ALGOS, help=argparse.SUPPRESS)  # child mode: one algorithm
     ap.add_argument("--raw-out", help=argparse.SUPPRESS)
     ap.add_argument("--full-dir", help=argparse.SUPPRESS)
@@ -46,7 +52,14 @@ def _child(args: argparse.Namespace) -> int:
     from benchmarks.bench.scales import run_spec
 
     spec = run_spec(
-        args.scale, args.only, args.repeats, args.warmup, args.extra, args.full_dir, args.full_downscale
+        args.scale,
+        args.only,
+        args.repeats,
+        args.warmup,
+        args.extra,
+        args.full_dir,
+        args.full_downscale,
+        compare=args.compare_transitions_per_forward,
     )
     raw = run_algo(args.only, spec)
     Path(args.raw_out).write_text(json.dumps(raw))

@@ -63,7 +63,9 @@ class Floor:
     of trajectories, no loss, no Python loop other than the count of calls.
     """
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Any, per_call: int | None = None) -> None:
+        """`per_call`: trained transitions per training UNet call (default: the plan's
+        `transitions_per_forward`, so the floor's calls are the epoch's own)."""
         self.trainer = trainer
         policy, plan, acc = trainer.policy, trainer.plan, trainer.accelerator
         self.policy, self.plan, self.acc = policy, plan, acc
@@ -90,12 +92,16 @@ class Floor:
             return torch.randn(shape, generator=gen, device=device).to(dtype)
 
         self.sample_calls = plan.sampling_batches * policy.num_steps  # LCM's last call is a UNet call too
-        self.train_calls = plan.minibatches_per_inner_epoch * plan.trained_transitions * plan.inner_epochs
+        # train.transitions_per_forward stacks that many transitions of a minibatch into one call:
+        # fewer calls, each over train_batch_size x per_call (trajectory, transition) pairs
+        self.per_call = plan.transitions_per_forward if per_call is None else per_call
+        self.train_calls = plan.unet_training_calls * plan.transitions_per_forward // self.per_call
         # the first step's inputs; under classifier-free guidance the UNet batch is doubled in
         # sampling, and for DDPO also in the log-prob recomputation
+        train_embeds = embeds[:tb].repeat(self.per_call, 1, 1)
         with torch.no_grad():
             self.sample_args = self._unet_args(noise(bs), embeds[:bs], training=False)
-            self.train_args = self._unet_args(noise(tb), embeds[:tb], training=True)
+            self.train_args = self._unet_args(noise(tb * self.per_call), train_embeds, training=True)
         self.unet_sample_batch = self.sample_args[0].shape[0]
         self.unet_train_batch = self.train_args[0].shape[0]
         vae_dtype = next(policy.vae.parameters()).dtype

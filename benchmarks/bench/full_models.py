@@ -14,9 +14,19 @@ from typing import Any
 
 import diffusers
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from safetensors.torch import save_file
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 from rlcm_exp.models.hub import NO_SAFETY_CHECKER
+from rlcm_exp.rewards.aesthetic import AestheticHead
 from rlcm_exp.tokenizer import write_clip_tokenizer
 
 SD15_UNET: dict[str, Any] = {  # runwayml/stable-diffusion-v1-5 unet/config.json
@@ -86,36 +96,93 @@ DDIM_SCHEDULE: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False
 FULL_WORDS = ["a", "an", "the", "of", "in", "on", "with", "photo", "animal", "dog", "cat", "bird", "fish"]
 
 
-def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+# `small=True` (the GPU check's --cpu-scale): the same layouts with a few channels, so the whole path
+# (hub layout on disk, local_path loading, LoRA, training) runs on a CPU in seconds
+SMALL_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "sample_size": 16,
+}
+SMALL_VAE: dict[str, Any] = {
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [32, 32],
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+SMALL_TEXT: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+# openai/clip-vit-large-patch14, the aesthetic reward's CLIP (the LAION head takes its 768-d embedding)
+CLIP_L14_VISION: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_L14_TEXT: dict[str, Any] = {**SD15_TEXT}
+SMALL_CLIP_VISION: dict[str, Any] = {
+    **CLIP_L14_VISION,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+SMALL_CLIP_TEXT: dict[str, Any] = {**SD15_TEXT, **SMALL_TEXT, "projection_dim": 768}
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, small: bool = False) -> CLIPTextModel:
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **special, **SD15_TEXT))
+    sizes = {**SD15_TEXT, **SMALL_TEXT} if small else SD15_TEXT
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **special, **sizes))
 
 
-def _pipeline(kind: str, tokenizer: CLIPTokenizer) -> Any:
+def _pipeline(kind: str, tokenizer: CLIPTokenizer, small: bool = False) -> Any:
     """The random pipeline of one family member: "lcm" or "diffusion"."""
     torch.manual_seed(0)
     # created in this order so the random weights stay those of earlier benchmark runs
-    text_encoder = _text_encoder(tokenizer)
-    parts = {"vae": diffusers.AutoencoderKL(**SD15_VAE), "text_encoder": text_encoder, "tokenizer": tokenizer}
+    text_encoder = _text_encoder(tokenizer, small)
+    vae = diffusers.AutoencoderKL(**{**SD15_VAE, **(SMALL_VAE if small else {})})
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
     parts |= NO_SAFETY_CHECKER
+    unet_sizes = {**SD15_UNET, **(SMALL_UNET if small else {})}
     if kind == "lcm":
-        unet = diffusers.UNet2DConditionModel(**{**SD15_UNET, **LCM_UNET_EXTRA})
+        unet = diffusers.UNet2DConditionModel(
+            **{**unet_sizes, **LCM_UNET_EXTRA, **(SMALL_UNET if small else {})}
+        )
         sched = diffusers.LCMScheduler(**SD_SCHEDULE, **LCM_SCHEDULE)
         return diffusers.LatentConsistencyModelPipeline(unet=unet, scheduler=sched, **parts)
-    unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+    unet = diffusers.UNet2DConditionModel(**unet_sizes)
     ddim = diffusers.DDIMScheduler(**SD_SCHEDULE, **DDIM_SCHEDULE)
     return diffusers.StableDiffusionPipeline(unet=unet, scheduler=ddim, **parts)
 
 
-def build_full_member(root: Path, kind: str) -> Path:
-    """Write an SD-1.5-shaped pipeline with random weights (fp16 on disk) in the hub layout; return its folder."""
+def build_full_member(root: Path, kind: str, small: bool = False, device: str = "cpu") -> Path:
+    """Write an SD-1.5-shaped pipeline with random weights (fp16 on disk) in the hub layout; return its folder.
+
+    `small`: the same layout with a few channels (CPU tests). `device="cuda"` draws the random
+    weights on the GPU (seconds instead of a minute of CPU initialisation; other values than CPU's)."""
     folder = root / kind
     if (folder / "model_index.json").is_file():
         return folder
     tok_dir = write_clip_tokenizer(root / f"_tokenizer_{kind}", FULL_WORDS, model_max_length=77)
-    pipe = _pipeline(kind, CLIPTokenizer.from_pretrained(str(tok_dir)))
+    with torch.device(device):
+        pipe = _pipeline(kind, CLIPTokenizer.from_pretrained(str(tok_dir)), small)
     # fp16 on disk halves the write and the read; the loader casts to model.dtype
-    pipe.to(torch.float16)
+    pipe.to("cpu", torch.float16)
     tmp = root / f".{kind}.tmp"
     pipe.save_pretrained(tmp, safe_serialization=True)
     # transformers 5 omits the slow tokenizer files
@@ -125,3 +192,35 @@ def build_full_member(root: Path, kind: str) -> Path:
     del pipe
     gc.collect()
     return folder
+
+
+def build_aesthetic_reward(root: Path, small: bool = False, device: str = "cpu") -> list[str]:
+    """A CLIP ViT-L/14 (random weights, hub layout) and a random LAION MLP head under `root/aesthetic`;
+    return the Hydra overrides pointing `reward=aesthetic` at them (no download, no pinned sha256)."""
+    folder = root / "aesthetic"
+    head = folder / "head.safetensors"
+    if not head.is_file():
+        tmp = root / ".aesthetic.tmp"
+        write_clip_tokenizer(tmp, FULL_WORDS, model_max_length=77)
+        tok = CLIPTokenizer.from_pretrained(str(tmp))
+        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        text = {**(SMALL_CLIP_TEXT if small else CLIP_L14_TEXT), "vocab_size": len(tok), **special}
+        vision = SMALL_CLIP_VISION if small else CLIP_L14_VISION
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768))
+        model.cpu().half().save_pretrained(tmp)
+        side = vision["image_size"]
+        proc = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(tmp)
+        save_file(AestheticHead().state_dict(), tmp / "head.safetensors")
+        tmp.rename(folder)
+        del model
+        gc.collect()
+    return [
+        "reward.clip_model_id=null",
+        f"reward.clip_local_path={folder}",
+        "reward.head_url=null",
+        "reward.head_sha256=null",
+        f"reward.head_local_path={head}",
+    ]

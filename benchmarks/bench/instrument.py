@@ -141,6 +141,10 @@ class Collected:
     cuda_syncs_warmup_epoch: int | None = None
     checkpoint_s: float | None = None  # the final LoRA save
     checkpoints_s: list[float] = dataclasses.field(default_factory=list)  # full training-state checkpoints
+    # the UNet call's batch in sampling and in training (classifier-free guidance doubles both for DDPO)
+    unet_batches: dict[str, int] = dataclasses.field(default_factory=dict)
+    # the training phase replayed with each transitions_per_forward value (`compare_update`)
+    transitions_compare: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # (object on the trainer, its method, the phase it is timed as)
@@ -210,11 +214,84 @@ def split_epoch(
     }
 
 
-class BenchCallback(Callback):
-    """Times each epoch of `Trainer.fit` by phase; after each measured epoch, measures the floor."""
+def memory_now() -> int:
+    """Bytes in use now: allocated CUDA memory on a GPU, the process's RSS on a CPU."""
+    if cuda_available():
+        return int(torch.cuda.memory_allocated())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, collected: Collected, warmup: int) -> None:
+
+def compare_update(
+    trainer: Any, update_args: tuple[Any, ...], values: list[int], repeats: int
+) -> list[dict[str, Any]]:
+    """The production `Trainer.update` on one recorded round, once per `transitions_per_forward` value
+    (0 = all) and repeat, interleaved so that drift in the machine's speed hits every value alike.
+
+    The trainer's plan is swapped for each call and restored afterwards; the LoRA weights do take
+    the optimizer steps (the run is over, nothing reads them again)."""
+    plan = trainer.plan
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        for _ in range(repeats):
+            for value in values:
+                per_call = value or plan.trained_transitions
+                trainer.plan = dataclasses.replace(plan, transitions_per_forward=per_call)
+                gc.collect()
+                before = memory_now()
+                reset_peak_memory()
+                sync()
+                start = time.perf_counter()
+                trainer.update(*update_args)
+                sync()
+                seconds = time.perf_counter() - start
+                row = rows.setdefault(
+                    value,
+                    {
+                        "transitions_per_forward": value,
+                        "per_call": per_call,
+                        "unet_training_calls": trainer.plan.unet_training_calls,
+                        "seconds": [],
+                        "memory_before_bytes": before,
+                        "peak_memory": peak_memory(),
+                    },
+                )
+                row["seconds"].append(seconds)
+                peak = peak_memory()
+                if peak["bytes"] > row["peak_memory"]["bytes"]:
+                    row["peak_memory"] = peak
+    finally:
+        trainer.plan = plan
+    return list(rows.values())
+
+
+class BenchCallback(Callback):
+    """Times each epoch of `Trainer.fit` by phase; after each measured epoch, measures the floor.
+
+    `compare_transitions` (values of train.transitions_per_forward, 0 = all): after the fit, the
+    last round's update is replayed once per value and repeat (`compare_update`). `floor=False`
+    skips the floor's timing (the FLOPs are still counted), as the GPU check does."""
+
+    def __init__(
+        self,
+        collected: Collected,
+        warmup: int,
+        compare_transitions: list[int] | None = None,
+        compare_repeats: int = 1,
+        floor: bool = True,
+    ) -> None:
         self.collected, self.warmup = collected, warmup
+        self.compare, self.compare_repeats, self.measure_floor = (
+            compare_transitions or [],
+            compare_repeats,
+            floor,
+        )
+        self.update_args: tuple[Any, ...] | None = None
         self.clock = PhaseClock()
         self.floor: Floor | None = None
         self._start = 0.0
@@ -224,6 +301,22 @@ class BenchCallback(Callback):
     def on_fit_start(self, trainer: Any) -> None:
         instrument(trainer, self.clock)
         self.collected.batch_plan = trainer.plan.as_dict()
+        if self.compare:
+            update = trainer.update
+
+            def recording_update(*args: Any) -> Any:  # keeps the round for the replay in on_fit_end
+                self.update_args = args
+                return update(*args)
+
+            trainer.update = recording_update
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if self.compare and self.update_args is not None:
+            self.collected.transitions_compare = compare_update(
+                trainer, self.update_args, self.compare, self.compare_repeats
+            )
+            self.update_args = None
+            self.clock.take()
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self.clock.take()
@@ -245,16 +338,32 @@ class BenchCallback(Callback):
         label = "measured" if measured else "warm-up"
         print(f"[bench] {self.collected.algo} epoch {epoch} ({label}): {wall:.2f} s", flush=True)
         if self.floor is None:
-            self.floor = Floor(trainer)
-            self.collected.flops = self.floor.flops()
+            self.floor = self._count_flops(trainer)
         if not measured:
             return
-        floor = self.floor.measure()
-        print(f"[bench] {self.collected.algo} floor: {floor['total']:.2f} s", flush=True)
         reward_inline = trainer.settings.reward_workers == 0
         split = split_epoch(record, phases, wall, trainer.plan, reward_inline)
         self.collected.epochs.append({**split, "peak_memory": mem})
-        self.collected.floors.append(floor)
+        if self.measure_floor:
+            floor = self.floor.measure()
+            print(f"[bench] {self.collected.algo} floor: {floor['total']:.2f} s", flush=True)
+            self.collected.floors.append(floor)
+
+    def _count_flops(self, trainer: Any) -> Floor:
+        """FLOPs of one UNet call of each kind, and the floor that times the epoch's own calls.
+
+        Counted at one transition per training call (a stacked call is the same FLOPs per pair, and
+        the GPU check's all-in-one call need not fit twice), then scaled to the epoch's call."""
+        floor = Floor(trainer, per_call=1)
+        self.collected.flops = floor.flops()
+        per_call = trainer.plan.transitions_per_forward
+        self.collected.flops["unet_train_call"] *= per_call
+        self.collected.unet_batches = {
+            "sample": floor.unet_sample_batch,
+            "train": floor.unet_train_batch * per_call,
+            "train_per_transition": floor.unet_train_batch,
+        }
+        return Floor(trainer) if self.measure_floor and per_call > 1 else floor
 
     def on_checkpoint(self, trainer: Any, folder: Path, seconds: float) -> None:
         if folder.name == "final":  # the LoRA weights written once, after the last epoch

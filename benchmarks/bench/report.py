@@ -27,6 +27,13 @@ PHASE_ROWS = [  # (epoch phase, the floor component it is compared with, label)
 ]
 
 
+def unet_training_calls(plan: dict[str, Any]) -> int:
+    """BatchPlan.unet_training_calls from the plan's dict (a report may predate transitions_per_forward)."""
+    per_call = plan.get("transitions_per_forward", 1) or plan["trained_transitions"]
+    calls_per_minibatch = plan["trained_transitions"] // per_call
+    return plan["inner_epochs"] * plan["minibatches_per_inner_epoch"] * calls_per_minibatch
+
+
 def spread(values: list[float]) -> dict[str, float]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -38,7 +45,7 @@ def _mfu(raw: dict[str, Any], epochs: list[dict[str, Any]]) -> dict[str, Any]:
     """Model FLOP utilisation of the measured phases and of the floor, over the measured matmul peak."""
     flops, plan, floors = raw["flops"], raw["batch_plan"], raw["floors"]
     peak = raw["matmul_peak"]["flops_per_s"]
-    train_calls = plan["minibatches_per_inner_epoch"] * plan["trained_transitions"] * plan["inner_epochs"]
+    train_calls = unet_training_calls(plan)
     sample_calls = plan["sampling_batches"] * int(raw["sampler"].get("num_steps", 0))
     train_flops = flops.get("unet_train_call", 0) * train_calls
     sample_flops = flops.get("unet_sample_call", 0) * sample_calls
@@ -90,6 +97,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "checkpoint_every": every,
         "flops": raw["flops"],
         "mfu": _mfu(raw, epochs),
+        "unet_batches": raw.get("unet_batches", {}),
+        "transitions_compare": [
+            {**row, "seconds": spread(row["seconds"])} for row in raw.get("transitions_compare", [])
+        ],
         "raw": {
             "epochs": epochs,
             "floors": floors,
@@ -229,6 +240,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = _intro(report, names) + _phase_lines(algos, names)
     for label, main, fl in _total_rows(first, report["environment"]["device"]["type"] == "cuda"):
         lines.append(f"| {label} | " + " | ".join(f"{main(algos[a])} | {fl(algos[a])}" for a in names) + " |")
+    lines += _cfg_lines(algos, names) + _compare_lines(algos, names)
     comp = report.get("comparison", {})
     if comp:
         lines += [
@@ -239,6 +251,78 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"({first['mfu']['peak_dtype']}).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _cfg_lines(algos: dict[str, Any], names: list[str]) -> list[str]:
+    """The classifier-free-guidance path stated with the UNet batches the epoch really ran."""
+    lines = [""]
+    for a in names:
+        s, b = algos[a]["sampler"], algos[a].get("unet_batches") or {}
+        if not b:
+            continue
+        plan = algos[a]["batch_plan"]
+        scale = s.get("guidance_scale")
+        doubled = b["sample"] == 2 * plan["sample_batch_size"]
+        if doubled:
+            how = f"classifier-free guidance {scale}: conditional and empty-prompt halves in ONE doubled UNet call"
+        elif a == "rlcm":
+            how = f"guidance {scale} as the LCM UNet's guidance-embedding input, no doubling"
+        else:
+            how = f"no classifier-free guidance (scale {scale}): one conditional UNet call"
+        lines.append(
+            f"- {a.upper()} CFG path: {how}; UNet batch {b['sample']} per sampling call "
+            f"(sample batch {plan['sample_batch_size']}), {b['train']} per training call in the recomputation "
+            f"(train batch {plan['train_batch_size']} x {plan.get('transitions_per_forward', 1)} transition(s) per "
+            f"call{' x 2' if b['train_per_transition'] == 2 * plan['train_batch_size'] else ''})."
+        )
+    return lines
+
+
+def _compare_lines(algos: dict[str, Any], names: list[str]) -> list[str]:
+    """The training phase (the production `update`) replayed with one vs all transitions per UNet call."""
+    have = [a for a in names if algos[a].get("transitions_compare")]
+    if not have:
+        return []
+    cols = [(a, row) for a in have for row in algos[a]["transitions_compare"]]
+    mem_kind = cols[0][1]["peak_memory"]["kind"]
+
+    def label(row: dict[str, Any]) -> str:
+        return "all" if row["transitions_per_forward"] == 0 else str(row["transitions_per_forward"])
+
+    lines = [
+        "",
+        "Training phase (`Trainer.update` on the last round, replayed; median [min-max] s) with "
+        "`train.transitions_per_forward` = 1 vs all:",
+        "",
+        "| | " + " | ".join(f"{a.upper()} {label(r)}/call" for a, r in cols) + " |",
+        "|---" * (1 + len(cols)) + "|",
+        "| UNet training calls x batch | "
+        + " | ".join(f"{r['unet_training_calls']} x {_call_batch(algos[a], r)}" for a, r in cols)
+        + " |",
+        "| seconds | " + " | ".join(_fmt(r["seconds"]) for _, r in cols) + " |",
+        "| speed-up vs 1/call | " + " | ".join(_speedup(algos[a], r) for a, r in cols) + " |",
+        f"| peak memory ({mem_kind}) | "
+        + " | ".join(f"{r['peak_memory']['bytes'] / 2**20:.0f} MiB" for _, r in cols)
+        + " |",
+        "| peak - memory before | "
+        + " | ".join(
+            f"{(r['peak_memory']['bytes'] - r['memory_before_bytes']) / 2**20:.0f} MiB" for _, r in cols
+        )
+        + " |",
+    ]
+    return lines
+
+
+def _call_batch(algo: dict[str, Any], row: dict[str, Any]) -> str:
+    per_transition = (algo.get("unet_batches") or {}).get("train_per_transition")
+    return str(per_transition * row["per_call"]) if per_transition else "?"
+
+
+def _speedup(algo: dict[str, Any], row: dict[str, Any]) -> str:
+    one = next((r for r in algo["transitions_compare"] if r["per_call"] == 1), None)
+    if one is None or not row["seconds"]["n"] or row["seconds"]["median"] <= 0:
+        return "-"
+    return f"{one['seconds']['median'] / row['seconds']['median']:.2f}x"
 
 
 def update_readme(readme: Path, scale: str, table: str) -> None:

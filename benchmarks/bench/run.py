@@ -38,7 +38,10 @@ def run_algo(algo: str, spec: RunSpec) -> dict[str, Any]:
     cfg = compose("config", spec.overrides)
     collected = Collected(algo=algo)
     with tempfile.TemporaryDirectory(prefix=f"bench-{algo}-") as run_dir:
-        train(cfg, Path(run_dir), callbacks=[BenchCallback(collected, spec.warmup)])
+        callback = BenchCallback(
+            collected, spec.warmup, spec.compare_transitions, spec.compare_repeats, floor=spec.floor
+        )
+        train(cfg, Path(run_dir), callbacks=[callback])
     device = torch.device("cuda" if cuda_available() else "cpu")
     peak_dtype = torch.bfloat16 if cuda_available() else torch.float32
     sampler: dict[str, Any] = OmegaConf.to_container(cfg.sampler, resolve=True)  # type: ignore[assignment]
@@ -61,6 +64,8 @@ def run_algo(algo: str, spec: RunSpec) -> dict[str, Any]:
         "full_checkpoints_s": collected.checkpoints_s,
         "checkpoint_every": int(cfg.train.get("checkpoint_every", 0) or 0),
         "torch_threads": torch.get_num_threads(),
+        "unet_batches": collected.unet_batches,
+        "transitions_compare": collected.transitions_compare,
     }
 
 
@@ -89,6 +94,7 @@ def child_command(args: Any, algo: str, raw_path: Path, full_dir: str | None) ->
     cmd = [sys.executable, "-m", "benchmarks.bench", "--scale", args.scale, "--repeats", str(args.repeats)]
     cmd += ["--only", algo, "--raw-out", str(raw_path), "--full-downscale", str(args.full_downscale)]
     cmd += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    cmd += ["--compare-transitions-per-forward"] if args.compare_transitions_per_forward else []
     cmd += ["--full-dir", full_dir] if full_dir else []
     for e in args.extra:
         cmd += ["--set", e]

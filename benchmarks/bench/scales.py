@@ -30,7 +30,8 @@ SCALES: dict[str, Scale] = {
     "tiny": Scale(["model=tiny", "task=compression"], 16, 8, 4, 16),
     # the toy world's trained ~1M-parameter UNets at 8x8 latents (32 px): target overhead <= 1.05 on a CPU.
     # 32 trajectories in 4 sampling batches of 8, one optimizer step per epoch over minibatches of 4
-    "toy": Scale(["model=toy", "task=toy_compression"], 32, 8, 4, 32),
+    # (~model_defaults: the toy family's learning settings, e.g. DDPO without CFG, are not what is timed)
+    "toy": Scale(["model=toy", "task=toy_compression", "~model_defaults"], 32, 8, 4, 32),
     # SD-1.5-sized UNet/VAE/text encoder with random weights at the paper's resolutions (GPU); on a
     # CPU `full_cpu` shrinks it to one trajectory and one trained transition
     "full": Scale(["model=dreamshaper_v7", "task=compression"], 16, 8, 2, 16, warmup=1),
@@ -68,6 +69,10 @@ class RunSpec:
     overrides: list[str]
     warmup: int
     notes: list[str]
+    # train.transitions_per_forward values (0 = all) the last round's update is replayed with
+    compare_transitions: list[int] = dataclasses.field(default_factory=list)
+    compare_repeats: int = 1
+    floor: bool = True  # time the compute floor after each measured epoch
 
 
 def run_spec(
@@ -78,23 +83,25 @@ def run_spec(
     extra: list[str],
     full_dir: str | None,
     full_downscale: int,
+    compare: bool = False,
 ) -> RunSpec:
     """The overrides of `warmup + repeats` epochs of `algo` at `scale_name`; `extra` is applied last but
-    one (the device choice comes after it, as the benchmark always did)."""
+    one (the device choice comes after it, as the benchmark always did). `compare`: the last round's
+    update is also replayed with one and with all trained transitions per UNet call."""
     scale = SCALES[scale_name]
     notes: list[str] = []
     overrides = algo_overrides(scale, algo)
     if scale_name == "full":
-        overrides, scale, notes = _full_overrides(scale, algo, overrides, full_dir, full_downscale)
+        overrides, scale, notes = _full_overrides(scale, algo, overrides, full_dir, full_downscale, compare)
     warm = scale.warmup if warmup is None else warmup
     overrides += [f"train.epochs={warm + repeats}", *extra]
     # on a GPU the MFU denominator is the bf16 matmul rate
     overrides += ["mixed_precision=bf16"] if cuda_available() else ["device=cpu"]
-    return RunSpec(overrides, warm, notes)
+    return RunSpec(overrides, warm, notes, [1, 0] if compare else [], repeats)
 
 
 def _full_overrides(
-    scale: Scale, algo: str, overrides: list[str], full_dir: str | None, downscale: int
+    scale: Scale, algo: str, overrides: list[str], full_dir: str | None, downscale: int, compare: bool
 ) -> tuple[list[str], Scale, list[str]]:
     from benchmarks.bench.full_models import build_full_member
 
@@ -113,8 +120,14 @@ def _full_overrides(
             f"(the paper's {native} / {downscale}; the paper's sizes take hours per epoch on a CPU)"
         )
         overrides = algo_overrides(scale, algo)
-    # one trained transition on a CPU: the path is exercised, the hours of DDPO's 50 are not spent
-    fraction = "1.0" if cuda_available() else ("0.15" if algo == "rlcm" else "0.02")
+    # one trained transition on a CPU (two when one-vs-all per call is compared): the path is
+    # exercised, the hours of DDPO's 50 are not spent
+    per_trajectory = 2 if compare else 1
+    fraction = (
+        "1.0"
+        if cuda_available()
+        else f"{(per_trajectory + 0.1) / (scale.rlcm_steps - 1 if algo == 'rlcm' else scale.ddpo_steps):.4f}"
+    )
     overrides = [
         *overrides,
         f"model.{kind}.local_path={folder}",

@@ -6,14 +6,18 @@ CPU. See conf/config.yaml for every key; the run itself is `rlcm_exp.training.bu
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from rlcm_exp.configs import HYDRA_CONFIG_PATH
+from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
+
+register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
 
 @hydra.main(version_base="1.3", config_path=HYDRA_CONFIG_PATH, config_name="config")
@@ -32,14 +36,73 @@ def hydra_main(cfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
         with open_dict(cfg):  # every run of a sweep lands in one wandb group, so their curves overlay
             cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        exit_on_config_error(lambda: train(cfg, Path(hc.runtime.output_dir)))
+        exit_on_config_error(lambda: train(cfg, run_dir))
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except BaseException:  # a config error (SystemExit 2), a bug, Ctrl-C: maybe a run that never started
+        if created_by_this_command(run_dir):
+            remove_if_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)
+        raise
+
+
+# run dirs (and sweep dirs) named on the command line that existed before this command ran: never
+# removed, even when a failed start left only Hydra's files there. None: one could not be told.
+PREEXISTING: list[Path] | None = []
+NAMED_DIR = False  # hydra.run.dir or hydra.sweep.dir given: its parent is the user's, never removed
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into RUN_DIR/.hydra
+
+
+def note_preexisting_dirs(argv: list[str]) -> list[Path] | None:
+    """The folders given as hydra.run.dir / hydra.sweep.dir that already exist (None when one is an
+    interpolation, which cannot be resolved before Hydra runs); every other run dir is a new
+    timestamped folder that this command creates."""
+    found = []
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in OUTPUT_DIR_KEYS:
+            continue
+        if "${" in value:
+            return None
+        path = Path(value).expanduser().resolve()
+        if path.exists():
+            found.append(path)
+    return found
+
+
+def created_by_this_command(run_dir: Path) -> bool:
+    if PREEXISTING is None:
+        return False
+    path = run_dir.resolve()
+    return not any(path == p or p in path.parents for p in PREEXISTING)
+
+
+def remove_if_unstarted(run_dir: Path, job_log: str, date_folder: bool = False) -> None:
+    """Remove a run dir that holds nothing but Hydra's own files (.hydra/ and the job log): the run
+    never started, and a folder per failed attempt would bury the real runs. Anything else there
+    (a config.yaml, metrics, a user's file) keeps the whole folder."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name == job_log and entry.is_file() and not entry.is_symlink():
+            continue
+        own = entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink()
+        if own and all(f.name in HYDRA_FILES and f.is_file() for f in entry.iterdir()):
+            continue
+        return
+    shutil.rmtree(run_dir)
+    if date_folder:  # outputs/DATE of the default timestamped run dir, when this left it empty
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()
 
 
 def main() -> None:
+    global PREEXISTING, NAMED_DIR
+    PREEXISTING = note_preexisting_dirs(sys.argv[1:])  # before anything is created
+    NAMED_DIR = any(a.lstrip("+~").startswith(tuple(k + "=" for k in OUTPUT_DIR_KEYS)) for a in sys.argv[1:])
+    exit_on_config_error(lambda: check_output_dirs(sys.argv[1:]))
     hydra_main()
 
 

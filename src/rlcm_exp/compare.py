@@ -1,8 +1,14 @@
-"""`python -m rlcm_exp.compare SWEEP_DIR [--out FILE.png]`: every run of a sweep side by side.
+"""`python -m rlcm_exp.compare SWEEP_DIR [--out FILE.png] [--metric KEY] [--threshold X]`: every run of
+a sweep side by side.
 
-Reads each subfolder holding metrics.jsonl + config.yaml (e.g. a Hydra multirun folder) and draws
-reward against GPU-hours and against reward queries, one line per run, into one PNG. Local files
-only: no wandb. Exit codes: 0 written, 2 no run folders there (or bad arguments).
+Reads each subfolder holding metrics.jsonl + config.yaml (e.g. a Hydra multirun folder), draws the
+metric against GPU-hours and against reward queries, one line per run, into one PNG, and writes
+next to it a results table, FILE.md and FILE.csv: per run the final and best value, the held-out
+reward before and after (eval.jsonl), wall-clock and reward queries in all and to the threshold, and
+the config values that differ between the runs; per group of seeds their mean. The threshold is
+--threshold, else the lowest final seed-mean over the groups. Local files only: no wandb.
+Exit codes: 0 written, 2 no run folders there, an unknown --metric (the known ones are listed), or
+bad arguments.
 """
 
 from __future__ import annotations
@@ -12,22 +18,46 @@ import sys
 from pathlib import Path
 
 from rlcm_exp.analysis.figures import compare_figure
+from rlcm_exp.analysis.runs import find_runs
+from rlcm_exp.analysis.sweep import check_metric, write_sweep_tables
+from rlcm_exp.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlcm_exp.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rlcm_exp.compare", description=__doc__.splitlines()[0].strip("`")
+    )
     parser.add_argument(
         "sweep_dir", type=Path, help="folder whose subfolders are runs (metrics.jsonl + config.yaml)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default SWEEP_DIR/compare.png)")
-    parser.add_argument("--metric", default="reward_mean", help="metrics.jsonl key on the y-axis")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="PNG to write (default SWEEP_DIR/compare.png); the tables "
+        "go next to it with the same name (.md, .csv)",
+    )
+    parser.add_argument(
+        "--metric", default="reward_mean", help="metrics.jsonl key on the y-axis and in the table"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="value of the metric to reach (default: the lowest final seed-mean over the groups of seeds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    runs = [r for r in find_runs(args.sweep_dir) if r.records]
     try:
+        if not runs:
+            raise FileNotFoundError(
+                f"no run folders (metrics.jsonl + config.yaml with at least one epoch) under {args.sweep_dir}"
+            )
+        check_metric(runs, args.metric)  # before drawing: an unknown key would draw an empty plot
         out = compare_figure(args.sweep_dir, args.out, args.metric)
-    except FileNotFoundError as err:
+        tables = write_sweep_tables(runs, args.sweep_dir, out, args.metric, args.threshold)
+    except (FileNotFoundError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out}, {tables[0]}, {tables[1]}")
     return 0
 
 

@@ -30,3 +30,42 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def check_output_dirs(overrides: Sequence[str]) -> None:
+    """Refuse a run or sweep folder that cannot be created, before Hydra tries (its failure is a
+    traceback). Probes by creating the missing folders and removing them again (only those)."""
+    from rlcm_exp.errors import ConfigError
+
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key not in OUTPUT_DIR_KEYS or not value or "${" in value:
+            continue
+        folder = Path(value).expanduser().absolute()
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"{key}={value}: the folder cannot be created ({err.strerror}: {err.filename})"
+            ) from err
+        for created in missing:  # deepest first: leave the file system as it was
+            created.rmdir()
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, comma-separated (subfolders as `toy/rlcm_compression`): what the
+    help templates in conf/hydra/help/ list, read from the folder so that they never drift from it."""
+    root = conf_dir() / group
+    return ", ".join(sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")))
+
+
+def register_help_resolver() -> None:
+    """`${rlcm_options:GROUP}` in the help templates (each command registers it before Hydra runs)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rlcm_options"):
+        OmegaConf.register_new_resolver("rlcm_options", group_options)

@@ -2,22 +2,27 @@
 
 Held-out reward, seconds per image of full rollouts, and reward under an inference-time budget per
 image (paper Fig. 6) for one checkpoint, printed and written to eval.json (conf/evaluate.yaml lists
-the options). The library is `rlcm_exp.evaluation`.
+the options). Given a run dir, the model, sampler, task and reward are the run's unless set on the
+command line. The library is `rlcm_exp.evaluation`.
 """
 
 from __future__ import annotations
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rlcm_exp.configs import HYDRA_CONFIG_PATH
+from rlcm_exp.configs import HYDRA_CONFIG_PATH, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
-from rlcm_exp.evaluation.suite import run_evaluation
+
+register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
 
 @hydra.main(version_base="1.3", config_path=HYDRA_CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlcm_exp.evaluation.suite import run_evaluation  # torch: only once a command runs (--help is quick)
+
     overrides = list(HydraConfig.get().overrides.task)
     exit_on_config_error(lambda: run_evaluation(cfg, overrides))
 

@@ -1,12 +1,13 @@
 """Prompt sets of the paper's tasks and of the toy world, by name.
 
 A task names its training prompts and its held-out evaluation prompts with `prompt_set(name=...)`;
-`prompt_set(file=...)` reads one prompt per line from a user file instead.
+a user's own come from a file, one prompt per line (`task.prompts.file=my_prompts.txt`), or from a
+list on the command line (`task.prompts.prompts='[a cat,a red fox]'`); `task.eval_prompts` likewise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rlcm_exp.errors import ConfigError
@@ -76,19 +77,38 @@ PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def prompt_set(name: str | None = None, file: str | None = None) -> list[str]:
-    """The named prompt set, or the non-empty lines of `file`."""
+def prompt_set(
+    name: str | None = None, file: str | None = None, prompts: Sequence[str] | None = None
+) -> list[str]:
+    """The prompts of a task node: the list `prompts` if given, else the non-empty lines of `file`,
+    else the built-in set `name` (task.prompts and task.eval_prompts are both such nodes)."""
+    if prompts is not None:
+        if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(
+                f"prompts={prompts!r} (task.prompts / task.eval_prompts): give a list of non-empty "
+                "strings, e.g. task.prompts.prompts='[a cat,a red fox]'"
+            )
+        if not prompts:
+            raise ConfigError(
+                "prompts=[] (task.prompts / task.eval_prompts) is empty: give a prompt, or null"
+            )
+        return [str(p).strip() for p in prompts]
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_file():
-            raise ConfigError(f"prompt file {file} does not exist (task.prompts.file)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"prompt file {file} has no prompts (task.prompts.file)")
-        return prompts
+            raise ConfigError(
+                f"prompt file {file} (task.prompts.file / task.eval_prompts.file) does not exist"
+            )
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(
+                f"prompt file {file} (task.prompts.file / task.eval_prompts.file) has no prompts"
+            )
+        return lines
     if name not in PROMPT_SETS:
         raise ConfigError(
             f"unknown prompt set {name!r} (task.prompts.name / task.eval_prompts.name); valid: "
-            f"{sorted(PROMPT_SETS)}, or give task.prompts.file=path/to/prompts.txt"
+            f"{sorted(PROMPT_SETS)}; or your own: task.prompts.file=path/to/prompts.txt (one per line) "
+            "or task.prompts.prompts='[a cat,a red fox]'"
         )
     return PROMPT_SETS[name]()

@@ -64,6 +64,7 @@ RULES: dict[str, Rule] = {
     "train.train_batch_size": _int(1, None, "PER PROCESS trajectories per minibatch"),
     "train.samples_per_step": _int(1, None, "GLOBAL trajectories per optimizer step"),
     "train.inner_epochs": _int(1, None),
+    "train.transitions_per_forward": _int(0, None, "PER PROCESS trained transitions per UNet call; 0: all"),
     "train.max_grad_norm": _pos("gradient-norm clip"),
     "train.save_images": _int(0),
     "train.save_images_every": _int(0),
@@ -90,7 +91,7 @@ RULES: dict[str, Rule] = {
     "optimizer.eps": _pos(),
     "optimizer.weight_decay": _nonneg(),
     "model.dtype": Rule("choice", choices=("float32", "float16", "bfloat16")),
-    "model.*.resolution": _int(8, 8192, "native image side in px"),
+    "model.*.resolution": _int(8, 8192, "native side in px; null: from the weights", nullable=True),
     "model.seed": _int(0),
     "sampler.num_steps": _int(1, 1000, "sampler steps"),
     "sampler.guidance_scale": _nonneg("guidance scale"),
@@ -163,3 +164,94 @@ def check_config(cfg: DictConfig) -> None:
         if rule is not None and not _valid(rule, value):
             what = f" ({rule.what})" if rule.what else ""
             raise ConfigError(f"{key}={value!r}{what} is not valid: expected {rule.describe()}.")
+
+
+def locate(path: str) -> Any:
+    """The object a `_target_` names ("pkg.module.attr[.attr]"), importing its longest module prefix;
+    raises ImportError or AttributeError. Hydra's instantiate resolves a target the same way."""
+    import importlib
+
+    parts = path.split(".")
+    if not path or not all(parts):
+        raise ImportError(f"{path!r} is not a dotted name")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # this prefix is not a module: try a shorter one (the rest are attributes); a module that
+            # exists but fails on its own imports is reported as it is
+            missing = err.name or ""
+            if cut == 1 or not (module_name == missing or module_name.startswith(missing + ".")):
+                raise
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(path)  # unreachable: the loop returns or raises
+
+
+def targets(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key of the node, its `_target_`) for every node of a resolved container that has one."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            found.append((prefix, node["_target_"]))
+        for k, v in node.items():
+            found += targets(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += targets(v, f"{prefix}[{i}]")
+    return found
+
+
+def check_targets(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
+    """Every `_target_` of the config importable, before any model loads: a typo in a custom reward's
+    `_target_` is one line naming the key, not a traceback after minutes of loading. Only imports:
+    nothing is built."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key, target in targets(resolved):
+        if key.split(".")[0] in skip:
+            continue
+        try:
+            found = locate(target)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(
+                f"{key + '.' if key else ''}_target_={target}: cannot be imported "
+                f"({type(err).__name__}: {err}); check the dotted path and that its module is on PYTHONPATH"
+            ) from err
+        if not callable(found):
+            raise ConfigError(f"{key + '.' if key else ''}_target_={target} is not callable")
+
+
+def check_prompt_sources(cfg: DictConfig) -> None:
+    """The user's prompt files exist and their lists are lists of strings (task.prompts and
+    task.eval_prompts), checked with the exact key before any model loads."""
+    for key in ("task.prompts", "task.eval_prompts"):
+        node = OmegaConf.select(cfg, key)
+        if not isinstance(node, DictConfig):
+            continue
+        listed, file = node.get("prompts"), node.get("file")
+        if listed is not None:
+            items = OmegaConf.to_container(listed) if OmegaConf.is_config(listed) else listed
+            if (
+                not isinstance(items, list)
+                or not items
+                or not all(isinstance(p, str) and p.strip() for p in items)
+            ):
+                raise ConfigError(
+                    f"{key}.prompts={items!r}: give a non-empty list of prompts, e.g. {key}.prompts='[a cat,a red fox]'"
+                )
+        elif file is not None:
+            from pathlib import Path
+
+            if not Path(str(file)).expanduser().is_file():
+                raise ConfigError(f"{key}.file={file}: no such file (a text file, one prompt per line)")
+
+
+def check_before_loading(cfg: DictConfig) -> None:
+    """Everything about a training config that needs no model: types and ranges, `_target_`s,
+    the user's prompt files."""
+    check_config(cfg)
+    check_targets(cfg)
+    check_prompt_sources(cfg)

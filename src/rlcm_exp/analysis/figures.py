@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from rlcm_exp.analysis.runs import Run, find_runs, group_runs, run_labels, seed_mean_curve
-
-if TYPE_CHECKING:
-    import torch
 
 ALGO_COLORS = {"rlcm": "tab:green", "ddpo": "tab:blue"}  # the same colour for an algorithm in every figure
 AXIS_LABELS = {
@@ -52,9 +49,10 @@ def _save(fig: Any, out: Path) -> Path:
 
 
 def reward_vs_time_figure(
-    records: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], out: Path
+    records: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], out: Path, title: str = ""
 ) -> Path:
-    """Training reward (mean +- std of each round) and held-out reward against wall-clock seconds."""
+    """Training reward (mean +- std of each round) and held-out reward against wall-clock seconds;
+    `title`: the run's name (`runs.run_title`)."""
     import torch  # on use: `python -m rlcm_exp.compare` draws without loading torch
 
     plt = _pyplot()
@@ -75,19 +73,50 @@ def reward_vs_time_figure(
     ax.set_ylabel("reward")
     ax.legend()
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
 
 
-def before_after_grid(before: torch.Tensor, after: torch.Tensor, out: Path, max_images: int = 8) -> Path:
-    """Held-out images of the first evaluation (top row) and of the last (bottom row), same prompts
-    and seeds; float images in [0, 1]."""
-    import torch
-    from torchvision.utils import save_image
+GRID_MIN_PX = 128  # an image of before_after.png is upscaled (nearest neighbour) to at least this
+GRID_MAX_PX = 256  # and a larger one drawn at most this big
 
-    k = min(len(before), len(after), max_images)
-    save_image(torch.cat([before[:k], after[:k]]), out, nrow=k, padding=2)
-    return out
+
+def before_after_grid(snaps: Sequence[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """One row per evaluation snapshot (`analysis.summary.select_eval_images`: before on top, after
+    below; same prompts and seeds), each image labelled with its prompt (column), the row's epochs
+    done and held-out mean, and the prompt's mean reward over the evaluation's seeds."""
+    import textwrap
+
+    plt = _pyplot()
+    k = min(len(s["images"]) for s in snaps)
+    height = int(snaps[0]["images"].shape[-2])
+    factor = max(1, -(-GRID_MIN_PX // height))  # integer upscale: every source pixel becomes a block
+    px = min(height * factor, GRID_MAX_PX)
+    size = px / DPI
+    fig, axes = plt.subplots(
+        len(snaps), k, figsize=(k * (size + 0.15) + 0.5, len(snaps) * (size + 0.75) + 0.4), squeeze=False
+    )
+    for row, (snap, ax_row) in enumerate(zip(snaps, axes, strict=True)):
+        label = "before" if row == 0 and len(snaps) > 1 else "after" if len(snaps) > 1 else "held-out"
+        for col, ax in enumerate(ax_row):
+            img = snap["images"][col].float().clamp(0, 1).permute(1, 2, 0).numpy()
+            img = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+            ax.imshow(img, interpolation="nearest" if px >= img.shape[0] else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(textwrap.fill(snap["prompts"][col], 22), fontsize=7)
+            ax.set_xlabel(f"seed {snap['seeds'][col]}: r {snap['rewards'][col]:.4g}", fontsize=7)
+        ax_row[0].set_ylabel(
+            f"{label}\n(epoch {snap['epochs_done']})\nheld-out {snap['eval_reward_mean']:.4g}", fontsize=8
+        )
+    fig.suptitle(
+        f"{title}\nr: the prompt's mean reward over the evaluation's seeds", fontsize=8 if title else 7
+    )
+    fig.tight_layout()
+    return _save(fig, out)
 
 
 # ----------------------------------------------------------------------------- a sweep
@@ -116,7 +145,7 @@ def compare_figure(sweep_dir: Path, out: Path | None = None, metric: str = "rewa
     # one legend under both panels: labels can be long
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=1 if len(runs) > 6 else 2, fontsize=7)
-    fig.suptitle(f"{sweep_dir} ({len(runs)} runs)", fontsize=9)
+    fig.suptitle(f"{sweep_dir} ({len(runs)} runs): {metric}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(runs) + 1) // 2 if len(runs) <= 6 else len(runs)), 1, 1))
     return _save(fig, Path(out) if out else sweep_dir / "compare.png")
 

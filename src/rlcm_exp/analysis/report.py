@@ -90,13 +90,13 @@ def _training_sections(
     lines: list[str] = []
     tasks = [t for t in scale.tasks if any(r.task == t for r in main)]
     if "4" in figs:
-        title = "Fig. 4: reward vs reward queries (mean +- std over seeds)"
+        title = f"Fig. 4: reward vs reward queries (mean +- std over seeds), {scale.name} scale: {scale_dir}"
         figures.training_figure(
             main, "reward_queries", scale_dir / "fig4_reward_vs_queries.png", title, tasks
         )
         lines += ["## Fig. 4: sample complexity", "", "![fig4](fig4_reward_vs_queries.png)", ""]
     if "5" in figs:
-        title = "Fig. 5: reward vs GPU-hours (mean +- std over seeds)"
+        title = f"Fig. 5: reward vs GPU-hours (mean +- std over seeds), {scale.name} scale: {scale_dir}"
         figures.training_figure(main, "gpu_hours", scale_dir / "fig5_reward_vs_gpu_hours.png", title, tasks)
         lines += ["## Fig. 5: training time", "", "![fig5](fig5_reward_vs_gpu_hours.png)", ""]
     per_task = {r["task"]: (r["threshold"], r["threshold_source"]) for r in table}
@@ -126,7 +126,7 @@ def _inference_section(
     figures.inference_figure(
         evals,
         scale_dir / "fig6_inference_budget.png",
-        "Fig. 6: reward vs inference seconds per image (final checkpoints)",
+        f"Fig. 6: reward vs inference seconds per image (final checkpoints): {scale_dir}",
     )
     return [
         "## Fig. 6: inference-time budget",
@@ -151,7 +151,7 @@ def _horizon_section(scale_dir: Path, scale: Scale, runs: Sequence[Run]) -> list
         horizon,
         "gpu_hours",
         scale_dir / "fig7_horizon.png",
-        f"Fig. 7: RLCM horizon ablation on {scale.horizon_task} (DDPO for reference)",
+        f"Fig. 7: RLCM horizon ablation on {scale.horizon_task} (DDPO for reference), {scale.name} scale: {scale_dir}",
         [scale.horizon_task],
     )
     return ["## Fig. 7: horizon ablation", "", "![fig7](fig7_horizon.png)", ""]

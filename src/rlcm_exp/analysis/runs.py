@@ -90,9 +90,11 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str, int], list[Run]]:
     return groups
 
 
-def run_labels(runs: Sequence[Run], max_keys: int = 4) -> list[str]:
-    """Name each run by the config values that differ between the runs (paths left out), e.g.
-    "algo.name=ddpo, seed=1"; the folder name when nothing differs."""
+def differing_keys(runs: Sequence[Run], leaves: bool = False) -> list[str]:
+    """The config keys whose values differ between the runs (paths left out). Of a group choice only
+    its name (algo.name rather than every PPO constant it changes); with `leaves`, also every other
+    differing key outside the chosen groups (e.g. optimizer.lr of an LR sweep, train.* set by the
+    paper's settings per algorithm), else those only when no name differs."""
     keys = sorted({k for r in runs for k in r.flat_config})
     differ = [
         k
@@ -100,12 +102,36 @@ def run_labels(runs: Sequence[Run], max_keys: int = 4) -> list[str]:
         if len({repr(r.flat_config.get(k)) for r in runs}) > 1
         and not any(isinstance(r.flat_config.get(k), str) and "/" in r.flat_config[k] for r in runs)
     ]
-    # a group choice changes many keys; its name is enough (algo.name rather than every PPO constant)
     named = [k for k in differ if k.endswith(".name") or "." not in k or k.startswith("sampler.num_steps")]
-    shown = (named or differ)[:max_keys]
+    if not leaves:
+        return named or differ
+    chosen = {k.rsplit(".", 1)[0] + "." for k in differ if k.endswith((".name", "._target_"))}
+    return named + [k for k in differ if k not in named and not k.startswith(tuple(chosen))]
+
+
+def run_labels(runs: Sequence[Run], max_keys: int = 4) -> list[str]:
+    """Name each run by the config values that differ between the runs (`differing_keys`), e.g.
+    "algo.name=ddpo, seed=1"; the folder name when nothing differs."""
+    shown = differing_keys(runs)[:max_keys]
     if not shown:
         return [r.path.name for r in runs]
     return [", ".join(f"{k}={r.flat_config.get(k)}" for k in shown) for r in runs]
+
+
+def run_title(run_dir: Path) -> str:
+    """A figure's title for one run: its folder (parent/name) and, from its config.yaml, what it trains
+    (algorithm, task, model family)."""
+    run_dir = Path(run_dir).resolve()
+    name = f"{run_dir.parent.name}/{run_dir.name}"
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return name
+    cfg = OmegaConf.load(path)
+    what = [str(OmegaConf.select(cfg, k, default="?")) for k in ("algo.name", "task.name")]
+    what.append(
+        str(OmegaConf.select(cfg, "model._target_", default="?")).rsplit(".", 1)[-1]
+    )  # the family builder
+    return f"{name} ({', '.join(what)})"
 
 
 @dataclass

@@ -1,30 +1,83 @@
-"""The end-of-run summary in the run dir: reward_vs_time.png, before_after.png and one printed line."""
+"""The end-of-run summary in the run dir: reward_vs_time.png, before_after.png and one printed line;
+and the held-out images each evaluation keeps for it (RUN/eval/).
+
+An evaluation's grid ("snapshot"): up to GRID_PROMPTS images, one per held-out prompt first (seed 0
+of each prompt, then seed 1, ...), each labelled with its prompt, seed and the prompt's mean reward
+over the evaluation's seeds. Every evaluation draws its own in RUN/eval/epoch_NNNN.png (NNNN: epochs
+done); the first one's tensors are kept too (RUN/eval/epoch_0000.pt), so that before_after.png of a
+resumed run still shows the run's real "before".
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rlcm_exp.analysis.figures import before_after_grid, reward_vs_time_figure
-from rlcm_exp.analysis.runs import read_evals
+from rlcm_exp.analysis.runs import read_evals, run_title
 from rlcm_exp.tracking import read_metrics
 
-if TYPE_CHECKING:
+GRID_PROMPTS = 8  # images per row of before_after.png
+
+
+def select_eval_images(
+    res: dict[str, Any], prompts: Sequence[str], seeds: Sequence[int], epochs_done: int
+) -> dict[str, Any]:
+    """The snapshot of one held-out evaluation (`evaluate_policy`'s result for `prompts` x `seeds`,
+    whose images are its first jobs in prompt-major order)."""
+    images = res["eval_images"]
+    jobs = [(p, s) for p in prompts for s in seeds][: len(images)]
+    # distinct prompts first: job i is (prompt i // len(seeds), seed i % len(seeds))
+    order = sorted(range(len(jobs)), key=lambda i: (i % len(seeds), i // len(seeds)))[:GRID_PROMPTS]
+    per_prompt = res.get("eval_per_prompt", {})
+    return {
+        "epochs_done": epochs_done,
+        "images": images[order].float().cpu(),
+        "prompts": [jobs[i][0] for i in order],
+        "seeds": [int(jobs[i][1]) for i in order],
+        "rewards": [float(per_prompt.get(jobs[i][0], float("nan"))) for i in order],
+        "eval_reward_mean": float(res["eval_reward_mean"]),
+    }
+
+
+def save_eval_images(folder: Path, snap: dict[str, Any], tensors: bool = False) -> None:
+    """RUN/eval/epoch_NNNN.png (labelled) and, with `tensors`, epoch_NNNN.pt (images as uint8)."""
     import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"epoch_{snap['epochs_done']:04d}"
+    before_after_grid(
+        [snap], folder / f"{name}.png", title=f"{run_title(folder.parent)}: held-out evaluation"
+    )
+    if tensors:
+        data = {**snap, "images": (snap["images"].clamp(0, 1) * 255).round().to(torch.uint8)}
+        torch.save(data, folder / f"{name}.pt")
+
+
+def load_eval_images(folder: Path, epochs_done: int = 0) -> dict[str, Any] | None:
+    """The snapshot saved by `save_eval_images(..., tensors=True)`, None when there is none."""
+    import torch
+
+    path = folder / f"epoch_{epochs_done:04d}.pt"
+    if not path.is_file():
+        return None
+    data = torch.load(path, weights_only=True)
+    return {**data, "images": data["images"].float() / 255}
 
 
 def write_summary(
-    run_dir: Path, before: torch.Tensor | None = None, after: torch.Tensor | None = None
+    run_dir: Path, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None
 ) -> str:
     """Writes reward_vs_time.png (training reward and held-out reward against wall-clock seconds) and,
-    given held-out images from the first and last evaluation (same prompts and seeds), before_after.png.
+    given the first and last evaluation's snapshots (same prompts and seeds), before_after.png.
     Returns the line it prints: reward before -> after."""
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = read_evals(run_dir)
-    reward_vs_time_figure(records, evals, run_dir / "reward_vs_time.png")
+    title = run_title(run_dir)
+    reward_vs_time_figure(records, evals, run_dir / "reward_vs_time.png", title=title)
     if before is not None and after is not None:
-        before_after_grid(before, after, run_dir / "before_after.png")
+        before_after_grid([before, after], run_dir / "before_after.png", title=f"{title}: before / after")
     return summary_line(records, evals)
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -29,7 +30,10 @@ MANIFEST = ".rlcm_export.json"
 
 
 def model_card(run_dir: Path, kind: str) -> str:
-    """README.md of an export: what was trained from what, how, and with what result."""
+    """README.md of an export, a Hugging Face model card (`huggingface_hub.ModelCard`): metadata
+    (base_model, tags, library) and what was trained from what, how, with what result and command."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     cfg = load_run_config(run_dir)
     member = sampler_member(cfg.sampler)
     source = cfg.model.get(member) or {}
@@ -39,10 +43,22 @@ def model_card(run_dir: Path, kind: str) -> str:
     first = records[0] if records else {}
     commit_file = run_dir / "git_commit.txt"
     commit = commit_file.read_text().strip() if commit_file.is_file() else "?"
+    tags = ["rlcm-exp", cfg.algo.name, f"task-{cfg.task.name}", "lora" if kind == "lora" else "merged-lora"]
+    data = ModelCardData(
+        base_model=str(source.get("hub_id") or base),  # a hub id where the run had one: the Hub links it
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=[*tags, "reinforcement-learning", "text-to-image", "diffusers"],
+    )
     lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
         f"# {cfg.algo.name.upper()} fine-tune ({kind})",
         "",
         f"- base model: `{base}` (family `{cfg.model.get('name', '?')}`, member `{member}`)",
+        *lcm_lora_lines(source, kind),
         f"- algorithm: {cfg.algo.name}; sampler `{cfg.sampler._target_.rsplit('.', 1)[-1]}`, "
         f"steps {cfg.sampler.num_steps}, guidance {cfg.sampler.guidance_scale}",
         f"- task: {cfg.task.name}; reward `{cfg.reward._target_}`",
@@ -52,7 +68,13 @@ def model_card(run_dir: Path, kind: str) -> str:
         f"reward queries {last.get('reward_queries', 0)}",
         f"- seed {cfg.seed}; code `{commit}`",
         "",
-        "Trained with rlcm-exp. Load with diffusers:",
+        "Trained with rlcm-exp:",
+        "",
+        "```bash",
+        training_command(run_dir),
+        "```",
+        "",
+        "Load with diffusers:",
         "",
         "```python",
         "pipe.load_lora_weights(DIR)  # LoRA export"
@@ -61,7 +83,36 @@ def model_card(run_dir: Path, kind: str) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard("\n".join(lines)))
+
+
+def training_command(run_dir: Path) -> str:
+    """`python -m rlcm_exp` with the run's overrides (RUN/.hydra/overrides.yaml, which the command line's
+    Hydra and `rlcm_exp.run` write); without them, the resolved config.yaml stands for the command."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return f"# overrides not recorded; the resolved config is {run_dir.name}/config.yaml"
+    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or []]  # type: ignore[union-attr]
+    return " ".join(["python -m rlcm_exp", *(shlex.quote(o) for o in overrides)])
+
+
+def lcm_lora_lines(source: Mapping, kind: str) -> list[str]:
+    """The model card's LCM-LoRA line: which adapter the member's UNet had fused (none: no line). The
+    LoRA export needs it under the RL LoRA; the pipeline export has it fused already."""
+    adapter = source.get("lcm_lora") or {}
+    if not adapter:
+        return []
+    where = adapter.get("local_path") or f"{adapter.get('hub_id')}@{adapter.get('revision', 'main')}"
+    use = (
+        "needed under this LoRA: `pipe.load_lora_weights(LCM_LORA, adapter_name='lcm')`, this LoRA "
+        "with `adapter_name='rl'`, `pipe.set_adapters(['lcm', 'rl'])`, and "
+        "`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)`"
+        if kind == "lora"
+        else "already fused into this pipeline's UNet"
+    )
+    return [f"- LCM-LoRA: `{where}` (file `{adapter.get('weight_name')}`): {use}"]
 
 
 def files_under(folder: Path) -> list[str]:

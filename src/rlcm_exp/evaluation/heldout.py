@@ -31,7 +31,8 @@ def evaluate_policy(
     """Mean reward over every (prompt, seed) pair; image i uses its own generator, so results do not
     depend on batch size or on the training run's random state. A reward that returns a dict also
     gets the mean of each of its other entries (e.g. the toy detector's "shape") in `eval_components`."""
-    jobs = [(p, s) for p in prompts for s in seeds]
+    # seed-major: the first GRID_IMAGES jobs (the grid) cover as many prompts as possible
+    jobs = [(p, s) for s in seeds for p in prompts]
     parts: dict[str, list[torch.Tensor]] = {}
     images: list[torch.Tensor] = []
     for start in range(0, len(jobs), batch_size):
@@ -43,7 +44,7 @@ def evaluate_policy(
         kept = sum(int(i.shape[0]) for i in images)
         images.append(traj.images[: max(0, GRID_IMAGES - kept)].cpu())
     r = torch.cat(parts.pop("reward")).numpy().astype(np.float64)
-    per_prompt = {p: float(r[i * len(seeds) : (i + 1) * len(seeds)].mean()) for i, p in enumerate(prompts)}
+    per_prompt = {p: float(r[i :: len(prompts)].mean()) for i, p in enumerate(prompts)}
     return {
         "eval_reward_mean": float(np.nanmean(r)),
         "eval_reward_std": float(np.nanstd(r)),

@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.heldout import seeded_generators
-from rlcm_exp.evaluation.runs import load_lora, pick_device
+from rlcm_exp.evaluation.runs import config_for_checkpoint, load_lora, pick_device
 from rlcm_exp.training.build import build_policy
 
 SAMPLES_FILE = "samples.json"
@@ -99,11 +99,18 @@ def write_listing(out: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, out / SAMPLES_FILE)
 
 
-def sample_images(cfg: DictConfig) -> list[dict[str, Any]]:
+# taken from the run's config.yaml when checkpoint is a run dir, unless the command line sets them
+SAMPLE_GROUPS = ("model", "sampler")
+
+
+def sample_images(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """One PNG per (prompt, image) and samples.json (prompt, seed, steps, sampler, checkpoint per image)
     in `cfg.out`. Image i uses seed cfg.seed + i with its own generator, so it does not depend on the
-    batch it was drawn in."""
+    batch it was drawn in. Given a run dir (or a checkpoint inside one), the model and sampler are the
+    run's, except what `overrides` (the command line) sets; with overrides=None, cfg is used as it is."""
     prompts = check_request(cfg)
+    if overrides is not None:
+        cfg, _ = config_for_checkpoint(cfg, overrides, SAMPLE_GROUPS)
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.images_per_prompt))]
     out = Path(cfg.out)
     replaced = earlier_outputs(out, [image_name(i) for i in range(len(jobs))], cfg.get("overwrite", False))

@@ -22,14 +22,7 @@ from rlcm_exp.evaluation.budget import (
     seconds_per_image,
 )
 from rlcm_exp.evaluation.heldout import evaluate_policy
-from rlcm_exp.evaluation.runs import (
-    SharedFamily,
-    find_run_dir,
-    load_lora,
-    load_run_config,
-    merge_run_config,
-    pick_device,
-)
+from rlcm_exp.evaluation.runs import SharedFamily, config_for_checkpoint, load_lora, pick_device
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.provenance import software_versions
 from rlcm_exp.rewards.base import RewardFn, build_reward
@@ -120,9 +113,7 @@ def run_evaluation(cfg: DictConfig, overrides: list[str] | None = None) -> dict[
 
     Given a run dir (or a checkpoint folder inside one), model/sampler/task/reward/algo come from its
     config.yaml, except what `overrides` (the command line) sets."""
-    run_dir = find_run_dir(cfg.checkpoint) if cfg.checkpoint else None
-    if run_dir is not None:
-        cfg = merge_run_config(cfg, load_run_config(run_dir), list(overrides or []))
+    cfg, run_dir = config_for_checkpoint(cfg, list(overrides or []))
     s = load_subject(cfg)
     held = evaluate_policy(s.policy, s.reward_fn, s.prompts, s.seeds, cfg.batch_size, s.device)
     steps = step_rows(cfg, s, held)

@@ -30,6 +30,15 @@ class BatchPlan:
     # T_window = ceil(T * timestep_window): the first (noisiest) transitions, the T_train are drawn from them
     eligible_transitions: int
     inner_epochs: int
+    # trained transitions stacked into one UNet call (PER PROCESS memory knob: the training call's
+    # batch is train_batch_size x this); the loss and its gradient are the same for every value
+    transitions_per_forward: int = 1
+
+    @property
+    def unet_training_calls(self) -> int:
+        """UNet forward+backward calls per process per epoch (a CFG call doubles its batch, not its count)."""
+        calls_per_minibatch = self.trained_transitions // self.transitions_per_forward
+        return self.inner_epochs * self.minibatches_per_inner_epoch * calls_per_minibatch
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -47,7 +56,9 @@ class BatchPlan:
             + "; "
             f"{self.optimizer_steps_per_epoch} optimizer step(s)/epoch, each over {self.samples_per_step} "
             f"trajectories = {self.world_size} process(es) x {self.grad_accum_minibatches} minibatches x "
-            f"{self.train_batch_size}; {self.inner_epochs} inner epoch(s)"
+            f"{self.train_batch_size}; {self.inner_epochs} inner epoch(s); {self.unet_training_calls} UNet "
+            f"training call(s)/epoch per process, each over {self.train_batch_size} x "
+            f"{self.transitions_per_forward} (trajectory, transition) pairs"
         )
 
 
@@ -62,6 +73,7 @@ def plan_batches(
     transitions_per_trajectory: int,
     timestep_fraction: float,
     timestep_window: float = 1.0,
+    transitions_per_forward: int = 1,
 ) -> BatchPlan:
     sizes = {
         "samples_per_epoch": samples_per_epoch,
@@ -72,6 +84,13 @@ def plan_batches(
     }
     _check_sizes(world_size, **sizes)
     trained, eligible = _trained_transitions(transitions_per_trajectory, timestep_fraction, timestep_window)
+    per_call = trained if transitions_per_forward == 0 else transitions_per_forward
+    _need(
+        per_call >= 1 and trained % per_call == 0,
+        f"train.transitions_per_forward={transitions_per_forward} must divide the {trained} transitions trained "
+        f"per trajectory (or be 0: all of them in one call); valid: "
+        f"{[d for d in range(1, trained + 1) if trained % d == 0]} or 0",
+    )
     per_process = samples_per_epoch // world_size
     return BatchPlan(
         world_size=world_size,
@@ -88,6 +107,7 @@ def plan_batches(
         trained_transitions=trained,
         eligible_transitions=eligible,
         inner_epochs=inner_epochs,
+        transitions_per_forward=per_call,
     )
 
 

@@ -32,7 +32,7 @@ from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
 from rlcm_exp.training.settings import AlgoSettings
 from rlcm_exp.training.trainer import Trainer
-from rlcm_exp.validation import check_config
+from rlcm_exp.validation import check_before_loading
 
 
 def build_policy(
@@ -60,6 +60,7 @@ def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Bat
         transitions_per_trajectory=transitions,
         timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
         timestep_window=cfg.algo.timestep_window if transitions > 1 else 1.0,
+        transitions_per_forward=t.get("transitions_per_forward", 1) if transitions > 1 else 1,
     )
 
 
@@ -133,7 +134,7 @@ def start_logger(cfg: DictConfig, trainer: Trainer) -> None:
 
 def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
     """Run one training job into `run_dir` (the main process's; shared by every process)."""
-    check_config(cfg)  # types and ranges of every key, before anything is written or loaded
+    check_before_loading(cfg)  # types, ranges, `_target_`s and prompt files, before anything loads
     accelerator = make_accelerator(cfg)
     run_dir = shared_run_dir(accelerator, run_dir)
     try:
@@ -146,8 +147,10 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     check_run_dir(cfg, run_dir)  # a fresh run never lands on another; a resume must be the same run
     candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)
     if accelerator.is_main_process:
-        record_run(cfg, run_dir)
+        redact_run_dir(run_dir)  # Hydra's own copies hold the secrets until then, even if the build fails
     trainer = build_trainer(cfg, run_dir, accelerator, callbacks)
+    if accelerator.is_main_process:  # only once everything is built: a failed start writes nothing here
+        record_run(cfg, run_dir)
     resumed = trainer.restore(candidates, fall_back=cfg.resume == "auto")
     if resumed is not None and accelerator.is_main_process:
         print(f"resumed from {resumed} at epoch {trainer.epoch}")

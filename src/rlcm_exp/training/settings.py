@@ -26,6 +26,7 @@ class TrainSettings:
     sample_batch_size: int = 8  # PER PROCESS trajectories per sampling forward
     train_batch_size: int = 2  # PER PROCESS trajectories per training minibatch
     samples_per_step: int = 32  # GLOBAL trajectories per optimizer step
+    transitions_per_forward: int = 1  # PER PROCESS trained transitions per UNet call (0: all); same gradient
     inner_epochs: int = 1  # passes over each round's samples
     max_grad_norm: float = 5.0  # clip of the LoRA gradient norm
     save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
@@ -38,8 +39,10 @@ class TrainSettings:
     dump_rollouts: bool = (
         False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts
     )
-    eval_every: int = 0  # held-out evaluation every N epochs, before and after training (0: never)
-    eval_seeds: int = 4  # seeds per held-out prompt (seed i is the same across evaluations)
+    # held-out evaluation before training, every N epochs and after the last (0: never); the config's
+    # default is N = train.epochs: before and after only
+    eval_every: int = 0
+    eval_seeds: int = 2  # seeds per held-out prompt (seed i is the same across evaluations)
 
 
 @dataclass

@@ -90,7 +90,7 @@ class Trainer:
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
         self.nonfinite_in_a_row = 0
-        self.eval_images: dict[str, torch.Tensor] = {}
+        self.eval_images: dict[str, dict[str, Any]] = {}  # first/last evaluation's grid (analysis.summary)
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
         self.logger_run_id: str | None = None
         self.callbacks = list(callbacks)
@@ -247,48 +247,29 @@ class Trainer:
 
     def update(self, epoch: int, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
         """Inner epochs over shuffled minibatches x per-sample shuffled transitions; one step per accumulation."""
-        acc, plan, policy = self.accelerator, self.plan, self.policy
-        device = acc.device
-        adv = advantages.to(device)
-        n, t_window, t_train, bsz = (
-            len(traj),
-            plan.eligible_transitions,
-            plan.trained_transitions,
-            plan.train_batch_size,
-        )
+        plan = self.plan
+        adv = advantages.to(self.accelerator.device)
+        n, bsz = len(traj), plan.train_batch_size
         sums: dict[str, Any] = {}
         count = 0
         first: dict[str, float] = {}
         for inner in range(plan.inner_epochs):
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 2, inner))
             order = torch.randperm(n, generator=g)
-            steps = trained_steps(n, t_window, t_train, g)
+            steps = trained_steps(n, plan.eligible_transitions, plan.trained_transitions, g)
             for mb in tqdm(
                 range(plan.minibatches_per_inner_epoch),
                 desc=f"epoch {epoch} training",
                 leave=False,
-                disable=not acc.is_local_main_process,
+                disable=not self.accelerator.is_local_main_process,
             ):
                 rows = order[mb * bsz : (mb + 1) * bsz]
                 sync = (mb + 1) % plan.grad_accum_minibatches == 0
-                ratios = []
-                for j in range(t_train):
-                    k = steps[rows, j]
-                    with acc.no_sync(policy.unet) if not (sync and j == t_train - 1) else nullcontext():
-                        with acc.autocast():
-                            new_lp = policy.log_prob(
-                                traj.latents[rows, k], traj.next_latents[rows, k], k, traj.prompt_embeds[rows]
-                            )
-                        loss, info = ppo_loss(
-                            new_lp, traj.log_probs[rows, k].to(device), adv[rows], self.ppo.clip_range
-                        )
-                        acc.backward(loss / (plan.grad_accum_minibatches * t_train))
-                    info["loss"] = loss.detach()
+                infos, ratios = self._minibatch(traj, adv, rows, steps[rows], sync)
+                for info in infos:
                     for key, v in info.items():
                         sums[key] = sums.get(key, 0.0) + v.float()
-                    count += 1
-                    if inner == 0 and mb == 0:
-                        ratios.append(torch.exp(new_lp.detach() - traj.log_probs[rows, k].to(device)))
+                count += len(infos)
                 if (
                     inner == 0 and mb == 0
                 ):  # before any optimizer step: training must recompute what sampling drew
@@ -298,15 +279,46 @@ class Trainer:
                         "ratio_first_max_dev": float((r - 1).abs().max()),
                     }
                 if sync:
-                    grad_norm = acc.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm  # a tensor: no host sync here
-                    self.optimizer.step()
-                    self.lr_scheduler.step()  # after the optimizer (the reference code had it before)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.optimizer_steps += 1
+                    sums["grad_norm"] = (
+                        sums.get("grad_norm", 0.0) + self._optimizer_step()
+                    )  # a tensor: no host sync
         out = {k: float(v) / count for k, v in sums.items() if k != "grad_norm"}
         out["grad_norm"] = float(sums.get("grad_norm", 0.0)) / max(plan.optimizer_steps_per_epoch, 1)
         return {**out, **first}
+
+    def _minibatch(
+        self, traj: Trajectory, adv: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, sync: bool
+    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        """Backward of one minibatch's trained transitions, `transitions_per_forward` of them stacked
+        into each UNet call. Each call's loss is the mean over its (trajectory, transition) pairs, so
+        scaling it by the pairs' count keeps the gradient the mean of today's per-transition losses."""
+        acc, plan, policy = self.accelerator, self.plan, self.policy
+        t_train, per_call = plan.trained_transitions, plan.transitions_per_forward
+        divisor = plan.grad_accum_minibatches * t_train
+        infos, ratios = [], []
+        for j in range(0, t_train, per_call):
+            k = steps[:, j : j + per_call].T.reshape(-1)  # transition-major: rows repeat per transition
+            idx = rows.repeat(per_call)
+            old_lp = traj.log_probs[idx, k].to(acc.device)
+            with acc.no_sync(policy.unet) if not (sync and j + per_call >= t_train) else nullcontext():
+                with acc.autocast():
+                    new_lp = policy.log_prob(
+                        traj.latents[idx, k], traj.next_latents[idx, k], k, traj.prompt_embeds[idx]
+                    )
+                loss, info = ppo_loss(new_lp, old_lp, adv[idx], self.ppo.clip_range)
+                acc.backward(loss * per_call / divisor)  # per_call=1: exactly today's loss / divisor
+            info["loss"] = loss.detach()
+            infos.append(info)
+            ratios.append(torch.exp(new_lp.detach() - old_lp))
+        return infos, ratios
+
+    def _optimizer_step(self) -> torch.Tensor:
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()  # after the optimizer (the reference code had it before)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return grad_norm
 
     # ------------------------------------------------------------------ one epoch
 
@@ -371,13 +383,15 @@ class Trainer:
                     self.accelerator.device,
                 )
             self.logger.log_images("eval_samples", res["eval_images"], res["eval_captions"], step=epochs_done)
-            self.eval_images.setdefault("first", res["eval_images"])  # the "before" grid of the final report
-            self.eval_images["last"] = res["eval_images"]
             out = {
                 "eval_reward_mean": res["eval_reward_mean"],
                 "eval_reward_std": res["eval_reward_std"],
                 **{f"eval_reward/{k}": v for k, v in res["eval_components"].items()},
             }
+            self._keep_eval_images(epochs_done, res)
+            if epochs_done == 0:  # the base model's score reaches the tracker as a number, at x = epoch -1
+                before = {"eval_reward_before": out["eval_reward_mean"], **out}
+                self.logger.log({**before, "epoch": -1, "wallclock_s": 0.0, "gpu_hours": 0.0}, step=-1)
             self.eval_file.write(
                 {
                     "epochs_done": epochs_done,
@@ -391,6 +405,19 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         out["time_eval_s"] = time.perf_counter() - start
         return out
+
+    def _keep_eval_images(self, epochs_done: int, res: dict[str, Any]) -> None:
+        """The evaluation's grid images (distinct prompts first), labelled, for before_after.png: every
+        evaluation's in RUN/eval/epoch_NNNN.png, the first's also as tensors (epoch_0000.pt), so that a
+        resumed run's grid still shows the run's real "before"."""
+        from rlcm_exp.analysis.summary import load_eval_images, save_eval_images, select_eval_images
+
+        snap = select_eval_images(res, self.eval_prompts, list(range(self.settings.eval_seeds)), epochs_done)
+        folder = self.run_dir / "eval"
+        save_eval_images(folder, snap, tensors=epochs_done == 0)
+        if "first" not in self.eval_images:  # after a resume the first evaluation ran in an earlier process
+            self.eval_images["first"] = snap if epochs_done == 0 else load_eval_images(folder) or snap
+        self.eval_images["last"] = snap
 
     def gpu_hours(self) -> float:
         """Device-hours so far: training wall-clock x (processes + reward-server GPUs)."""

@@ -1,0 +1,186 @@
+"""`python -m benchmarks.bench.gpu_check`: full-size RLCM and DDPO rounds per paper task on one GPU.
+
+    python -m benchmarks.bench.gpu_check [--budget-s 540] [--tasks aesthetic,...] [--out benchmarks/results]
+    python -m benchmarks.bench.gpu_check --cpu-scale --out /tmp/x      # the same path on a CPU, seconds
+
+Builds SD-1.5-sized members (LCM-Dreamshaper-v7 and Dreamshaper-7 shapes: UNet, VAE, text encoder)
+and the aesthetic reward's CLIP ViT-L/14 + LAION MLP head with random weights in the hub layout,
+then runs, for each paper task's per-GPU settings (gpu_plan.py), one short RLCM and DDPO round
+through the production `rlcm_exp.training.build.train` (fp16 weights, fp32 LoRA, SDPA attention),
+in each variant of gradient checkpointing x transitions per UNet call, each in its own process
+(its own peak memory; an out-of-memory variant is recorded, not fatal). Runs are ordered so that
+the most useful come first; once `--budget-s` would be exceeded the rest are recorded as skipped.
+Writes OUT/gpu-{device}.json and .md (gpu_report.py; format in benchmarks/README.md). No downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench.gpu_plan import TASKS, VARIANTS, TaskSettings, Variant, paper_settings, run_overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench.gpu_check", description=(__doc__ or "").split("\n\n")[0]
+    )
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated paper tasks")
+    ap.add_argument(
+        "--variants",
+        type=int,
+        default=None,
+        help=f"how many of the variants, in order (default {len(VARIANTS)}; 2 on a CPU)",
+    )
+    ap.add_argument("--budget-s", type=float, default=540.0, help="no run starts that would end after this")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds first (default 1; 0 on a CPU)"
+    )
+    ap.add_argument("--cpu-scale", action="store_true", help="small members, one task, tiny batches (CPU)")
+    ap.add_argument("--work-dir", default=None, help="where the random members are written (default: temp)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # JSON of one run: child mode
+    ap.add_argument("--raw-out", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _child(spec: dict[str, Any], raw_out: Path) -> int:
+    from benchmarks.bench.run import run_algo
+    from benchmarks.bench.scales import RunSpec
+
+    raw = run_algo(spec["algo"], RunSpec(spec["overrides"], spec["warmup"], [], floor=False))
+    raw_out.write_text(json.dumps(raw))
+    return 0
+
+
+def _run_one(spec: dict[str, Any], in_process: bool, tmp: Path) -> dict[str, Any]:
+    """One run's raw measurements, or {"status": "failed", "error": ...}."""
+    raw_out = tmp / "raw.json"
+    raw_out.unlink(missing_ok=True)
+    if in_process:
+        _child(spec, raw_out)
+        return json.loads(raw_out.read_text())
+    from benchmarks.bench.run import REPO, _child_env
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench.gpu_check",
+        "--child",
+        json.dumps(spec),
+        "--raw-out",
+        str(raw_out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not raw_out.is_file():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+        return {"status": "failed", "exit": proc.returncode, "error": error[:500]}
+    return json.loads(raw_out.read_text())
+
+
+def plan_runs(
+    tasks: list[str], variants: list[Variant], cpu_scale: bool
+) -> list[tuple[TaskSettings, Variant]]:
+    """Every task's default variant first (both algorithms), then the other variants task by task."""
+    order = [(t, variants[0]) for t in tasks] + [(t, v) for t in tasks for v in variants[1:]]
+    return [(paper_settings(algo, t, cpu_scale), v) for t, v in order for algo in ("rlcm", "ddpo")]
+
+
+def build_members(root: Path, cpu_scale: bool, cuda: bool) -> tuple[dict[str, Path], list[str]]:
+    """The random members (lcm, diffusion) and the aesthetic reward's overrides."""
+    from benchmarks.bench.full_models import build_aesthetic_reward, build_full_member
+
+    device = "cuda" if cuda else "cpu"
+    members = {
+        kind: build_full_member(root, kind, small=cpu_scale, device=device) for kind in ("lcm", "diffusion")
+    }
+    return members, build_aesthetic_reward(root, small=cpu_scale, device=device)
+
+
+def run_all(args: argparse.Namespace, cuda: bool) -> tuple[list[dict[str, Any]], float]:
+    """Build the members, then each planned run within the budget; (records, seconds spent building)."""
+    from benchmarks.bench.gpu_plan import MEMBER
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()][: 1 if args.cpu_scale else None]
+    warmup = args.warmup if args.warmup is not None else (1 if cuda else 0)
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        members, reward = build_members(root, args.cpu_scale, cuda)
+        build_s = time.perf_counter() - started
+        print(f"[gpu-check] members built in {build_s:.0f} s", flush=True)
+        last: dict[str, float] = {}  # the last run's seconds per algorithm: the next one's estimate
+        for settings, variant in plan_runs(
+            tasks, list(VARIANTS[: args.variants or (2 if args.cpu_scale else None)]), args.cpu_scale
+        ):
+            record = {"settings": settings.as_dict(), "variant": dataclasses_dict(variant)}
+            elapsed = time.perf_counter() - started
+            if elapsed + last.get(settings.algo, 0.0) > args.budget_s:
+                records.append({**record, "status": "skipped", "error": f"budget {args.budget_s:.0f} s"})
+                continue
+            member = members[MEMBER[settings.algo]]
+            spec = {
+                "algo": settings.algo,
+                "warmup": warmup,
+                "overrides": run_overrides(settings, variant, member, reward, cuda, warmup),
+            }
+            print(f"[gpu-check] {settings.task} {settings.algo} {variant.name}", flush=True)
+            t0 = time.perf_counter()
+            raw = _run_one(spec, in_process=not cuda, tmp=root)
+            last[settings.algo] = time.perf_counter() - t0
+            records.append({**record, "status": raw.pop("status", "ok"), "run_s": last[settings.algo], **raw})
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return records, build_s
+
+
+def dataclasses_dict(variant: Variant) -> dict[str, Any]:
+    return {
+        "name": variant.name,
+        "gradient_checkpointing": variant.gradient_checkpointing,
+        "transitions_per_forward": variant.transitions_per_forward,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return _child(json.loads(args.child), Path(args.raw_out))
+    import torch
+
+    from benchmarks.bench.environment import environment
+    from benchmarks.bench.gpu_report import build_gpu_report, write_gpu_report
+
+    cuda = torch.cuda.is_available() and not args.cpu_scale
+    if not cuda and not args.cpu_scale:
+        print("error: no CUDA device; run with --cpu-scale for the small CPU version", file=sys.stderr)
+        return 2
+    header = {
+        "scale": "cpu-scale" if args.cpu_scale else "gpu",
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(),
+        "budget_s": args.budget_s,
+    }
+    started = time.perf_counter()
+    records, build_s = run_all(args, cuda)
+    report = build_gpu_report(header, records, build_s, time.perf_counter() - started)
+    stem, table = write_gpu_report(report, Path(args.out))
+    print(table)
+    print(f"[gpu-check] wrote {stem}.json and .md in {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
