@@ -54,7 +54,9 @@ def test_stacked_transitions_give_the_same_gradient_and_metrics(tmp_path, sample
             torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
         assert stats.keys() == base_stats.keys()
         for key, value in base_stats.items():
-            assert stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # fp32 rounding of a larger batch
+            assert stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (
+                key
+            )  # fp32 rounding of a larger batch
         assert stats["ratio_first"] == pytest.approx(1.0, abs=1e-5)
 
 

@@ -206,5 +206,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                warnings.warn(f"{path}: line {number} is torn (a write was interrupted); dropped", stacklevel=2)
+                warnings.warn(
+                    f"{path}: line {number} is torn (a write was interrupted); dropped", stacklevel=2
+                )
     return records

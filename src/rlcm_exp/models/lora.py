@@ -53,7 +53,13 @@ def attach_lora(
 def lora_payload(unet: Any) -> tuple[dict[str, torch.Tensor], dict]:
     """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
     loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    peft_state = get_peft_model_state_dict(unet)
+    state = convert_state_dict_to_diffusers(peft_state)
+    if any(".lora_A." in k or ".lora_B." in k for k in state):
+        # diffusers renames only some layers (attention) to lora.down / lora.up; a file mixing the
+        # two formats (e.g. with proj_in) loads through load_lora_weights WITHOUT its attention part.
+        # peft's names throughout load whole.
+        state = peft_state
     config = unet.peft_config["default"].to_dict()
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return state, metadata

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from diffusers import (
     LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from rlcm_exp.models.hub import NO_SAFETY_CHECKER
 from rlcm_exp.tokenizer import write_clip_tokenizer
@@ -30,33 +32,49 @@ TINY_VERSION = "tiny-v2"
 TINY_WORDS = "a an the on of in with red green blue yellow purple orange cat dog bird fish circle square triangle background".split()
 
 
+def _tiny_text_config(tokenizer: CLIPTokenizer, layers: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=32,
+    )
+
+
+# the tiny VAE: 32 px images, a factor of 2 (two down blocks)
+TINY_VAE: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=32,
+)
+
+
+def _tiny_schedulers() -> tuple[DDIMScheduler, LCMScheduler]:
+    """SD's training schedule, as DDIM (the diffusion member) and LCM (the LCM member) schedulers."""
+    schedule = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    ddim = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    lcm = LCMScheduler(**schedule, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=False)
+    return ddim, lcm
+
+
 def _tiny_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            projection_dim=32,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, layers=1))
+    vae = AutoencoderKL(**TINY_VAE)
     unet_kwargs = dict(
         sample_size=16,
         in_channels=4,
@@ -71,39 +89,139 @@ def _tiny_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
     )
     unet = UNet2DConditionModel(**unet_kwargs)
     lcm_unet = UNet2DConditionModel(**unet_kwargs, time_cond_proj_dim=32)
-    schedule = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    ddim = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    lcm = LCMScheduler(**schedule, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=False)
+    ddim, lcm = _tiny_schedulers()
     return dict(text_encoder=text_encoder, vae=vae, unet=unet, lcm_unet=lcm_unet, ddim=ddim, lcm=lcm)
 
 
-def build_tiny_family_folders(root: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny family (32 px, 4x VAE, ~0.1M-parameter UNets) in the hub layout under root.
-
-    Written to a temporary folder and renamed into place, so concurrent builders never read a
-    half-written model.
-    """
-    root = Path(root)
-    final = root / TINY_VERSION
+def _build_once(root: str | Path, version: str, write: Callable[[Path, CLIPTokenizer], None]) -> Path:
+    """root/version, built by `write(tmp, tokenizer)` unless it is there already (its `lcm` member
+    complete). Written to a temporary folder and renamed into place, so concurrent builders never read
+    a half-written model; the caller's RNG does not move (a cached build would not move it)."""
+    final = Path(root) / version
     if (final / "lcm" / "model_index.json").is_file():
         return final
-    tmp = root / f".{TINY_VERSION}.{os.getpid()}.tmp"
+    tmp = Path(root) / f".{version}.{os.getpid()}.tmp"
     tok_folder = write_clip_tokenizer(tmp / "_tokenizer", TINY_WORDS, model_max_length=16)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_folder)
-    with torch.random.fork_rng():  # building must not move the caller's RNG (a cached build would not)
-        parts = _tiny_components(seed, tokenizer)
-    common = dict(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, **NO_SAFETY_CHECKER
-    )
-    diffusion: Any = StableDiffusionPipeline(unet=parts["unet"], scheduler=parts["ddim"], **common)
-    diffusion.save_pretrained(tmp / "diffusion")
-    lcm: Any = LatentConsistencyModelPipeline(unet=parts["lcm_unet"], scheduler=parts["lcm"], **common)
-    lcm.save_pretrained(tmp / "lcm")
-    for member in ("diffusion", "lcm"):  # transformers 5 saves tokenizer.json only: add the slow files
-        write_clip_tokenizer(tmp / member / "tokenizer", TINY_WORDS, model_max_length=16)
+    with torch.random.fork_rng():
+        write(tmp, CLIPTokenizer.from_pretrained(tok_folder))
     shutil.rmtree(tmp / "_tokenizer")
     with contextlib.suppress(OSError):  # on failure another process won the race; its folder is complete
         tmp.rename(final)
     return final
+
+
+def _save_member(pipe: Any, folder: Path, tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
+    pipe.save_pretrained(folder)
+    for sub in tokenizers:  # transformers 5 saves tokenizer.json only: add the slow files
+        write_clip_tokenizer(folder / sub, TINY_WORDS, model_max_length=16)
+
+
+def build_tiny_family_folders(root: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny family (32 px, 4x VAE, ~0.1M-parameter UNets) in the hub layout under root."""
+
+    def write(tmp: Path, tokenizer: CLIPTokenizer) -> None:
+        parts = _tiny_components(seed, tokenizer)
+        common = dict(
+            vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer, **NO_SAFETY_CHECKER
+        )
+        _save_member(
+            StableDiffusionPipeline(unet=parts["unet"], scheduler=parts["ddim"], **common), tmp / "diffusion"
+        )
+        lcm = LatentConsistencyModelPipeline(unet=parts["lcm_unet"], scheduler=parts["lcm"], **common)
+        _save_member(lcm, tmp / "lcm")
+
+    return _build_once(root, TINY_VERSION, write)
+
+
+# the layers an LCM-LoRA adapts (latent-consistency/lcm-lora-sdv1-5 covers the attention, the
+# feed-forward, the resnet convolutions and the time projections), as the tiny UNet names them
+TINY_LCM_LORA_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+)
+
+
+def build_tiny_lcm_lora(root: str | Path, seed: int = 0) -> Path:
+    """A random rank-4 LoRA on the tiny base UNet (root/diffusion), saved in the diffusers LoRA format
+    under root/lcm_lora: the stand-in of an LCM-LoRA, loaded by the same `load_lora_weights` path. Both
+    LoRA matrices are random (not B = 0), so fusing it changes the base's predictions."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = Path(root)
+    final = root / "lcm_lora"
+    if (final / "pytorch_lora_weights.safetensors").is_file():
+        return final
+    unet: Any = UNet2DConditionModel.from_pretrained(root / "diffusion" / "unet")
+    with torch.random.fork_rng():  # building must not move the caller's RNG (a cached build would not)
+        torch.manual_seed(seed + 1)
+        unet.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(TINY_LCM_LORA_MODULES))
+        )
+    tmp = root / f".lcm_lora.{os.getpid()}.tmp"
+    # peft's key format (lora_A / lora_B) for every layer: diffusers' older lora.down / lora.up names
+    # exist for attention layers only, and a file mixing the two loads without its attention part
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
+    with contextlib.suppress(OSError):  # on failure another process won the race; its folder is complete
+        tmp.rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+TINY_SDXL_VERSION = "tiny-sdxl-v1"
+
+
+def _tiny_sdxl_components(seed: int, tokenizer: CLIPTokenizer) -> dict:
+    """SDXL's layout at toy size: two CLIP text encoders (the second with a projection: the pooled
+    embedding), a UNet with SDXL's added text/time conditioning, and a VAE with SDXL's scaling."""
+    torch.manual_seed(seed)
+    text_config = _tiny_text_config(tokenizer, layers=2)  # SDXL conditions on the penultimate layer
+    encoders = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
+    # SDXL's VAE scaling, and force_upcast as SDXL's VAE (decoded in fp32 under fp16)
+    vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+    unet_kwargs = dict(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=64,  # both encoders' states concatenated: 32 + 32
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 time ids x their embedding
+    )
+    unet = UNet2DConditionModel(**unet_kwargs)
+    lcm_unet = UNet2DConditionModel(**unet_kwargs, time_cond_proj_dim=32)
+    ddim, lcm = _tiny_schedulers()
+    return dict(encoders=encoders, vae=vae, unet=unet, lcm_unet=lcm_unet, ddim=ddim, lcm=lcm)
+
+
+def build_tiny_sdxl_folders(root: str | Path, seed: int = 0) -> Path:
+    """A random tiny SDXL family (32 px) in the hub layout under root: `diffusion` (DDIM scheduler)
+    and `lcm` (a guidance-embedded UNet, LCMScheduler), both StableDiffusionXLPipeline folders."""
+
+    def write(tmp: Path, tokenizer: CLIPTokenizer) -> None:
+        parts = _tiny_sdxl_components(seed, tokenizer)
+        text = dict(zip(("text_encoder", "text_encoder_2"), parts["encoders"], strict=True))
+        common: dict[str, Any] = dict(
+            vae=parts["vae"], **text, tokenizer=tokenizer, tokenizer_2=tokenizer, add_watermarker=False
+        )
+        for member, unet, scheduler in (("diffusion", "unet", "ddim"), ("lcm", "lcm_unet", "lcm")):
+            pipe = StableDiffusionXLPipeline(unet=parts[unet], scheduler=parts[scheduler], **common)
+            _save_member(pipe, tmp / member, ("tokenizer", "tokenizer_2"))
+
+    return _build_once(root, TINY_SDXL_VERSION, write)

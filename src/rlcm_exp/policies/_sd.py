@@ -17,21 +17,25 @@ from diffusers.utils.torch_utils import randn_tensor
 from rlcm_exp.models.family import check_resolution as check_member_resolution
 from rlcm_exp.models.family import check_vae_resolution
 from rlcm_exp.models.hub import vae_scale
-from rlcm_exp.policies.base import Generators, Policy
+from rlcm_exp.policies.base import Generators, Policy, UNetInputs
 
 P = TypeVar("P", bound=Policy)
 
 
 def pipeline_modules(pipe: Any) -> dict[str, Any]:
     """The modules a policy drives, taken from a loaded diffusers pipeline (keyword arguments of
-    LCMPolicy / DDIMPolicy)."""
-    return {
+    LCMPolicy / DDIMPolicy); an SDXL pipeline adds its second text encoder and tokenizer."""
+    modules = {
         "unet": pipe.unet,
         "vae": pipe.vae,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
         "scheduler": pipe.scheduler,
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        modules["text_encoder_2"], modules["tokenizer_2"] = pipe.text_encoder_2, pipe.tokenizer_2
+        modules["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return modules
 
 
 def from_family(
@@ -43,11 +47,12 @@ def from_family(
     member = policy_class.member
     check_member_resolution(family, member, resolution)
     build = cast(Callable[..., P], policy_class)  # a concrete policy class: its own __init__, not Policy's
-    return build(
-        **pipeline_modules(family.load(member, device)),
-        resolution=resolution or family.member(member).resolution,
-        **options,
-    )
+    pipe = family.load(member, device)
+    # the member's native side: configured, read from its folder, or (a hub member first seen now)
+    # from the loaded UNet's sample_size x the VAE factor
+    loaded_native = int(pipe.unet.config.sample_size) * vae_scale_factor(pipe.vae)
+    native = family.member(member).resolution or loaded_native
+    return build(**pipeline_modules(pipe), resolution=resolution or native, **options)
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -60,19 +65,24 @@ def vae_scale_factor(vae: Any) -> int:
 check_resolution = check_vae_resolution
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device
-) -> torch.Tensor:
-    """Text-encoder states, tokenised exactly as the pipelines' `encode_prompt` does (padded to the
-    tokenizer's maximum length; an attention mask only for encoders configured to use one)."""
-    tokens = tokenizer(
+def tokenize(tokenizer: Any, prompts: list[str]) -> Any:
+    """Tokens as the pipelines' `encode_prompt` makes them: padded to the tokenizer's maximum length."""
+    return tokenizer(
         prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device
+) -> torch.Tensor:
+    """Text-encoder states, tokenised exactly as the pipelines' `encode_prompt` does (padded to the
+    tokenizer's maximum length; an attention mask only for encoders configured to use one)."""
+    tokens = tokenize(tokenizer, prompts)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = tokens.attention_mask.to(device)
@@ -116,3 +126,131 @@ def step_indices(step_index: torch.Tensor | int, batch: int, device: torch.devic
     if isinstance(step_index, int):
         return torch.full((batch,), step_index, dtype=torch.long, device=device)
     return step_index.to(device=device, dtype=torch.long)
+
+
+class TextConditioning:
+    """SD 1.x / 2.x conditioning: one CLIP text encoder, its states the UNet's encoder_hidden_states."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any) -> None:
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        """The unconditional half of classifier-free guidance: the empty prompt's states."""
+        return self.encode([""], device)
+
+    def unet_kwargs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": embeds}
+
+
+class SDXLConditioning:
+    """SDXL conditioning as StableDiffusionXLPipeline computes it: both text encoders' penultimate
+    hidden states concatenated, the second encoder's pooled projection as `text_embeds`, and the
+    added time ids (original size, crop (0, 0), target size) of a square `resolution`.
+
+    The Policy protocol carries one prompt tensor per sample, so the pooled projection travels as
+    one extra last row of it (zero-padded to the states' width): (B, L + 1, D). `unet_kwargs` takes
+    it apart again; rows sliced by the trainer keep the pair together."""
+
+    def __init__(
+        self, tokenizers: list[Any], text_encoders: list[Any], force_zeros: bool, resolution: int
+    ) -> None:
+        self.tokenizers, self.text_encoders = tokenizers, text_encoders
+        self.force_zeros = force_zeros  # SDXL base: the unconditional half is zeros, not the "" prompt
+        self.pooled_dim = int(text_encoders[-1].config.projection_dim)
+        self.time_ids = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenize(tokenizer, prompts).input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out[0]  # the pipeline keeps the last encoder's pooled projection
+            states.append(out.hidden_states[-2])
+        assert pooled is not None
+        hidden = torch.cat(states, dim=-1).to(self.text_encoders[-1].dtype)
+        if self.pooled_dim > hidden.shape[-1]:
+            raise ValueError(
+                f"pooled width {self.pooled_dim} exceeds the text-state width {hidden.shape[-1]}"
+            )
+        row = torch.nn.functional.pad(pooled.to(hidden.dtype), (0, hidden.shape[-1] - self.pooled_dim))
+        return torch.cat([hidden, row[:, None]], dim=1)
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        packed = self.encode([""], device)
+        return torch.zeros_like(packed) if self.force_zeros else packed
+
+    def unet_kwargs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        time_ids = self.time_ids.to(device=embeds.device, dtype=embeds.dtype).expand(embeds.shape[0], -1)
+        return {
+            "encoder_hidden_states": embeds[:, :-1],
+            "added_cond_kwargs": {"text_embeds": embeds[:, -1, : self.pooled_dim], "time_ids": time_ids},
+        }
+
+
+def text_conditioning(
+    pairs: list[tuple[Any, Any]], force_zeros: bool, resolution: int
+) -> TextConditioning | SDXLConditioning:
+    """The conditioning of a policy's (tokenizer, text encoder) pairs: SDXL's when the second pair
+    is present (text_encoder_2), SD's otherwise."""
+    present = [(tok, enc) for tok, enc in pairs if enc is not None]
+    if len(present) == 1:
+        return TextConditioning(*present[0])
+    tokenizers, encoders = (list(x) for x in zip(*present, strict=True))
+    return SDXLConditioning(tokenizers, encoders, force_zeros, resolution)
+
+
+def prepare_vae(vae: Any, conditioning: Any) -> None:
+    """SDXL's VAE overflows in fp16: its pipeline decodes in fp32 when the config says force_upcast,
+    and so do the policies (the SD pipelines do not, so an SD VAE keeps its dtype)."""
+    upcast = bool(getattr(vae.config, "force_upcast", False))
+    if (
+        isinstance(conditioning, SDXLConditioning)
+        and upcast
+        and next(vae.parameters()).dtype == torch.float16
+    ):
+        vae.to(torch.float32)
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance by batch doubling, as the Stable Diffusion pipelines do it: one UNet
+    call on [empty prompt; prompt], then eps = eps_u + scale * (eps_c - eps_u). Shared by the DDIM
+    policy and the LCM policy on a UNet without a guidance embedding (LCM-LoRA)."""
+
+    def __init__(
+        self, scale: float, text: TextConditioning | SDXLConditioning, device: Callable[[], torch.device]
+    ) -> None:
+        self.scale = float(scale)
+        self._text, self._device = text, device
+        # the empty-prompt states: the text encoder is frozen, so they are computed once per device/dtype
+        self._uncond: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """The pipelines' rule: guidance only for scale > 1 (scale 1 is the conditional model)."""
+        return self.scale > 1.0
+
+    def uncond(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._uncond:
+            self._uncond[key] = self._text.empty(self._device()).to(device=device, dtype=dtype)
+        return self._uncond[key]
+
+    def doubled(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> UNetInputs:
+        """(x, t, kwargs) of the doubled call: the empty prompt's half first, as diffusers orders it."""
+        uncond = self.uncond(prompt_embeds.device, prompt_embeds.dtype).expand(x.shape[0], -1, -1)
+        return (
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            self._text.unet_kwargs(torch.cat([uncond, prompt_embeds])),
+        )
+
+    def combine(self, eps: torch.Tensor) -> torch.Tensor:
+        """The guided prediction from the doubled call's output."""
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + self.scale * (eps_c - eps_u)

@@ -147,6 +147,9 @@ class DDIMPolicy:
         guidance_scale: float,
         train_cfg: bool,
         resolution: int,
+        text_encoder_2: Any = None,  # SDXL's second text encoder (None: SD 1.x / 2.x)
+        tokenizer_2: Any = None,
+        force_zeros_for_empty_prompt: bool = True,  # SDXL: zeros as the unconditional half
     ) -> None:
         if not eta > 0:  # `not >` also refuses NaN
             raise ConfigError(
@@ -170,6 +173,10 @@ class DDIMPolicy:
         self.vae_scale = _sd.vae_scale_factor(vae)
         _sd.check_resolution(resolution, self.vae_scale)
         self.resolution = resolution
+        pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
+        self._text = _sd.text_conditioning(pairs, force_zeros_for_empty_prompt, resolution)
+        _sd.prepare_vae(vae, self._text)
+        self._cfg = _sd.ClassifierFreeGuidance(guidance_scale, self._text, lambda: self.device)
         self.init_noise_sigma = float(sched.init_noise_sigma)
 
         sched.set_timesteps(num_steps)
@@ -186,13 +193,11 @@ class DDIMPolicy:
         self._table = self._coefs.stacked()  # (5, H) float32, CPU
         # device copies of the table and timesteps, moved once per device rather than once per step
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        # the empty-prompt embedding for CFG: the text encoder is frozen, so it is computed once
-        self._uncond: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def use_cfg(self) -> bool:
         """Classifier-free guidance in sampling (the pipeline's rule: guidance_scale > 1)."""
-        return self.guidance_scale > 1.0
+        return self._cfg.enabled
 
     @property
     def num_transitions(self) -> int:
@@ -208,16 +213,10 @@ class DDIMPolicy:
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder states, tokenised exactly as StableDiffusionPipeline.encode_prompt does."""
-        return _sd.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+        return self._text.encode(prompts, self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return _sd.decode(self.vae, latents)
-
-    def _uncond_embeds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._uncond:
-            self._uncond[key] = self.encode_prompts([""]).to(device=device, dtype=dtype)
-        return self._uncond[key]
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
@@ -243,13 +242,8 @@ class DDIMPolicy:
         t = self._tables(device)[1][step]
         x = latents.to(prompt_embeds.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
         if not self._guided(training):
-            return x, t, {"encoder_hidden_states": prompt_embeds}
-        uncond = self._uncond_embeds(prompt_embeds.device, prompt_embeds.dtype).expand(x.shape[0], -1, -1)
-        return (
-            torch.cat([x, x]),
-            torch.cat([t, t]),
-            {"encoder_hidden_states": torch.cat([uncond, prompt_embeds])},
-        )
+            return x, t, self._text.unet_kwargs(prompt_embeds)
+        return self._cfg.doubled(x, t, prompt_embeds)
 
     def _eps(
         self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
@@ -257,10 +251,7 @@ class DDIMPolicy:
         """eps_theta(x_t, t_k) in float32, guided as `unet_inputs` decides: eps_u + g * (eps_c - eps_u)."""
         x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
         eps = self.unet(x, t, **kwargs).sample.float()
-        if not self._guided(training):
-            return eps
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + self.guidance_scale * (eps_c - eps_u)
+        return self._cfg.combine(eps) if self._guided(training) else eps
 
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(5, B, 1, 1, 1) schedule constants at per-sample steps, rows as DDIMCoefficients' fields:

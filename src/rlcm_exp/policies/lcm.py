@@ -6,22 +6,35 @@ so only the mean depends on theta. The last call is deterministic (image = decod
 diffusers and the paper: H steps give H-1 trained transitions. `noisy_final_step=True` reproduces
 the reference code, which also noises the last step (with abar_{t_next} := abar_{t_H}) and trains
 H transitions; that extra term has zero expected gradient, since the image decodes `denoised`.
+
+Guidance: a guidance-distilled LCM (LCM-Dreamshaper, LCM-SDXL) takes w = guidance_scale - 1 as an
+embedding (`timestep_cond`, the UNet's time_cond_proj_dim), with no batch doubling. A UNet without
+that embedding (an LCM-LoRA fused into a base, e.g. lcm-lora-sdv1-5) is guided classifier-free by
+batch doubling when guidance_scale > 1 (LCM-LoRA works at 1-2; 1 turns guidance off), exactly as
+StableDiffusionPipeline with an LCMScheduler runs it; sampling and log-prob recomputation make the
+same guided call, so the first PPO ratio stays 1.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import LCMScheduler
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies import _sd
 from rlcm_exp.policies.base import Generators, UNetInputs
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
+
+log = logging.getLogger(__name__)
+# above this classifier-free scale an LCM-LoRA's images saturate (its authors recommend 1-2)
+LORA_MAX_GUIDANCE = 2.0
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,6 +83,19 @@ def lcm_timesteps(
     raise ConfigError(f"sampler.timestep_schedule={schedule!r} is not one of ['skip', 'linspace']")
 
 
+def _guidance_embedding_dim(unet: Any, guidance_scale: float) -> int | None:
+    """The UNet's guidance-embedding width (time_cond_proj_dim), None for an LCM-LoRA; warns when
+    such a UNet is asked for more classifier-free guidance than LCM-LoRA is made for."""
+    dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if dim is None and guidance_scale > LORA_MAX_GUIDANCE:
+        log.warning(
+            "sampler.guidance_scale=%s: the LCM member's UNet has no guidance embedding (an LCM-LoRA), so "
+            "this is classifier-free guidance by batch doubling; LCM-LoRA is meant for 1-2 (1: off).",
+            guidance_scale,
+        )
+    return None if dim is None else int(dim)
+
+
 @dataclass
 class _LCMStep:
     """One step of a rollout: the state, the action (None for the deterministic final call), the
@@ -102,6 +128,9 @@ class LCMPolicy:
         noisy_final_step: bool,
         resolution: int,
         timestep_schedule: str = "skip",
+        text_encoder_2: Any = None,  # SDXL's second text encoder (None: SD 1.x / 2.x)
+        tokenizer_2: Any = None,
+        force_zeros_for_empty_prompt: bool = True,  # SDXL: zeros as the unconditional half
     ) -> None:
         if num_steps < 2:
             raise ConfigError(
@@ -109,6 +138,9 @@ class LCMPolicy:
                 "call is the deterministic final one, so there is no stochastic transition to train by policy "
                 "gradient. Use sampler.num_steps=2 or more (the paper trains with 8)."
             )
+        # a base's own scheduler (an LCM-LoRA member loaded elsewhere): swapped as LCM-LoRA users do
+        if not isinstance(scheduler, LCMScheduler):
+            scheduler = LCMScheduler.from_config(scheduler.config)
         cfg = scheduler.config
         if cfg.prediction_type != "epsilon" or cfg.thresholding or cfg.clip_sample:
             raise ConfigError(
@@ -116,22 +148,24 @@ class LCMPolicy:
                 f"(got prediction_type={cfg.prediction_type}, thresholding={cfg.thresholding}, "
                 f"clip_sample={cfg.clip_sample})"
             )
-        if getattr(unet.config, "time_cond_proj_dim", None) is None:
-            raise ConfigError(
-                "the LCM member's UNet has no time_cond_proj_dim (no guidance embedding): it is not a "
-                "guidance-distilled latent consistency model. Point model.lcm at an LCM, or use sampler=ddim."
-            )
+        embedding_dim = _guidance_embedding_dim(unet, guidance_scale)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.noisy_final_step = noisy_final_step
         self.timestep_schedule = timestep_schedule
         self.latent_channels = int(unet.config.in_channels)
-        # read once: a DDP-wrapped unet has no .config
-        self.time_cond_proj_dim = int(unet.config.time_cond_proj_dim)
+        # read once: a DDP-wrapped unet has no .config. None: no guidance embedding (LCM-LoRA), so
+        # guidance_scale > 1 is classifier-free guidance by batch doubling instead
+        self.time_cond_proj_dim = embedding_dim
+        cfg_scale = guidance_scale if embedding_dim is None else 1.0
         self.vae_scale = _sd.vae_scale_factor(vae)
         _sd.check_resolution(resolution, self.vae_scale)
         self.resolution = resolution
+        pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
+        self._text = _sd.text_conditioning(pairs, force_zeros_for_empty_prompt, resolution)
+        _sd.prepare_vae(vae, self._text)
+        self._cfg = _sd.ClassifierFreeGuidance(cfg_scale, self._text, lambda: self.device)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
 
         t = lcm_timesteps(num_steps, cfg.original_inference_steps, cfg.num_train_timesteps, timestep_schedule)
@@ -172,7 +206,7 @@ class LCMPolicy:
         return self._table_cpu[5, : self.num_transitions].clone()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return _sd.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+        return self._text.encode(prompts, self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return _sd.decode(self.vae, latents)
@@ -187,6 +221,7 @@ class LCMPolicy:
         key = (batch, dtype, device)
         if key not in self._w_embeddings:
             w = torch.full((batch,), self.guidance_scale - 1.0)
+            assert self.time_cond_proj_dim is not None  # only a guidance-distilled LCM has one
             emb = guidance_embedding(w, self.time_cond_proj_dim)
             self._w_embeddings[key] = emb.to(device=device, dtype=dtype)
         return self._w_embeddings[key]
@@ -211,18 +246,20 @@ class LCMPolicy:
         prompt_embeds: torch.Tensor,
         training: bool,
     ) -> UNetInputs:
-        """(x, t, kwargs) of the UNet call at step k: the guidance enters as `timestep_cond`, so there
-        is no batch doubling and sampling and training (`training` is ignored) make the same call."""
+        """(x, t, kwargs) of the UNet call at step k. A guidance-distilled LCM gets the guidance as
+        `timestep_cond` (no batch doubling); a UNet without that embedding gets one doubled batch when
+        guidance_scale > 1. Sampling and training (`training` is ignored) make the same call."""
         batch, device = latents.shape[0], latents.device
         step = _sd.step_indices(step_index, batch, device)
         t = self._timesteps_on(device)[step]
-        w_emb = self._w_embedding(batch, prompt_embeds.dtype, device)
         # the UNet runs in the text encoder's dtype; the state itself stays float32 (see `_mean`)
-        return (
-            latents.to(prompt_embeds.dtype),
-            t,
-            {"encoder_hidden_states": prompt_embeds, "timestep_cond": w_emb},
-        )
+        x = latents.to(prompt_embeds.dtype)
+        if self.time_cond_proj_dim is None:
+            if self._cfg.enabled:
+                return self._cfg.doubled(x, t, prompt_embeds)
+            return x, t, self._text.unet_kwargs(prompt_embeds)
+        w_emb = self._w_embedding(batch, prompt_embeds.dtype, device)
+        return x, t, {**self._text.unet_kwargs(prompt_embeds), "timestep_cond": w_emb}
 
     def _mean(
         self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
@@ -235,6 +272,8 @@ class LCMPolicy:
         c = self._consts(step_index, x_t.device)
         x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
         eps = self.unet(x, t, **kwargs).sample.float()
+        if self._cfg.enabled:
+            eps = self._cfg.combine(eps)
         denoised = lcm_denoise(eps, x_t, c[0], c[1], c[2], c[3])
         # 3. mean of the action: sqrt(abar_next) * denoised  (std sqrt(1 - abar_next) is fixed)
         return c[4] * denoised, denoised, c[5]

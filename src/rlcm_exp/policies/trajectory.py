@@ -10,7 +10,9 @@ import torch
 @dataclass
 class Trajectory:
     prompts: list[str]
-    prompt_embeds: torch.Tensor  # (B, L, D) text-encoder states the UNet saw (conditional only)
+    prompt_embeds: (
+        torch.Tensor
+    )  # (B, L, D) text-encoder states the UNet saw (conditional only); SDXL: (B, L + 1, D), pooled last
     latents: torch.Tensor  # (B, T, C, h, w) state x before each trained transition
     next_latents: torch.Tensor  # (B, T, C, h, w) the action: x after each trained transition
     log_probs: torch.Tensor  # (B, T) float32 log pi_old(next | latents), element-averaged

@@ -28,6 +28,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rlcm_exp.models.hub import NO_SAFETY_CHECKER
+from rlcm_exp.policies._sd import tokenize as pipeline_tokens
 from rlcm_exp.tokenizer import write_clip_tokenizer
 from rlcm_exp.toy import data
 
@@ -139,14 +140,8 @@ def guidance_embedding(w: torch.Tensor) -> torch.Tensor:
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids exactly as the pipelines build them (pad to model_max_length)."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    """Token ids exactly as the pipelines build them (pad to model_max_length): the policies' tokenizer call."""
+    return pipeline_tokens(tokenizer, prompts).input_ids
 
 
 def save_pipeline(pipe: DiffusionPipeline, folder: Path) -> None:
