@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from rlcm_exp.configs import compose
-from rlcm_exp.training.batching import plan_batches
+from rlcm_exp.training.build import check_batches
 
 # (algo, task): trajectories per round, optimizer steps per round, rounds, total trajectories,
 # LR at the last step, LoRA rank, LoRA alpha, sampler steps, guidance scale
@@ -46,16 +46,8 @@ def test_paper_config_matches_the_reference(algo: str, task: str) -> None:
     per_round, steps_per_round, rounds, total, lr_end, rank, alpha, steps, guidance = REFERENCE[algo, task]
     cfg = compose(overrides=[f"experiment=paper/{algo}_{task}"])
     t = cfg.train
-    plan = plan_batches(
-        world_size=1,  # sizes are global: the plan means the same on the reference's GPU count
-        samples_per_epoch=t.samples_per_epoch,
-        sample_batch_size=t.sample_batch_size,
-        train_batch_size=t.train_batch_size,
-        samples_per_step=t.samples_per_step,
-        inner_epochs=t.inner_epochs,
-        transitions_per_trajectory=steps,
-        timestep_fraction=cfg.algo.timestep_fraction,
-    )
+    # sizes are global: the plan means the same on the reference's GPU count as on one process
+    plan = check_batches(cfg, world_size=1, transitions=steps)
     got = (
         plan.samples_per_epoch,
         plan.optimizer_steps_per_epoch,
