@@ -181,7 +181,7 @@ def plan_run(
     )
     steps = last_int(extra, "sampler.num_steps", 0) or None  # set only by the horizon runs
     name = f"{task}_{algo}" + (f"_h{steps}" if steps is not None else "") + f"_s{seed}"
-    epochs = last_int(overrides, "train.epochs", 100)
+    epochs = last_int(overrides, "train.epochs", 0) or composed_epochs(overrides)
     # epoch_seconds is at the main H and the common batch; scale by this run's steps and batch
     run_steps = last_int(overrides, "sampler.num_steps", part.main_steps)
     batch, common_batch = (
@@ -190,6 +190,13 @@ def plan_run(
     )
     per_epoch = part.epoch_seconds * run_steps / part.main_steps * batch / common_batch
     return RunSpec(name, kind, task, algo, seed, overrides, scale.startup_seconds + epochs * per_epoch)
+
+
+def composed_epochs(overrides: tuple[str, ...]) -> int:
+    """train.epochs of the run's composed config, where no override sets it (the paper configs do)."""
+    from rlcm_exp.configs import compose
+
+    return int(compose(overrides=list(overrides)).train.epochs)
 
 
 def estimate(specs: list[RunSpec], scale: Scale, eval_count: int, jobs: int = 1) -> float:
