@@ -265,14 +265,13 @@ class Trainer:
             ):
                 rows = order[mb * bsz : (mb + 1) * bsz]
                 sync = (mb + 1) % plan.grad_accum_minibatches == 0
-                infos, ratios = self._minibatch(traj, adv, rows, steps[rows], sync)
+                first_call = inner == 0 and mb == 0  # before any optimizer step
+                infos, ratios = self._minibatch(traj, adv, rows, steps[rows], sync, first_call)
                 for info in infos:
                     for key, v in info.items():
                         sums[key] = sums.get(key, 0.0) + v.float()
                 count += len(infos)
-                if (
-                    inner == 0 and mb == 0
-                ):  # before any optimizer step: training must recompute what sampling drew
+                if first_call:  # training must recompute what sampling drew
                     r = torch.cat(ratios)
                     first = {
                         "ratio_first": float(r.mean()),
@@ -287,7 +286,13 @@ class Trainer:
         return {**out, **first}
 
     def _minibatch(
-        self, traj: Trajectory, adv: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, sync: bool
+        self,
+        traj: Trajectory,
+        adv: torch.Tensor,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        sync: bool,
+        record_ratios: bool,
     ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
         """Backward of one minibatch's trained transitions, `transitions_per_forward` of them stacked
         into each UNet call. Each call's loss is the mean over its (trajectory, transition) pairs, so
@@ -309,7 +314,8 @@ class Trainer:
                 acc.backward(loss * per_call / divisor)  # per_call=1: exactly today's loss / divisor
             info["loss"] = loss.detach()
             infos.append(info)
-            ratios.append(torch.exp(new_lp.detach() - old_lp))
+            if record_ratios:  # only the first minibatch's, for ratio_first
+                ratios.append(torch.exp(new_lp.detach() - old_lp))
         return infos, ratios
 
     def _optimizer_step(self) -> torch.Tensor:
