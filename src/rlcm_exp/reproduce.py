@@ -18,12 +18,20 @@ from pathlib import Path
 
 from rlcm_exp.analysis.plan import FIGURES, load_scale, parse_figures, parse_thresholds, scale_names
 from rlcm_exp.analysis.reproduction import Request, reproduce
+from rlcm_exp.analysis.study import TUNE_SUFFIX, load_study, scale_is_study, study_names
+from rlcm_exp.analysis.study_reproduction import StudyRequest, run_study
 from rlcm_exp.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlcm_exp.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=scale_names(), default="full", help="full | toy | smoke")
+    studies = [n + suffix for n in study_names() for suffix in (TUNE_SUFFIX, "")]
+    parser.add_argument(
+        "--scale",
+        choices=scale_names() + studies,
+        default="full",
+        help="full | smoke: the paper's runs; a study (conf/study/NAME.yaml): NAME-tune, then NAME",
+    )
     parser.add_argument("--out", type=Path, default=Path("experiments/paper"), help="writes OUT/<scale>/")
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default: the scale's)")
     parser.add_argument("--figures", default=",".join(FIGURES), help="which of 4,5,6,7 to produce")
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = parse_figures(args.figures)
     except ValueError as err:
         parser.error(f"--figures: {err}")
+    if scale_is_study(args.scale):
+        return _study(args, argv)
     try:
         scale = load_scale(args.scale)
     except ConfigError as err:
@@ -83,6 +93,28 @@ def main(argv: list[str] | None = None) -> int:
         invocation="python -m rlcm_exp.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
     )
     outcome = reproduce(request)
+    return 1 if outcome.failed else 0
+
+
+def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
+    try:
+        study = load_study(args.scale.removesuffix(TUNE_SUFFIX))
+        request = StudyRequest(
+            study=study,
+            tune=args.scale.endswith(TUNE_SUFFIX),
+            seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else study.seeds,
+            out=args.out,
+            launcher=tuple(shlex.split(args.launcher)),
+            overrides=tuple(args.override),
+            jobs=args.jobs,
+            dry_run=args.dry_run,
+            invocation="python -m rlcm_exp.reproduce "
+            + shlex.join(argv if argv is not None else sys.argv[1:]),
+        )
+        outcome = run_study(request)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
     return 1 if outcome.failed else 0
 
 

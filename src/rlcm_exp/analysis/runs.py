@@ -36,7 +36,11 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return len(self.records) >= self.epochs and (self.path / "checkpoints" / "final").is_dir()
+        """checkpoints/final exists and the run did all its epochs or spent its train.max_wallclock_s."""
+        budget = self.flat_config.get("train.max_wallclock_s")
+        spent = budget is not None and bool(self.records) and self.records[-1]["wallclock_s"] >= float(budget)
+        done = len(self.records) >= self.epochs or spent
+        return done and (self.path / "checkpoints" / "final").is_dir()
 
 
 def load_run(path: Path) -> Run:
@@ -61,7 +65,7 @@ def read_evals(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def is_finished(run_dir: Path) -> bool:
-    """metrics.jsonl holds train.epochs records and checkpoints/final exists."""
+    """checkpoints/final exists and metrics.jsonl holds train.epochs records or reached the budget."""
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
         return False
     return load_run(run_dir).finished

@@ -43,6 +43,9 @@ class TrainSettings:
     # default is N = train.epochs: before and after only
     eval_every: int = 0
     eval_seeds: int = 2  # seeds per held-out prompt (seed i is the same across evaluations)
+    # GLOBAL training wall-clock budget in seconds (metrics' wallclock_s, evaluations excluded): the
+    # run ends after the first epoch that reaches it, or after `epochs`, whichever comes first
+    max_wallclock_s: float | None = None
 
 
 @dataclass

@@ -92,6 +92,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.eval_images: dict[str, dict[str, Any]] = {}  # first/last evaluation's grid (analysis.summary)
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
+        self.budget_spent = False  # train.max_wallclock_s reached: this epoch is the run's last
         self.logger_run_id: str | None = None
         self.callbacks = list(callbacks)
 
@@ -113,6 +114,8 @@ class Trainer:
         records = []
         try:
             for epoch in range(self.epoch, self.settings.epochs):
+                if self.budget_spent:  # a resumed run whose budget was already spent
+                    break
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
                 records.append(self.run_epoch(epoch))
@@ -139,7 +142,7 @@ class Trainer:
     def _checkpoint_or_stop(self, epoch: int) -> None:
         stop = self.should_stop()
         every, epochs = self.settings.checkpoint_every, self.settings.epochs
-        if stop or (every > 0 and self.epoch % every == 0) or self.epoch == epochs:
+        if stop or (every > 0 and self.epoch % every == 0) or self.epoch == epochs or self.budget_spent:
             self._timed_checkpoint(self.save_checkpoint)
         if stop:
             raise Preempted(
@@ -339,8 +342,11 @@ class Trainer:
         update_stats = self.update(epoch, traj, advantages)
         timing["time_train_s"] = time.perf_counter() - t_train
         self.reward_queries += self.plan.samples_per_epoch
-        self.maybe_save_images(epoch, traj, rewards["reward"])
         self.elapsed_s += time.perf_counter() - start
+        self.budget_spent = self._budget_reached()
+        image_start = time.perf_counter()
+        self.maybe_save_images(epoch, traj, rewards["reward"])
+        self.elapsed_s += time.perf_counter() - image_start
         components = {
             f"reward/{k}": float(acc.gather(v.to(acc.device)).float().nanmean())
             for k, v in rewards.items()
@@ -371,8 +377,16 @@ class Trainer:
         return (
             bool(self.eval_prompts)
             and every > 0
-            and (epochs_done % every == 0 or epochs_done == self.settings.epochs)
+            and (epochs_done % every == 0 or epochs_done == self.settings.epochs or self.budget_spent)
         )
+
+    def _budget_reached(self) -> bool:
+        """True on every process once the slowest one's training wall-clock reaches train.max_wallclock_s."""
+        budget = self.settings.max_wallclock_s
+        if budget is None:
+            return False
+        spent = torch.tensor([self.elapsed_s], device=self.accelerator.device)
+        return bool(self.accelerator.gather(spent).max().item() >= budget)
 
     def evaluate(self, epochs_done: int) -> dict[str, Any]:
         """Held-out prompts x fixed seeds on the main process; its time is reported, not counted as training."""
@@ -447,7 +461,7 @@ class Trainer:
 
     def maybe_save_images(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
         s = self.settings
-        last = epoch == s.epochs - 1
+        last = epoch == s.epochs - 1 or self.budget_spent
         periodic = s.save_images_every > 0 and epoch % s.save_images_every == 0
         if not self.accelerator.is_main_process or s.save_images <= 0 or not (epoch == 0 or last or periodic):
             return
@@ -529,6 +543,7 @@ class Trainer:
         self.tracker.load_state_dict(state["stat_tracker"])
         self.epoch, self.optimizer_steps = state["epoch"], state["optimizer_steps"]
         self.reward_queries, self.elapsed_s = state["reward_queries"], state["elapsed_s"]
+        self.budget_spent = self._budget_reached()
         self.nonfinite_in_a_row, self.logger_run_id = state["nonfinite_in_a_row"], state["logger_run_id"]
         if acc.is_main_process:  # records past the checkpoint will be written again, identically
             for f in (self.metrics, self.eval_file):
