@@ -52,7 +52,7 @@ bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor,
 gpu-check: $(STAMP)  ## full-size random-weight RLCM and DDPO rounds per paper task on one GPU (<= 10 min, no downloads)
 	$(BIN)/python -m benchmarks.bench.gpu_check --out benchmarks/results
 
-reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/report.md (SCALE=full|toy|smoke, JOBS=N); finished runs skipped
+reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/ (SCALE=full|smoke, or the toy study: toy-tune then toy; JOBS=N); finished runs skipped
 	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE) --jobs $(JOBS)
 
 clean:  ## remove run outputs (not the venv)

@@ -11,7 +11,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlcm_exp import reproduce
-from rlcm_exp.analysis import plan
 from rlcm_exp.analysis.runs import find_runs, is_finished, seed_mean_curve, time_to_threshold
 from rlcm_exp.analysis.tables import threshold_markdown, threshold_table
 from rlcm_exp.configs import compose
@@ -174,28 +173,6 @@ def test_finished_means_all_epochs_and_a_final_checkpoint(tmp_path) -> None:
     assert not is_finished(done) and not is_finished(tmp_path / "missing")
 
 
-def test_toy_plan_fits_the_cpu_budget() -> None:
-    """The toy plan: 3 seeds x 2 tasks x 2 algorithms + the horizon ablation, under 45 min by its estimates
-    with the two jobs `make reproduce-paper SCALE=toy` runs at once."""
-    scale = plan.load_scale("toy")
-    specs = plan.plan_runs(scale, scale.seeds, plan.FIGURES)
-    assert len(specs) == 3 * 2 * 2 + 3 * len(scale.horizon_steps)
-    assert {s.name for s in specs} >= {
-        "toy_alignment_rlcm_s2",
-        "toy_compression_ddpo_s0",
-        "toy_compression_rlcm_h8_s1",
-    }
-    steps = {s.name: plan.last_int(s.overrides, "sampler.num_steps", 0) for s in specs if s.algo == "ddpo"}
-    # DDPO on toy_alignment: 20 DDIM steps; on toy_compression its CI test's 10 (the last override wins)
-    assert steps["toy_alignment_ddpo_s0"] == 20 and steps["toy_compression_ddpo_s0"] == 10
-    assert all("model=toy" in s.overrides for s in specs)
-    align = next(s for s in specs if s.name == "toy_alignment_rlcm_s0")
-    lr = [o for o in align.overrides if o.startswith("optimizer.lr=")]
-    assert lr == ["optimizer.lr=1e-3", "optimizer.lr=2e-3"]  # the (algo, task) pair's comes last and wins
-    n_eval = len(scale.tasks) * 2 * len(scale.eval_seeds)
-    assert plan.estimate(specs, scale, n_eval, jobs=2) < 45 * 60  # `make reproduce-paper` runs 2 at once
-
-
 @pytest.mark.parametrize("algo", ["rlcm", "ddpo"])
 @pytest.mark.parametrize("task", ["compression", "incompression", "aesthetic", "prompt_alignment"])
 def test_paper_overlays_choose_the_pair_and_its_hyperparameters(algo: str, task: str) -> None:
@@ -210,17 +187,3 @@ def test_paper_overlays_choose_the_pair_and_its_hyperparameters(algo: str, task:
     for key in ("train", "sampler", "optimizer", "reward"):  # conf/paper/ applies with or without the overlay
         assert overlay[key] == plain[key], key
     assert isinstance(instantiate(overlay.logger), NullLogger)  # logger=none ignores group and tags
-
-
-@pytest.mark.parametrize("algo", ["rlcm", "ddpo"])
-def test_toy_scale_trains_the_toy_experiments_on_toy_compression(algo: str) -> None:
-    """conf/reproduce/toy.yaml spells its overrides out (the report prints them as the exact commands);
-    on toy_compression they compose to conf/experiment/toy/<algo>_compression.yaml, the CI learning
-    tests' (and for RLCM the quickstart's) settings, wandb grouping aside."""
-    scale = plan.load_scale("toy")
-    spec = next(s for s in plan.plan_runs(scale, (0,), ("4",)) if s.name == f"toy_compression_{algo}_s0")
-    planned = OmegaConf.to_container(compose("config", spec.overrides))
-    overlay = OmegaConf.to_container(compose("config", [f"experiment=toy/{algo}_compression", "seed=0"]))
-    assert isinstance(planned, dict) and isinstance(overlay, dict)
-    del planned["logger"], overlay["logger"]
-    assert planned == overlay

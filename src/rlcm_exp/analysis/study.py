@@ -5,7 +5,7 @@ Two stages, each a `python -m rlcm_exp.reproduce` scale: `<name>-tune` trains ev
 algorithm on every task at the tuning seed and writes OUT/<name>-tune/{selection.json,tune.md};
 `<name>` reads that selection and trains the final runs (`plan_final`). A run's overrides, in order:
 
-    algo=A task=T seed=S, common, settings.NAME.overrides, settings.NAME.task_overrides.T,
+    algo=A task=T seed=S, common, [final_overrides], settings.NAME.overrides, settings.NAME.task_overrides.T,
     train.max_wallclock_s=budget, [sampler.num_steps=H: the horizon runs of Fig. 7]
 """
 
@@ -46,6 +46,7 @@ class Study:
     seeds: tuple[int, ...]
     budget_s: float
     common: tuple[str, ...]
+    final_overrides: tuple[str, ...]  # after common, final runs only
     tune_seed: int
     tune_budget_s: float
     thresholds: dict[str, dict[str, float]]
@@ -94,6 +95,7 @@ def load_study(name: str) -> Study:
             seeds=tuple(int(s) for s in data["seeds"]),
             budget_s=float(data["budget_s"]),
             common=tuple(str(o) for o in data["common"]),
+            final_overrides=tuple(str(o) for o in data.get("final_overrides") or ()),
             tune_seed=int(tuning["seed"]),
             tune_budget_s=float(tuning["budget_s"]),
             thresholds={
@@ -141,6 +143,7 @@ def run_spec(
         f"task={task}",
         f"seed={seed}",
         *study.common,
+        *(study.final_overrides if kind != "tune" else ()),
         *chosen.overrides,
         *chosen.task_overrides.get(task, ()),
         f"train.max_wallclock_s={budget_s:g}",
@@ -292,6 +295,7 @@ def select(study: Study, runs: dict[str, Run]) -> dict[str, Any]:
                     "final_reward": float(reward[-1]),
                     "epochs": len(run.records),
                     "wallclock_s": float(wall[-1]),
+                    "median_epoch_s": float(np.median(np.diff(wall, prepend=0.0))),
                     "time_to_threshold_s": t_hit,
                 }
                 rows.append(row)
@@ -305,6 +309,7 @@ def select(study: Study, runs: dict[str, Run]) -> dict[str, Any]:
                 )
                 best["chosen"] = True
                 chosen[task][algo] = best["setting"]
+    mark_slowed(rows, study)
     return {
         "study": study.name,
         "best_start": {t: max(r["start_reward"] for r in rows if r["task"] == t) for t in thresholds},
@@ -314,9 +319,32 @@ def select(study: Study, runs: dict[str, Run]) -> dict[str, Any]:
     }
 
 
+SLOWED = 1.25  # a run whose median epoch took this much longer than its twins' was slowed by other load
+
+
+def mark_slowed(rows: list[dict[str, Any]], study: Study) -> None:
+    """Flag `slowed` on tuning rows whose median epoch took > SLOWED x the fastest twin's (the same
+    algorithm and setting on another task, with the same per-task overrides: the same compute per
+    epoch), so that other load on the machine is visible in the table and such runs can be re-run."""
+
+    def twin(r: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:
+        return (
+            r["algo"],
+            r["setting"],
+            study.settings[r["algo"]][r["setting"]].task_overrides.get(r["task"], ()),
+        )
+
+    fastest: dict[tuple[str, str, tuple[str, ...]], float] = {}
+    for r in rows:
+        fastest[twin(r)] = min(fastest.get(twin(r), float("inf")), r["median_epoch_s"])
+    for r in rows:
+        r["slowed"] = bool(r["median_epoch_s"] > SLOWED * fastest[twin(r)])
+
+
 def read_selection(path: Path) -> dict[str, Any]:
+    """OUT/<study>-tune/selection.json, written by the tuning stage."""
     if not path.is_file():
         raise ConfigError(
-            f"{path} does not exist: run the tuning first (make reproduce-paper SCALE=<study>{TUNE_SUFFIX})"
+            f"{path} does not exist: run the tuning first (make reproduce-paper SCALE={path.parent.name})"
         )
     return json.loads(path.read_text())

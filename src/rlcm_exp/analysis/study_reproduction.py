@@ -4,8 +4,11 @@ subprocess (analysis.reproduction.run_all: finished runs are skipped, unfinished
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,10 @@ from rlcm_exp.analysis.plan import Outcome, RunSpec
 from rlcm_exp.analysis.reproduction import run_all
 from rlcm_exp.analysis.runs import find_runs
 from rlcm_exp.analysis.study import (
+    SLOWED,
     TUNE_SUFFIX,
     Study,
+    chosen_setting,
     plan_final,
     plan_tuning,
     read_selection,
@@ -62,7 +67,11 @@ def run_study(req: StudyRequest) -> Outcome:
     if req.tune:
         path = write_tuning(folder, req.study, specs, outcome, req.invocation, time.perf_counter() - start)
     else:
-        path = study_report.write(folder, req.study, selection, specs, outcome, req, start)
+        runs_dir = folder / "runs"
+        evals = evaluate_final(req.study, selection, specs, runs_dir, list(req.launcher), req.jobs)
+        path = study_report.write(
+            folder, req.study, selection, specs, outcome, evals, req.invocation, time.perf_counter() - start
+        )
     print(f"[study] wrote {path}")
     return outcome
 
@@ -90,7 +99,10 @@ def write_tuning(
             f"{t}: start {fmt(selection['best_start'][t])} -> threshold {fmt(v)}"
             for t, v in selection["thresholds"].items()
         )
-        + ". Chosen (bold): least wall-clock to the threshold, else the highest final reward.",
+        + ". Chosen (bold): least wall-clock to the threshold, else the highest final reward. "
+        f"*slowed*: the run's median epoch took more than {SLOWED}x its twins' (the same setting on another "
+        "task, the same compute per epoch), i.e. other load on the machine; delete its folder and re-run "
+        "the command to redo it.",
         "",
     ]
     cells = [
@@ -99,6 +111,7 @@ def write_tuning(
             r["algo"],
             f"**{r['setting']}**" if r.get("chosen") else r["setting"],
             r["epochs"],
+            f"{r['median_epoch_s']:.3g}" + (" *slowed*" if r.get("slowed") else ""),
             r["wallclock_s"],
             r["start_reward"],
             r["final_reward"],
@@ -113,6 +126,7 @@ def write_tuning(
                 "algo",
                 "setting",
                 "epochs",
+                "median epoch (s)",
                 "wall-clock (s)",
                 "start reward",
                 "final reward (smoothed)",
@@ -136,13 +150,62 @@ def write_tuning(
     return path
 
 
-def tuning_rows(selection: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(selection.get("rows", []))
+def fig6_runs(study: Study, selection: dict[str, Any], specs: list[RunSpec]) -> list[RunSpec]:
+    """The final runs whose checkpoints Fig. 6 evaluates: the chosen setting's, every seed."""
+    return [
+        s
+        for s in specs
+        if s.kind == "main"
+        and s.name.startswith(f"{s.task}_{s.algo}_{chosen_setting(selection, s.task, s.algo)}_s")
+    ]
 
 
-def commands_block(outcome: Outcome) -> list[str]:
-    return ["```", *(c.replace(f"{Path.cwd()}/", "") for c in outcome.commands), "```"]
+def evaluate_final(
+    study: Study,
+    selection: dict[str, Any],
+    specs: list[RunSpec],
+    runs_dir: Path,
+    launcher: list[str],
+    jobs: int,
+) -> list[dict[str, Any]]:
+    """Fig. 6: `python -m rlcm_exp.evaluate` on each chosen-setting final checkpoint, `jobs` at a time,
+    into RUN/fig6/eval.json (kept while it is newer than the checkpoint)."""
+    todo, paths = [], []
+    for spec in fig6_runs(study, selection, specs):
+        run_dir = runs_dir / spec.name
+        final, result = run_dir / "checkpoints" / "final", run_dir / "fig6" / "eval.json"
+        if not final.is_dir():
+            continue
+        paths.append(result)
+        if result.is_file() and result.stat().st_mtime > final.stat().st_mtime:
+            continue
+        steps = ",".join(str(s) for s in study.eval_steps[spec.algo])
+        cmd = [
+            *launcher,
+            "rlcm_exp.evaluate",
+            f"checkpoint={run_dir}",
+            f"out={run_dir / 'fig6'}",
+            f"steps=[{steps}]",
+            *study.eval_overrides,
+        ]
+        todo.append((spec.name, cmd, run_dir / "fig6.log"))
+
+    def run_one(item: tuple[str, list[str], Path]) -> None:
+        name, cmd, log = item
+        print(f"[study] evaluating {name}: {shlex.join(cmd)}", flush=True)
+        with log.open("w") as out:
+            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(jobs)).returncode
+        if rc != 0:
+            print(f"[study] evaluation of {name} failed (exit {rc}), see {log}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(run_one, todo))
+    return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
-def quoted(cmd: list[str]) -> str:
-    return shlex.join(cmd)
+def child_env(jobs: int) -> dict[str, str]:
+    """The environment of a child process: cpu_count // jobs threads each unless the caller set it."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
