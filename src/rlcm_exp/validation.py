@@ -76,7 +76,9 @@ RULES: dict[str, Rule] = {
     "train.dump_rollouts": BOOL,
     "train.eval_every": _int(0),
     "train.eval_seeds": _int(1),
-    "train.max_wallclock_s": Rule("float", 0.0, None, low_open=True, nullable=True, what="training budget in s"),
+    "train.max_wallclock_s": Rule(
+        "float", 0.0, None, low_open=True, nullable=True, what="training budget in s"
+    ),
     "memory.*": BOOL,
     "algo.timestep_fraction": Rule("float", 0.0, 1.0, low_open=True),
     "algo.timestep_window": Rule("float", 0.0, 1.0, low_open=True),
