@@ -209,7 +209,7 @@ def test_report_on_fabricated_runs(tmp_path: Path) -> None:
         "samples_toy_compression.png",
     ):
         assert (tmp_path / fig).stat().st_size > 1000, fig
-    assert "learned brighter" in text  # the fabricated backgrounds got brighter
+    assert "after training its images were brighter" in text  # the fabricated backgrounds got brighter
 
 
 def test_reproduce_study_dry_run_and_missing_selection(

@@ -170,13 +170,16 @@ def image_rows(
     return rows
 
 
-WORDS = {  # statistic: (word when it rose, word when it fell)
+WORDS = {  # statistic: (how the images were after training when it rose, when it fell)
     "luminance": ("brighter", "darker"),
-    "saturation": ("more saturated colours", "paler colours"),
-    "foreground": ("larger shapes (more pixels unlike the background)", "smaller or fainter shapes"),
-    "texture": ("more contrast within images", "flatter images (less contrast within each)"),
-    "diversity": ("more varied images", "less varied images"),
-    "fidelity": ("drawn closer to the caption", "drawn less faithfully to the caption"),
+    "saturation": ("more saturated", "paler"),
+    "foreground": (
+        "with larger shapes (more pixels unlike the background)",
+        "with smaller or fainter shapes",
+    ),
+    "texture": ("with more contrast within each image", "flatter (less contrast within each image)"),
+    "diversity": ("more varied", "less varied"),
+    "fidelity": ("closer to their captions", "less faithful to their captions"),
 }
 
 
@@ -187,7 +190,11 @@ def describe_change(row: dict[str, Any]) -> str:
         for k in STATS
         if row[f"{k}_change"].lo > 0 or row[f"{k}_change"].hi < 0
     ]
-    words = ("learned " + ", ".join(said)) if said else "no change whose interval excludes 0"
+    words = (
+        ("after training its images were " + ", ".join(said))
+        if said
+        else "no change whose interval excludes 0"
+    )
     numbers = "; ".join(
         f"{k} {_pair(row[f'{k}_before'], row[f'{k}_after'])} (change {row[f'{k}_change'].text(2)})"
         for k in STATS

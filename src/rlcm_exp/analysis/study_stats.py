@@ -30,6 +30,8 @@ class Interval:
 
     def text(self, digits: int = 3) -> str:
         """ "v [lo, hi]", inf as "never" (not reached within the budget), a censored value as ">= v"."""
+        if np.isnan(self.value):
+            return "none (neither reached the threshold)"
         b = f"{self.bound} " if self.bound else ""
         return f"{b}{_num(self.value, digits)} [{_num(self.lo, digits)}, {_num(self.hi, digits)}]"
 
