@@ -16,6 +16,9 @@ SAMPLERS = {  # each trains 4 transitions per trajectory, so 1, 2 and 4 (= 0, al
     "lcm": ["algo=rlcm", "sampler.num_steps=5"],
     "ddim_cfg": ["algo=ddpo", "sampler.num_steps=4", "sampler.guidance_scale=5.0"],
     "ddim_no_cfg": ["algo=ddpo", "sampler.num_steps=4", "sampler.guidance_scale=1.0"],
+    # REBEL's loss of whole trajectories: a no-grad pass + per-call surrogate, or one call (issue 21)
+    "lcm_rebel": ["algo=rebel", "sampler.num_steps=5", "algo.loss.eta=1.0"],  # eta 1: gradients of the
+    # other cases' scale, so that the same fp32 tolerances apply (1/eta scales them)
 }
 
 

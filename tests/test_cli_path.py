@@ -118,6 +118,9 @@ TOY_EXPERIMENTS = [
     "toy/rlcm_alignment",
     "toy/ddpo_compression",
     "toy/ddpo_alignment",
+    "toy/grpo_compression",
+    "toy/grpo_alignment",
+    "toy/rebel_compression",
 ]
 
 
@@ -129,12 +132,27 @@ def test_model_defaults_leave_the_toy_experiments_unchanged(experiment: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("algo", "experiment"), [("rlcm", "toy/rlcm_compression"), ("ddpo", "toy/ddpo_compression")]
+    ("algo", "experiment"),
+    [
+        ("rlcm", "toy/rlcm_compression"),
+        ("ddpo", "toy/ddpo_compression"),
+        ("grpo", "toy/grpo_compression"),
+        ("rebel", "toy/rebel_compression"),
+    ],
 )
 def test_model_toy_brings_the_toy_experiment_sizes(algo: str, experiment: str) -> None:
     plain = compose(overrides=["model=toy", "task=toy_compression", f"algo={algo}"])
     tuned = compose(overrides=[f"experiment={experiment}"])
-    for key in ("train", "optimizer", "sampler.num_steps", "algo.lora", "algo.ppo", "algo.stat_tracker"):
+    keys = (
+        "train",
+        "optimizer",
+        "sampler.num_steps",
+        "algo.lora",
+        "algo.ppo",
+        "algo.stat_tracker",
+        "algo.loss",
+    )
+    for key in (*keys, "algo.group_size", "algo.advantage"):
         a, b = OmegaConf.select(plain, key), OmegaConf.select(tuned, key)
         a, b = (OmegaConf.to_container(x) if OmegaConf.is_config(x) else x for x in (a, b))
         assert a == b, key

@@ -87,6 +87,50 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert without_timings(resumed) == without_timings(reference)
 
 
+# EMA weights (train.ema_decay) evaluated every epoch: each record's eval_reward_mean is the EMA's
+EMA = [
+    "train.ema_decay=0.7",
+    "train.eval_every=1",
+    "train.eval_seeds=1",
+    "task.eval_prompts.prompts=[a cat,a dog]",
+]
+
+
+@pytest.fixture(scope="module")
+def ema_reference(tiny_cache, tmp_path_factory) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    run_dir = tmp_path_factory.mktemp("ema_reference")
+    subprocess.run(cmd(run_dir, *EMA), env=env(tiny_cache), check=True, capture_output=True, timeout=600)
+    return read_metrics(run_dir / "metrics.jsonl"), final_ema(run_dir)
+
+
+def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / "final_ema" / "pytorch_lora_weights.safetensors")
+
+
+def test_sigkill_then_resume_restores_the_ema_exactly(tiny_cache, tmp_path, ema_reference) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cmd(run_dir, *EMA), env=env(tiny_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(
+        cmd(run_dir, *EMA, "resume=auto"), env=env(tiny_cache), check=True, capture_output=True, timeout=600
+    )
+    records, reference_ema = ema_reference
+    resumed = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
+    assert all("eval_reward_mean" in r for r in resumed)  # scored with the EMA weights every epoch
+    assert without_timings(resumed) == without_timings(records)
+    resumed_ema = final_ema(run_dir)
+    assert resumed_ema.keys() == reference_ema.keys()
+    assert all(torch.equal(resumed_ema[k], reference_ema[k]) for k in resumed_ema)
+
+
 def test_sigterm_checkpoints_and_exits_with_the_distinct_code(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(

@@ -5,7 +5,7 @@
 For each algorithm the production code runs unchanged: `rlcm_exp.training.build.train` composes
 the model family, policy, LoRA, reward and optimizer exactly as a real run does and drives the
 real `Trainer`. The benchmark only hands it a callback (instrument.py) that wraps a few bound
-methods of the run's own objects with timers (policy.encode_prompts / sample / decode / log_prob,
+methods of the run's own objects with timers (policy.encode_prompts / sample / decode / action_mean_std,
 accelerator.backward / clip_grad_norm_, optimizer.step, ...), times each epoch and then, in the
 same process and at the same batch sizes, the bare model calls that epoch cannot avoid (the
 *floor*, floor.py): text encoder, UNet forwards of sampling, VAE decodes, the reward, UNet

@@ -152,7 +152,8 @@ POLICY_PHASES = [
     ("encode_prompts", "text_encode"),
     ("sample", "sample_total"),
     ("decode", "vae_decode"),
-    ("log_prob", "logprob_forward"),
+    # the training forward: the trainer takes the action's mean from it (policy.log_prob calls it too)
+    ("action_mean_std", "logprob_forward"),
 ]
 
 

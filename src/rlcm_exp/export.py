@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="replace an earlier export in --out (only the files it listed in .rlcm_export.json)",
     )
+    parser.add_argument(
+        "--ema", action="store_true", help="export the EMA weights (checkpoints/final_ema; train.ema_decay)"
+    )
     args = parser.parse_args(argv)
-    written = exit_on_config_error(lambda: export(args.run_dir, args.format, args.out, args.overwrite))
+    written = exit_on_config_error(
+        lambda: export(args.run_dir, args.format, args.out, args.overwrite, ema=args.ema)
+    )
     print(f"wrote {written}")
 
 

@@ -79,6 +79,8 @@ RULES: dict[str, Rule] = {
     "train.max_wallclock_s": Rule(
         "float", 0.0, None, low_open=True, nullable=True, what="training budget in s"
     ),
+    "train.ema_decay": Rule("float", 0.0, 0.999999, low_open=True, nullable=True, what="EMA decay per step"),
+    "train.eval_ema": BOOL,
     "memory.*": BOOL,
     "algo.timestep_fraction": Rule("float", 0.0, 1.0, low_open=True),
     "algo.timestep_window": Rule("float", 0.0, 1.0, low_open=True),
@@ -90,6 +92,11 @@ RULES: dict[str, Rule] = {
     "algo.lora.alpha": Rule("float", 0.0, None, low_open=True, what="LoRA alpha"),
     "algo.stat_tracker.buffer_size": _int(1),
     "algo.stat_tracker.min_count": _int(1),
+    "algo.group_size": _int(1, None, "images per prompt per round"),
+    "algo.kl_coef": _nonneg("weight of the KL to the base model"),
+    "algo.advantage.scale_by_std": BOOL,
+    "algo.advantage.eps": _pos("added to the group std"),
+    "algo.loss.eta": _pos("REBEL's log-ratio scale"),
     "optimizer.lr": _pos("learning rate"),
     "optimizer.eps": _pos(),
     "optimizer.weight_decay": _nonneg(),

@@ -255,7 +255,11 @@ def install(staging: Path, target: Path, overwrite: bool) -> None:
 
 
 def export(
-    run_dir: str | Path, fmt: str = "lora", out: str | Path | None = None, overwrite: bool = False
+    run_dir: str | Path,
+    fmt: str = "lora",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    ema: bool = False,
 ) -> Path:
     """Write the run's final LoRA as `fmt` (lora | pipeline) to `out` (default RUN_DIR/export/FORMAT).
 
@@ -267,7 +271,7 @@ def export(
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     cfg = load_run_config(run_dir)
-    lora = resolve_lora_folder(run_dir)
+    lora = resolve_lora_folder(run_dir, ema)  # ema: the EMA weights, checkpoints/final_ema
     target = Path(out) if out else run_dir / "export" / fmt
     check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -133,11 +133,11 @@ def lora_mismatches(unet: torch.nn.Module, file: Path) -> list[str]:
     return problems
 
 
-def load_lora(policy: Policy, checkpoint: str | Path) -> Path:
+def load_lora(policy: Policy, checkpoint: str | Path, ema: bool = False) -> Path:
     """Load a trained LoRA (a run dir, a checkpoint folder or the safetensors file) into the policy's
     UNet; returns the folder it came from. A LoRA trained on another model is a ConfigError naming
-    the checkpoint, checked before anything is loaded."""
-    folder = resolve_lora_folder(checkpoint)
+    the checkpoint, checked before anything is loaded. `ema`: the run's EMA weights (final_ema)."""
+    folder = resolve_lora_folder(checkpoint, ema)
     problems = lora_mismatches(policy.unet, folder / LORA_WEIGHTS)
     if problems:
         raise ConfigError(

@@ -116,7 +116,7 @@ def sample_images(cfg: DictConfig, overrides: list[str] | None = None) -> list[d
     replaced = earlier_outputs(out, [image_name(i) for i in range(len(jobs))], cfg.get("overwrite", False))
     device = pick_device(cfg.device)
     policy = build_policy(cfg, device)  # refuses a resolution the VAE cannot produce before loading
-    checkpoint = load_lora(policy, cfg.checkpoint) if cfg.checkpoint else None
+    checkpoint = load_lora(policy, cfg.checkpoint, cfg.get("ema", False)) if cfg.checkpoint else None
     out.mkdir(parents=True, exist_ok=True)
     for name in replaced:  # only now that the model loaded: a failed start keeps the earlier samples
         (out / name).unlink(missing_ok=True)

@@ -58,7 +58,7 @@ def load_subject(cfg: DictConfig) -> Subject:
         return build_policy(cfg, device, family, num_steps=num_steps)
 
     policy = build(int(cfg.sampler.num_steps))
-    lora = load_lora(policy, cfg.checkpoint) if cfg.checkpoint else None
+    lora = load_lora(policy, cfg.checkpoint, cfg.get("ema", False)) if cfg.checkpoint else None
     prompts = list(
         instantiate(cfg.task.eval_prompts) if cfg.prompts == "heldout" else instantiate(cfg.task.prompts)
     )

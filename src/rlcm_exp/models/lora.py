@@ -89,9 +89,18 @@ def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def resolve_lora_folder(path: str | Path) -> Path:
-    """Accept a LoRA folder, a run dir (uses checkpoints/final), or the safetensors file itself."""
+def resolve_lora_folder(path: str | Path, ema: bool = False) -> Path:
+    """Accept a LoRA folder, a run dir (uses checkpoints/final), or the safetensors file itself.
+    With `ema`, a run dir means its EMA weights, checkpoints/final_ema (train.ema_decay)."""
     p = Path(path).expanduser()
+    if ema:
+        for folder in (p / "checkpoints" / "final_ema", p.parent / "final_ema"):
+            if (folder / "pytorch_lora_weights.safetensors").is_file():
+                return folder
+        raise ConfigError(
+            f"checkpoint={path} with ema=true: no checkpoints/final_ema there. Give a run dir trained with "
+            "train.ema_decay set (its EMA weights are written to checkpoints/final_ema), or ema=false."
+        )
     candidates = [p, p / "checkpoints" / "final", p.parent if p.suffix == ".safetensors" else p]
     for c in candidates:
         if (c / "pytorch_lora_weights.safetensors").is_file():

@@ -63,6 +63,13 @@ class Policy(Protocol):
         """(B,) float32 log pi_theta(next | latents) at per-sample transition indices (B,), with grad."""
         ...
 
+    def action_mean_std(
+        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian action's float32 mean (B, C, h, w), with grad, and its theta-independent std
+        (broadcastable): `log_prob` is gaussian_log_prob(next_latents, mean, std) of exactly these."""
+        ...
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 images in [0, 1]."""
         ...

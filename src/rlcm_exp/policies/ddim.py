@@ -305,11 +305,18 @@ class DDIMPolicy:
 
         CFG (one doubled batch) is applied when sampling used it and `train_cfg` is set.
         """
+        mean, sigma = self.action_mean_std(latents, step_index, prompt_embeds)
+        return gaussian_log_prob(next_latents, mean, sigma)
+
+    def action_mean_std(
+        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian action's mean (the DDIM update, with grad, guided as `log_prob` is) and its
+        fixed std eta * sigma_t (the KL to the base model compares two such means)."""
         step_index = step_index.to(device=latents.device, dtype=torch.long)
         sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step_index, latents.device)
         eps = self._eps(latents, step_index, prompt_embeds, training=True)
-        mean = ddim_mean(eps, latents.float(), sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction)
-        return gaussian_log_prob(next_latents, mean, sigma)
+        return ddim_mean(eps, latents.float(), sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction), sigma
 
 
 def _check_scheduler(cfg: Any, num_steps: int) -> None:

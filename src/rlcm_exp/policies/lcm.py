@@ -323,8 +323,16 @@ class LCMPolicy:
         prompt_embeds: torch.Tensor,
     ) -> torch.Tensor:
         """log pi_theta(next | latents) at per-sample transition indices (B,), with grad; (B,) float32."""
-        mean, _, std = self._mean(latents.float(), step_index, prompt_embeds, training=True)
+        mean, std = self.action_mean_std(latents, step_index, prompt_embeds)
         return gaussian_log_prob(next_latents, mean, std)
+
+    def action_mean_std(
+        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian action's mean sqrt(abar_next) * f_theta (with grad) and its fixed std, as
+        `log_prob` scores them (the KL to the base model compares two such means)."""
+        mean, _, std = self._mean(latents.float(), step_index, prompt_embeds, training=True)
+        return mean, std
 
 
 def build_lcm_policy(

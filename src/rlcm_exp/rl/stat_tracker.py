@@ -45,3 +45,11 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: dict[str, list[float]]) -> None:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+def per_prompt_advantages(
+    rewards: np.ndarray, prompts: list[str], groups: np.ndarray, tracker: PerPromptStatTracker
+) -> np.ndarray:
+    """The `algo.advantage` of DDPO and RLCM: the per-prompt tracker's normalisation (its buffers
+    persist across rounds; the group ids are not used)."""
+    return tracker.update(prompts, rewards)

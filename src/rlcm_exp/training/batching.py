@@ -177,3 +177,24 @@ def _trained_transitions(
         "fraction or widen the window",
     )
     return trained, eligible
+
+
+def check_groups(group_size: int, sample_batch_size: int, train_batch_size: int, pairs: bool) -> None:
+    """Group sampling (algo.group_size images per prompt): a group is drawn inside one sampling batch,
+    so it never straddles two processes and the group statistics are the same for any process count;
+    a pairwise loss (REBEL) also needs whole groups of an even size in every training minibatch."""
+    _need(
+        group_size >= 1, f"algo.group_size={group_size} must be a positive integer (1: one image per prompt)"
+    )
+    _need(
+        sample_batch_size % group_size == 0,
+        f"algo.group_size={group_size} must divide train.sample_batch_size={sample_batch_size} (PER PROCESS): "
+        "each group of images of one prompt is sampled in one batch, on one process; valid group sizes: "
+        f"{[d for d in range(1, sample_batch_size + 1) if sample_batch_size % d == 0]}",
+    )
+    if pairs:
+        _need(
+            group_size % 2 == 0 and train_batch_size % group_size == 0,
+            f"algo.loss pairs trajectories of one prompt: algo.group_size={group_size} must be even and divide "
+            f"train.train_batch_size={train_batch_size} (PER PROCESS), so that every minibatch holds whole pairs",
+        )

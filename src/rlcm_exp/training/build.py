@@ -27,12 +27,13 @@ from rlcm_exp.provenance import git_commit
 from rlcm_exp.rewards.base import build_reward
 from rlcm_exp.secrets import redact, redact_run_dir
 from rlcm_exp.tracking import NullLogger
-from rlcm_exp.training.batching import BatchPlan, plan_batches
+from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
 from rlcm_exp.training.callbacks import Callback
+from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
 from rlcm_exp.training.settings import AlgoSettings
 from rlcm_exp.training.trainer import Trainer
-from rlcm_exp.validation import check_before_loading
+from rlcm_exp.validation import check_before_loading, locate
 
 
 def build_policy(
@@ -50,6 +51,9 @@ def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Bat
     """The batch plan, or a ConfigError naming the keys; with transitions=1 (before the policy
     exists) only the sizes are checked."""
     t = cfg.train
+    loss = cfg.algo.get("loss")
+    pairs = bool(loss is not None and getattr(locate(loss._target_), "needs_log_ratio_totals", False))
+    check_groups(cfg.algo.get("group_size", 1), t.sample_batch_size, t.train_batch_size, pairs)
     return plan_batches(
         world_size=world_size,
         samples_per_epoch=t.samples_per_epoch,
@@ -98,6 +102,8 @@ def build_trainer(
     optimizer = instantiate(cfg.optimizer)(params)
     settings = instantiate(cfg.train)
     lr_scheduler = algo.lr_schedule(optimizer, settings.epochs * plan.optimizer_steps_per_epoch)
+    ema = EMA(params, settings.ema_decay) if settings.ema_decay is not None else None
+    gold = cfg.get("gold_reward")
     policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
     return Trainer(
         policy=policy,
@@ -116,6 +122,12 @@ def build_trainer(
         logger=NullLogger(),
         eval_prompts=instantiate(cfg.task.eval_prompts),
         callbacks=callbacks,
+        group_size=algo.group_size,
+        advantage_fn=algo.advantage,
+        loss_fn=algo.loss,
+        kl_coef=algo.kl_coef,
+        ema=ema,
+        gold_reward_fn=build_reward(gold, accelerator.device) if gold is not None else None,
     )
 
 

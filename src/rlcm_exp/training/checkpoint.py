@@ -27,6 +27,7 @@ from rlcm_exp.models.lora import write_lora_weights
 #   optimizer.pt, lr_scheduler.pt, scaler.pt   tensors + plain containers (torch.load weights_only=True)
 #   rng_rank{r}.pt                     python / numpy / torch CPU / CUDA RNG of each process
 #   state.json                         epoch, counters, time offsets, per-prompt buffers, wandb id
+#   ema.pt                             EMA of the LoRA weights (train.ema_decay set), tensors only
 #   COMPLETE                           written last, before the atomic rename
 
 
@@ -85,11 +86,13 @@ def write_checkpoint(
     state: dict[str, Any],
     barrier: Any,
     keep_last: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write every process's part into folder.tmp, then (main process) mark complete and rename.
 
     A crash at any point leaves either the previous checkpoints only, or a `.tmp` folder that no
-    loader reads; `barrier` synchronises the processes (accelerator.wait_for_everyone).
+    loader reads; `barrier` synchronises the processes (accelerator.wait_for_everyone). `extra`:
+    more main-process parts, each written as NAME.pt (tensors and plain containers only).
     """
     tmp = folder.with_name(folder.name + ".tmp")
     try:
@@ -105,6 +108,8 @@ def write_checkpoint(
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "state.json").write_text(json.dumps(state))
+            for name, value in (extra or {}).items():
+                torch.save(value, tmp / f"{name}.pt")
         barrier()
         if is_main:
             (tmp / "COMPLETE").write_text("ok\n")
@@ -178,4 +183,5 @@ def read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, 
         "scaler": load("scaler.pt") if (folder / "scaler.pt").is_file() else None,
         "rng": torch.load(folder / f"rng_rank{rank}.pt", weights_only=True),
         "state": json.loads((folder / "state.json").read_text()),
+        "ema": load("ema.pt") if (folder / "ema.pt").is_file() else None,
     }

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rlcm_exp.models.lora import LoraSettings
+from rlcm_exp.rl.objective import Loss, PPOLoss
 from rlcm_exp.rl.ppo import PPOSettings
-from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.rl.stat_tracker import PerPromptStatTracker, per_prompt_advantages
 
 LRScheduleBuilder = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 
@@ -46,6 +47,11 @@ class TrainSettings:
     # GLOBAL training wall-clock budget in seconds (metrics' wallclock_s, evaluations excluded): the
     # run ends after the first epoch that reaches it, or after `epochs`, whichever comes first
     max_wallclock_s: float | None = None
+    # EMA of the trained LoRA weights: shadow <- decay * shadow + (1 - decay) * theta after every
+    # optimizer step (GLOBAL: the same weights on every process); null: off. Saved in checkpoints,
+    # written as checkpoints/final_ema at the end
+    ema_decay: float | None = None
+    eval_ema: bool = True  # with ema_decay set, held-out evaluations during training use the EMA weights
 
 
 @dataclass
@@ -59,6 +65,11 @@ class AlgoSettings:
     stat_tracker: PerPromptStatTracker  # per-prompt advantage normaliser (fresh per run)
     timestep_fraction: float = 1.0  # fraction of each trajectory's transitions trained per inner epoch
     timestep_window: float = 1.0  # trained transitions come from the first ceil(T * this)
+    group_size: int = 1  # k images per prompt per round, each with its own noise (1: a prompt per image)
+    # (rewards, prompts, group ids, tracker) -> advantages of the gathered round (finite rewards only)
+    advantage: Callable[..., Any] = per_prompt_advantages
+    loss: Loss = field(default_factory=PPOLoss)  # the per-UNet-call policy loss (rl/objective.py)
+    kl_coef: float = 0.0  # weight of the per-transition KL to the base model in the loss (0: none, the paper)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""The epoch loop, shared by RLCM and DDPO: sample -> reward -> advantages -> clipped PG update.
+"""The epoch loop, shared by RLCM, DDPO, GRPO and REBEL: sample -> reward -> advantages -> update.
 
 Nothing here knows which algorithm runs: the policy (LCM or DDIM sampler) supplies rollouts and
-log-probs, the config supplies the numbers. Read it top to bottom: `fit` runs the epochs, with the
-checkpoint cadence and preemption; one epoch is `run_epoch`. Callbacks observe, never steer.
+log-probs, the config supplies the numbers and three small pieces: the advantage function
+(per-prompt tracker or group normalisation), the loss (PPO or REBEL) and the group size (images per
+prompt). Read it top to bottom: `fit` runs the epochs, with the checkpoint cadence and preemption;
+one epoch is `run_epoch`. Callbacks observe, never steer.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +26,21 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.evaluation.diversity import pixel_features, within_prompt_diversity
 from rlcm_exp.evaluation.heldout import evaluate_policy
 from rlcm_exp.models.lora import load_lora_into, save_lora
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
-from rlcm_exp.rl.ppo import PPOSettings, clip_advantages, ppo_loss
-from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
+from rlcm_exp.rl.gaussian import gaussian_log_prob
+from rlcm_exp.rl.kl import gaussian_kl_same_std
+from rlcm_exp.rl.objective import Loss, LossInputs, PPOLoss
+from rlcm_exp.rl.ppo import PPOSettings, clip_advantages
+from rlcm_exp.rl.stat_tracker import PerPromptStatTracker, per_prompt_advantages
 from rlcm_exp.tracking import Logger, MetricsFile
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import checkpoint_dir, read_checkpoint, set_rng_state, write_checkpoint
+from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.settings import TrainSettings
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=auto continues
@@ -52,6 +59,23 @@ def trained_steps(n: int, t_window: int, t_train: int, generator: torch.Generato
     """(n, t_train) transition indices to train: per trajectory, t_train distinct ones drawn uniformly
     from its first t_window transitions (index 0 is the noisiest), in random order."""
     return torch.argsort(torch.rand(n, t_window, generator=generator), dim=1)[:, :t_train]
+
+
+def group_order(n: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of n trajectories that keeps each group (group_size consecutive ones) together
+    and in place; group_size 1 is torch.randperm(n) itself (same draws, same order)."""
+    perm = torch.randperm(n // group_size, generator=generator)
+    return (perm[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+
+
+def with_gold(reward_fn: RewardFn, gold_fn: RewardFn) -> RewardFn:
+    """The task's reward with the gold reward's score of the same images as its component "gold"."""
+
+    def scored(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = as_reward_dict(reward_fn(images, prompts), len(prompts))
+        return {**out, "gold": as_reward_dict(gold_fn(images, prompts), len(prompts))["reward"]}
+
+    return scored
 
 
 class Trainer:
@@ -75,6 +99,12 @@ class Trainer:
         logger: Logger,
         eval_prompts: list[str] | None = None,
         callbacks: Sequence[Callback] = (),
+        group_size: int = 1,
+        advantage_fn: Callable[..., np.ndarray] = per_prompt_advantages,
+        loss_fn: Loss | None = None,
+        kl_coef: float = 0.0,
+        ema: EMA | None = None,
+        gold_reward_fn: RewardFn | None = None,
     ) -> None:
         self.policy, self.reward_fn, self.prompts = policy, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
@@ -95,6 +125,10 @@ class Trainer:
         self.budget_spent = False  # train.max_wallclock_s reached: this epoch is the run's last
         self.logger_run_id: str | None = None
         self.callbacks = list(callbacks)
+        # algo.group_size images per prompt; algo.advantage, algo.loss, algo.kl_coef; train.ema_decay
+        self.group_size, self.advantage_fn, self.kl_coef = group_size, advantage_fn, kl_coef
+        self.loss_fn: Loss = PPOLoss() if loss_fn is None else loss_fn
+        self.ema, self.gold_reward_fn = ema, gold_reward_fn
 
     # ------------------------------------------------------------------ the run
 
@@ -130,11 +164,13 @@ class Trainer:
             self.logger.finish()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._timed_checkpoint(
-                lambda: save_lora(
-                    self.accelerator.unwrap_model(self.policy.unet), self.run_dir / "checkpoints" / "final"
-                )
-            )
+            unet = self.accelerator.unwrap_model(self.policy.unet)
+            self._timed_checkpoint(lambda: save_lora(unet, self.run_dir / "checkpoints" / "final"))
+            if self.ema is not None:  # what `ema=true` samples, evaluates and exports
+                with self.ema.swapped():
+                    self._timed_checkpoint(
+                        lambda: save_lora(unet, self.run_dir / "checkpoints" / "final_ema")
+                    )
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return records
@@ -190,9 +226,10 @@ class Trainer:
         ):
             generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, epoch, b, 0))
             prompt_rng = np.random.default_rng([self.seed, epoch, b, 1])
-            batch_prompts = [
-                self.prompts[i] for i in prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size)
-            ]
+            # a group's k copies of a prompt are consecutive and in one batch (algo.group_size divides
+            # train.sample_batch_size), each with its own noise; k = 1 draws exactly as before
+            drawn = prompt_rng.integers(len(self.prompts), size=plan.sample_batch_size // self.group_size)
+            batch_prompts = [self.prompts[i] for i in np.repeat(drawn, self.group_size)]
             start = time.perf_counter()
             with self.accelerator.autocast():
                 traj = self.policy.sample(batch_prompts, generator)
@@ -214,7 +251,9 @@ class Trainer:
         return Trajectory.cat(trajectories), rewards, timing
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Gather rewards and prompts from every process, normalise per prompt, return this process's share."""
+        """Gather rewards and prompts from every process, normalise (per prompt or per group: algo.advantage),
+        return this process's share. Groups are consecutive in the gathered round (each lives in one
+        sampling batch), so group i is rows [i k, (i + 1) k) whatever the number of processes."""
         acc = self.accelerator
         all_rewards = acc.gather(rewards.to(acc.device)).cpu().numpy().astype(np.float64)
         all_prompts = gather_object(prompts) if acc.num_processes > 1 else list(prompts)
@@ -223,8 +262,12 @@ class Trainer:
         adv = np.zeros_like(all_rewards)
         # non-finite rewards never reach the tracker; their samples get zero advantage, i.e. no gradient
         if finite.any():
-            adv[finite] = self.tracker.update(
-                [p for p, f in zip(all_prompts, finite, strict=True) if f], all_rewards[finite]
+            groups = np.arange(len(all_rewards)) // self.group_size
+            adv[finite] = self.advantage_fn(
+                all_rewards[finite],
+                [p for p, f in zip(all_prompts, finite, strict=True) if f],
+                groups[finite],
+                self.tracker,
             )
         n = len(prompts)
         local = torch.as_tensor(adv[self.rank * n : (self.rank + 1) * n], dtype=torch.float32)
@@ -258,7 +301,7 @@ class Trainer:
         first: dict[str, float] = {}
         for inner in range(plan.inner_epochs):
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 2, inner))
-            order = torch.randperm(n, generator=g)
+            order = group_order(n, self.group_size, g)  # whole groups: REBEL's pairs share a minibatch
             steps = trained_steps(n, plan.eligible_transitions, plan.trained_transitions, g)
             for mb in tqdm(
                 range(plan.minibatches_per_inner_epoch),
@@ -269,7 +312,7 @@ class Trainer:
                 rows = order[mb * bsz : (mb + 1) * bsz]
                 sync = (mb + 1) % plan.grad_accum_minibatches == 0
                 first_call = inner == 0 and mb == 0  # before any optimizer step
-                infos, ratios = self._minibatch(traj, adv, rows, steps[rows], sync, first_call)
+                infos, ratios, kls = self._minibatch(traj, adv, rows, steps[rows], sync, first_call)
                 for info in infos:
                     for key, v in info.items():
                         sums[key] = sums.get(key, 0.0) + v.float()
@@ -279,6 +322,8 @@ class Trainer:
                     first = {
                         "ratio_first": float(r.mean()),
                         "ratio_first_max_dev": float((r - 1).abs().max()),
+                        # the sampling policy's KL to the base model on the round's first training call
+                        "kl_to_base": float(torch.cat(kls).mean()),
                     }
                 if sync:
                     sums["grad_norm"] = (
@@ -295,31 +340,88 @@ class Trainer:
         rows: torch.Tensor,
         steps: torch.Tensor,
         sync: bool,
-        record_ratios: bool,
-    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        record_first: bool,
+    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
         """Backward of one minibatch's trained transitions, `transitions_per_forward` of them stacked
         into each UNet call. Each call's loss is the mean over its (trajectory, transition) pairs, so
-        scaling it by the pairs' count keeps the gradient the mean of today's per-transition losses."""
-        acc, plan, policy = self.accelerator, self.plan, self.policy
+        scaling it by the pairs' count keeps the gradient the mean of today's per-transition losses.
+        With algo.kl_coef > 0 each call adds kl_coef x its mean KL to the base model. The first
+        minibatch (record_first) also returns its ratios (ratio_first) and its first call's KLs
+        (kl_to_base: measured whatever kl_coef, at the cost of one no-grad UNet call per round)."""
+        acc, plan = self.accelerator, self.plan
         t_train, per_call = plan.trained_transitions, plan.transitions_per_forward
         divisor = plan.grad_accum_minibatches * t_train
-        infos, ratios = [], []
+        # a loss of whole trajectories (REBEL) needs each one's log-ratio sum first: a no-grad pass,
+        # unless one call holds all the trained transitions (transitions_per_forward 0)
+        needs_totals = self.loss_fn.needs_log_ratio_totals
+        totals = self._log_ratio_totals(traj, rows, steps) if needs_totals and per_call < t_train else None
+        infos, ratios, kls = [], [], []
         for j in range(0, t_train, per_call):
             k = steps[:, j : j + per_call].T.reshape(-1)  # transition-major: rows repeat per transition
             idx = rows.repeat(per_call)
             old_lp = traj.log_probs[idx, k].to(acc.device)
-            with acc.no_sync(policy.unet) if not (sync and j + per_call >= t_train) else nullcontext():
+            with acc.no_sync(self.policy.unet) if not (sync and j + per_call >= t_train) else nullcontext():
                 with acc.autocast():
-                    new_lp = policy.log_prob(
-                        traj.latents[idx, k], traj.next_latents[idx, k], k, traj.prompt_embeds[idx]
-                    )
-                loss, info = ppo_loss(new_lp, old_lp, adv[idx], self.ppo.clip_range)
+                    with_kl = self.kl_coef > 0 or (record_first and j == 0)
+                    new_lp, kl = self._log_prob_and_kl(traj, idx, k, with_kl)
+                if needs_totals and per_call == t_train:
+                    totals = (new_lp.detach().float() - old_lp).view(-1, len(rows)).sum(0)
+                batch = LossInputs(new_lp, old_lp, adv[idx], self.ppo.clip_range, len(rows), t_train, totals)
+                loss, info = self.loss_fn(batch)
+                if self.kl_coef > 0:
+                    assert kl is not None
+                    info["kl_penalty"] = kl.detach().mean()
+                    loss = loss + self.kl_coef * kl.mean()
                 acc.backward(loss * per_call / divisor)  # per_call=1: exactly today's loss / divisor
-            info["loss"] = loss.detach()
+            info.setdefault("loss", loss.detach())
             infos.append(info)
-            if record_ratios:  # only the first minibatch's, for ratio_first
+            if record_first:  # only the first minibatch's, for ratio_first and kl_to_base
                 ratios.append(torch.exp(new_lp.detach() - old_lp))
-        return infos, ratios
+                if j == 0:
+                    assert kl is not None
+                    kls.append(kl.detach())
+        return infos, ratios, kls
+
+    def _log_prob_and_kl(
+        self, traj: Trajectory, idx: torch.Tensor, k: torch.Tensor, with_kl: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi_theta of the recorded actions (with grad) and, if asked, each transition's KL to the
+        base model: the same UNet with its LoRA disabled, no grad (rl/kl.py)."""
+        latents, embeds = traj.latents[idx, k], traj.prompt_embeds[idx]
+        mean, std = self.policy.action_mean_std(latents, k, embeds)
+        new_lp = gaussian_log_prob(traj.next_latents[idx, k], mean, std)  # = policy.log_prob, bit for bit
+        if not with_kl:
+            return new_lp, None
+        with torch.no_grad(), self._lora_disabled():
+            base_mean, _ = self.policy.action_mean_std(latents, k, embeds)
+        kl = gaussian_kl_same_std(mean if self.kl_coef > 0 else mean.detach(), base_mean, std)
+        return new_lp, kl
+
+    @contextmanager
+    def _lora_disabled(self) -> Iterator[None]:
+        unet = self.accelerator.unwrap_model(self.policy.unet)
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+
+    @torch.no_grad()
+    def _log_ratio_totals(self, traj: Trajectory, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """(B,) sum over each trajectory's trained transitions of log pi_theta - log pi_old, no grad: a
+        first pass for a loss of whole trajectories (REBEL), before its per-call backward passes."""
+        acc, plan = self.accelerator, self.plan
+        per_call, n = plan.transitions_per_forward, len(rows)
+        totals = torch.zeros(n, device=acc.device)
+        for j in range(0, plan.trained_transitions, per_call):
+            k = steps[:, j : j + per_call].T.reshape(-1)
+            idx = rows.repeat(per_call)
+            with acc.autocast():
+                new_lp = self.policy.log_prob(
+                    traj.latents[idx, k], traj.next_latents[idx, k], k, traj.prompt_embeds[idx]
+                )
+            totals += (new_lp.float() - traj.log_probs[idx, k].to(acc.device)).view(-1, n).sum(0)
+        return totals
 
     def _optimizer_step(self) -> torch.Tensor:
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
@@ -327,6 +429,8 @@ class Trainer:
         self.lr_scheduler.step()  # after the optimizer (the reference code had it before)
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update()
         return grad_norm
 
     # ------------------------------------------------------------------ one epoch
@@ -352,6 +456,7 @@ class Trainer:
             for k, v in rewards.items()
             if k != "reward"
         }
+        components.update(self._diversity(traj))
         record = {
             "epoch": epoch,
             **reward_stats,
@@ -371,6 +476,15 @@ class Trainer:
             self.logger.log(record, step=epoch)
         self.epoch = epoch + 1
         return record
+
+    def _diversity(self, traj: Trajectory) -> dict[str, float]:
+        """The round's within-prompt diversity (evaluation/diversity.py) over every process's images;
+        empty (no key written) when no prompt occurs twice in the round."""
+        acc = self.accelerator
+        features = acc.gather(pixel_features(traj.images.to(acc.device))).cpu()
+        prompts = gather_object(traj.prompts) if acc.num_processes > 1 else list(traj.prompts)
+        value = within_prompt_diversity(features, prompts)
+        return {} if math.isnan(value) else {"diversity": value}
 
     def _eval_due(self, epochs_done: int) -> bool:
         every = self.settings.eval_every
@@ -393,10 +507,12 @@ class Trainer:
         start = time.perf_counter()
         out: dict[str, Any] = {}
         if self.accelerator.is_main_process:
-            with self.accelerator.autocast():
+            gold = self.gold_reward_fn
+            reward_fn = self.reward_fn if gold is None else with_gold(self.reward_fn, gold)
+            with self._eval_weights(), self.accelerator.autocast():
                 res = evaluate_policy(
                     self.policy,
-                    self.reward_fn,
+                    reward_fn,
                     self.eval_prompts,
                     list(range(self.settings.eval_seeds)),
                     self.plan.sample_batch_size,
@@ -406,8 +522,10 @@ class Trainer:
             out = {
                 "eval_reward_mean": res["eval_reward_mean"],
                 "eval_reward_std": res["eval_reward_std"],
-                **{f"eval_reward/{k}": v for k, v in res["eval_components"].items()},
+                **{f"eval_reward/{k}": v for k, v in res["eval_components"].items() if k != "gold"},
             }
+            if gold is not None:  # the held-out "gold" reward: rises with the task's, or over-optimisation
+                out["eval_gold_reward_mean"] = res["eval_components"]["gold"]
             self._keep_eval_images(epochs_done, res)
             if epochs_done == 0:  # the base model's score reaches the tracker as a number, at x = epoch -1
                 before = {"eval_reward_before": out["eval_reward_mean"], **out}
@@ -425,6 +543,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         out["time_eval_s"] = time.perf_counter() - start
         return out
+
+    def _eval_weights(self) -> AbstractContextManager[None]:
+        """The EMA weights for held-out evaluation when train.ema_decay and train.eval_ema are set."""
+        return self.ema.swapped() if self.ema is not None and self.settings.eval_ema else nullcontext()
 
     def _keep_eval_images(self, epochs_done: int, res: dict[str, Any]) -> None:
         """The evaluation's grid images (distinct prompts first), labelled, for before_after.png: every
@@ -506,6 +628,7 @@ class Trainer:
             state=self.state(),
             barrier=acc.wait_for_everyone,
             keep_last=self.settings.keep_last,
+            extra={} if self.ema is None else {"ema": self.ema.state_dict()},
         )
 
     def restore(self, candidates: Sequence[Path], fall_back: bool = True) -> Path | None:
@@ -540,6 +663,10 @@ class Trainer:
         if ckpt["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise ConfigError(f"{folder} holds no EMA weights (ema.pt) but train.ema_decay is set")
+            self.ema.load_state_dict(ckpt["ema"])
         self.tracker.load_state_dict(state["stat_tracker"])
         self.epoch, self.optimizer_steps = state["epoch"], state["optimizer_steps"]
         self.reward_queries, self.elapsed_s = state["reward_queries"], state["elapsed_s"]
