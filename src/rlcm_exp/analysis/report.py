@@ -168,6 +168,13 @@ def _provenance_section(outcome: Outcome, invocation: str, versions: dict[str, s
         "Training runs (one subprocess each, in this order; finished ones are skipped on a re-run; "
         "paths relative to the directory the driver ran in):",
         "",
+        *commands_and_software(outcome, versions),
+    ]
+
+
+def commands_and_software(outcome: Outcome, versions: dict[str, str]) -> list[str]:
+    """The runs' commands as a code block (paths relative to the current directory) and the versions."""
+    return [
         "```",
         *(c.replace(f"{Path.cwd()}/", "") for c in outcome.commands),
         "```",

@@ -14,6 +14,7 @@ import numpy as np
 
 from rlcm_exp.analysis import study_figures as figs
 from rlcm_exp.analysis.plan import Outcome, RunSpec
+from rlcm_exp.analysis.report import commands_and_software
 from rlcm_exp.analysis.runs import Run, load_run
 from rlcm_exp.analysis.study import ALGOS, PAPER, VARIANTS, Study, chosen_setting, chosen_steps, final_name
 from rlcm_exp.analysis.study_stats import (
@@ -435,10 +436,5 @@ def _provenance(outcome: Outcome, invocation: str) -> list[str]:
         "",
         "Training runs (one subprocess each, two at a time; paths relative to the directory the driver ran in):",
         "",
-        "```",
-        *(c.replace(f"{Path.cwd()}/", "") for c in outcome.commands),
-        "```",
-        "",
-        "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "",
+        *commands_and_software(outcome, versions),
     ]
