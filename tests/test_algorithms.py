@@ -197,3 +197,29 @@ def test_grpo_rounds_hold_whole_groups_with_their_own_noise(tmp_path) -> None:
     advantages, _ = trainer.advantages(prompts, rewards["reward"])
     expected = group_normalise(rewards["reward"].double().numpy(), np.arange(16) // 4)
     np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_run_summary_draws_the_over_optimisation_monitors(tmp_path) -> None:  # noqa: ANN001
+    """reward_vs_time.png gains a panel with diversity, kl_to_base and the gold reward when logged."""
+    from rlcm_exp.analysis.figures import reward_vs_time_figure
+
+    records = [
+        {
+            "wallclock_s": float(e),
+            "reward_mean": 0.1 * e,
+            "reward_std": 0.1,
+            "diversity": 2.0 - 0.1 * e,
+            "kl_to_base": 1e-3 * e,
+        }
+        for e in range(5)
+    ]
+    evals = [{"wallclock_s": 0.0, "eval_reward_mean": 0.0, "eval_gold_reward_mean": 0.5}]
+    plain = reward_vs_time_figure(
+        [{k: r[k] for k in ("wallclock_s", "reward_mean", "reward_std")} for r in records],
+        [],
+        tmp_path / "a.png",
+    )
+    both = reward_vs_time_figure(records, evals, tmp_path / "b.png")
+    from PIL import Image
+
+    assert Image.open(both).size[1] > Image.open(plain).size[1]  # the monitor panel below

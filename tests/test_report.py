@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlcm_exp import reproduce
+from rlcm_exp.analysis import plan
 from rlcm_exp.analysis.runs import find_runs, is_finished, seed_mean_curve, time_to_threshold
 from rlcm_exp.analysis.tables import threshold_markdown, threshold_table
 from rlcm_exp.configs import compose
@@ -187,3 +188,21 @@ def test_paper_overlays_choose_the_pair_and_its_hyperparameters(algo: str, task:
     for key in ("train", "sampler", "optimizer", "reward"):  # conf/paper/ applies with or without the overlay
         assert overlay[key] == plain[key], key
     assert isinstance(instantiate(overlay.logger), NullLogger)  # logger=none ignores group and tags
+
+
+def test_algos_choice_plans_the_new_algorithms_and_names_a_bad_one() -> None:
+    """`--algos rlcm,ddpo,grpo,rebel` (issue 21): every planned smoke run composes and passes the
+    batch checks (groups inside sampling batches, REBEL pairs inside minibatches); an algorithm the
+    scale does not list is a ConfigError naming it."""
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.training.build import check_batches
+
+    scale = plan.load_scale("smoke")
+    specs = plan.plan_runs(scale, (0,), ("4",), algos=("rlcm", "ddpo", "grpo", "rebel"))
+    assert {s.algo for s in specs} == {"rlcm", "ddpo", "grpo", "rebel"}
+    for spec in specs:
+        cfg = compose("config", list(spec.overrides))
+        assert cfg.algo.name == spec.algo
+        check_batches(cfg, 1)
+    with pytest.raises(ConfigError, match="foo not in conf/reproduce/smoke.yaml"):
+        plan.plan_runs(scale, (0,), ("4",), algos=("rlcm", "foo"))

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training runs at once (CPU: each gets cpu_count // jobs threads; GPUs: use a launcher instead)",
     )
     parser.add_argument(
+        "--algos",
+        default="rlcm,ddpo",
+        help="full and smoke: comma-separated algorithms to train, from the scale's algos (rlcm,ddpo,grpo,rebel)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its time estimate; run nothing"
     )
     return parser
@@ -91,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         dry_run=args.dry_run,
         invocation="python -m rlcm_exp.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
     )
-    outcome = reproduce(request)
+    try:
+        outcome = reproduce(request)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
     return 1 if outcome.failed else 0
 
 

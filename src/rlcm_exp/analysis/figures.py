@@ -56,7 +56,13 @@ def reward_vs_time_figure(
     import torch  # on use: `python -m rlcm_exp.compare` draws without loading torch
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    monitors = any(k in r for r in records for k in MONITORS) or any(
+        "eval_gold_reward_mean" in e for e in evals
+    )
+    fig, axes = plt.subplots(2 if monitors else 1, 1, figsize=(6, 7 if monitors else 4), squeeze=False)
+    ax = axes[0, 0]
+    if monitors:
+        _monitor_panel(axes[1, 0], records, evals)
     t = [r["wallclock_s"] for r in records]
     mean = torch.tensor([r["reward_mean"] for r in records])
     std = torch.tensor([r["reward_std"] for r in records])
@@ -77,6 +83,35 @@ def reward_vs_time_figure(
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+MONITORS = ("diversity", "kl_to_base")  # over-optimisation monitors of metrics.jsonl (issue 21)
+
+
+def _monitor_panel(ax: Any, records: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> None:
+    """Over-optimisation monitors against wall-clock: the round's within-prompt diversity (left axis),
+    the KL to the base model (right axis, log) and the held-out gold reward (its own axis)."""
+    lines = []
+    div = [(r["wallclock_s"], r["diversity"]) for r in records if "diversity" in r]
+    if div:
+        lines += ax.plot(*zip(*div, strict=True), color="tab:purple", label="diversity (same-prompt images)")
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("diversity")
+    kl = [(r["wallclock_s"], r["kl_to_base"]) for r in records if r.get("kl_to_base", 0) > 0]
+    if kl:
+        right = ax.twinx()
+        lines += right.plot(*zip(*kl, strict=True), color="tab:red", label="KL to the base model")
+        right.set_yscale("log")
+        right.set_ylabel("kl_to_base")
+    gold = [(e["wallclock_s"], e["eval_gold_reward_mean"]) for e in evals if "eval_gold_reward_mean" in e]
+    if gold:
+        third = ax.twinx()
+        third.spines["right"].set_position(("axes", 1.18))
+        lines += third.plot(*zip(*gold, strict=True), "s--", color="tab:olive", label="held-out gold reward")
+        third.set_ylabel("gold reward")
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 GRID_MIN_PX = 128  # an image of before_after.png is upscaled (nearest neighbour) to at least this

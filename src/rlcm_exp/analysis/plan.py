@@ -21,7 +21,8 @@ from rlcm_exp.configs import conf_dir
 from rlcm_exp.errors import ConfigError
 
 FIGURES = ("4", "5", "6", "7")  # the paper's figures a reproduction can draw
-ALGOS = ("rlcm", "ddpo")  # the algorithms compared, in plan order
+ALGOS = ("rlcm", "ddpo")  # the paper's comparison: every scale has both, and runs them by default
+KNOWN_ALGOS = ("rlcm", "ddpo", "grpo", "rebel")  # conf/algo/ options a scale may add (`--algos`)
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,19 @@ def load_scale(name: str) -> Scale:
     where = f"conf/reproduce/{name}.yaml"
     _check_keys(data, Scale, where, skip=frozenset({"name"}))
     algos = data["algos"]
-    if set(algos) != set(ALGOS):
-        raise ConfigError(f"{where}: algos must be exactly {', '.join(ALGOS)}, got {', '.join(algos)}")
+    if not set(ALGOS) <= set(algos) <= set(KNOWN_ALGOS):
+        raise ConfigError(
+            f"{where}: algos must hold {', '.join(ALGOS)} and may add {', '.join(KNOWN_ALGOS[2:])}; got {', '.join(algos)}"
+        )
     return Scale(
         name=name,
         notes=str(data["notes"]),
         tasks=_strs(data["tasks"]),
         seeds=_ints(data["seeds"]),
         common=_strs(data["common"]),
-        algos={algo: _algo_scale(algos[algo], f"{where}: algos.{algo}") for algo in ALGOS},
+        algos={
+            algo: _algo_scale(algos[algo], f"{where}: algos.{algo}") for algo in KNOWN_ALGOS if algo in algos
+        },
         horizon_task=str(data["horizon_task"]),
         horizon_steps=_ints(data["horizon_steps"]),
         eval_overrides=_strs(data["eval_overrides"]),
@@ -131,14 +136,23 @@ class RunSpec:
 
 
 def plan_runs(
-    scale: Scale, seeds: tuple[int, ...], figures: tuple[str, ...], user: tuple[str, ...] = ()
+    scale: Scale,
+    seeds: tuple[int, ...],
+    figures: tuple[str, ...],
+    user: tuple[str, ...] = (),
+    algos: tuple[str, ...] = ALGOS,
 ) -> list[RunSpec]:
-    """The training runs the chosen figures need; Fig. 7 reuses the main RLCM run as its main H."""
+    """The training runs the chosen figures need for `algos` (each must be in the scale); Fig. 7
+    reuses the main RLCM run as its main H."""
+    if missing := [a for a in algos if a not in scale.algos]:
+        raise ConfigError(
+            f"--algos: {', '.join(missing)} not in conf/reproduce/{scale.name}.yaml's algos ({', '.join(scale.algos)})"
+        )
     specs = []
     # Fig. 7 alone still needs its task's main runs: its main H and the DDPO reference
     tasks = scale.tasks if {"4", "5", "6"} & set(figures) else (scale.horizon_task,) if "7" in figures else ()
     for task in tasks:
-        for algo in ALGOS:
+        for algo in algos:
             for seed in seeds:
                 specs.append(plan_run(scale, "main", task, algo, seed, (), user))
     if "7" in figures:

@@ -48,6 +48,7 @@ class Request:
     jobs: int  # training runs at once
     dry_run: bool  # print the plan and its estimate; run nothing
     invocation: str  # the command line, for the report
+    algos: tuple[str, ...] = ("rlcm", "ddpo")  # algorithms trained (each an entry of the scale's algos)
 
 
 def reproduce(req: Request) -> Outcome:
@@ -55,7 +56,7 @@ def reproduce(req: Request) -> Outcome:
     run); the outcome lists the failed runs."""
     folder = scale_dir(req.out, req.scale)
     runs_dir = folder / "runs"
-    specs = plan_runs(req.scale, req.seeds, req.figures, req.overrides)
+    specs = plan_runs(req.scale, req.seeds, req.figures, req.overrides, req.algos)
     seeds_6 = eval_seeds(req.scale, req.seeds)
     n_eval = sum(1 for s in specs if s.kind == "main" and s.seed in seeds_6) if "6" in req.figures else 0
     print(
