@@ -21,7 +21,7 @@ from rlcm_exp.rl.rebel import RebelLoss, rebel_loss_value
 from rlcm_exp.tracking import read_metrics
 from rlcm_exp.training.batching import check_groups
 from rlcm_exp.training.ema import EMA
-from rlcm_exp.training.trainer import group_order
+from rlcm_exp.training.update import group_order
 
 from .test_cli import SMALL, run_in_process
 

@@ -36,7 +36,7 @@ def test_load_policy_samples_with_the_trained_lora(api_run) -> None:
     policy = rlcm_exp.load_policy(run_dir)
     images = policy.sample(["a red cat"], [torch.Generator().manual_seed(0)]).images
     assert images.shape[0] == 1 and images.shape[1] == 3 and torch.isfinite(images).all()
-    assert "default_0" in policy.unet.peft_config  # the trained LoRA is loaded
+    assert "default_0" in policy.denoiser.peft_config  # the trained LoRA is loaded
 
 
 def test_model_card_is_a_hugging_face_card(api_run, tmp_path) -> None:

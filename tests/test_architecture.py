@@ -96,6 +96,74 @@ def test_no_import_cycle() -> None:
     assert not cycles, f"import cycles: {cycles[:3]}"
 
 
+# The direction table (../shared/design.md, "Layers"): a library module imports only modules of a
+# strictly lower layer (layer 0's leaves may also import each other); the commands sit on top.
+# Plug-ins (toy world, reproduction programme, reward server, run reading) use the library's
+# extension points: they may import any library layer and each other, and no library layer imports
+# them. Every top-level module or package of rlcm_exp must be listed: a new one is placed on purpose.
+LAYERS = {
+    "errors": 0, "configs": 0, "secrets": 0, "provenance": 0, "validation": 0, "tokenizer": 0, "prompts": 0,
+    "models": 1, "rl": 1,
+    "policies": 2, "rewards": 2,
+    "tracking": 3,
+    "evaluation": 4,
+    "training": 5,
+}  # fmt: skip
+COMMANDS = {"__main__", "sample", "evaluate", "export", "compare", "reproduce", "reward_server", "api"}
+PLUGINS = {"toy", "reproduction", "serving", "analysis"}
+
+
+def unit(module: str) -> str:
+    """rlcm_exp.training.trainer -> training; rlcm_exp -> __init__ (the package's re-exports)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def direction_violations(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for source, targets in edges.items():
+        if not source.startswith("rlcm_exp") or unit(source) in ("__init__", "conf"):
+            continue
+        a = unit(source)
+        for target in targets:
+            b = unit(target)
+            if not target.startswith("rlcm_exp") or a == b or b == "__init__" or a in COMMANDS:
+                continue
+            if b in COMMANDS:
+                bad.append(f"{source} -> {target} (a command)")
+            elif a in PLUGINS:
+                continue
+            elif b in PLUGINS:
+                bad.append(f"{source} -> {target} (the library imports a plug-in)")
+            elif not (LAYERS[b] < LAYERS[a] or LAYERS[a] == LAYERS[b] == 0):
+                bad.append(f"{source} -> {target} (layer {LAYERS[a]} imports layer {LAYERS[b]})")
+    return sorted(bad)
+
+
+def test_every_top_level_module_has_a_place_in_the_direction_table() -> None:
+    units = {unit(m) for m in modules() if m.startswith("rlcm_exp")} - {"__init__", "conf"}
+    unplaced = units - set(LAYERS) - COMMANDS - PLUGINS
+    assert not unplaced, f"place these in LAYERS, COMMANDS or PLUGINS: {sorted(unplaced)}"
+
+
+def test_no_import_against_the_direction_table() -> None:
+    edges, _ = graph()
+    assert not direction_violations(edges), direction_violations(edges)
+
+
+def test_the_direction_table_catches_each_kind_of_violation() -> None:
+    edges = {
+        "rlcm_exp.evaluation.suite": {"rlcm_exp.training.build"},  # upwards
+        "rlcm_exp.models.family": {"rlcm_exp.toy.family"},  # the library into a plug-in
+        "rlcm_exp.training.trainer": {"rlcm_exp.sample"},  # into a command
+        "rlcm_exp.policies.lcm": {"rlcm_exp.rewards.base"},  # sideways between layer-2 packages
+        "rlcm_exp.toy.reward": {"rlcm_exp.rewards.base", "rlcm_exp.analysis.runs"},  # a plug-in: fine
+        "rlcm_exp.api": {"rlcm_exp.training.build"},  # a command: fine
+    }
+    found = direction_violations(edges)
+    assert len(found) == 4 and all(s.split(" ")[0] in str(found) for s in list(edges)[:4]), found
+
+
 def test_no_function_over_80_lines() -> None:
     long = []
     for name, (_, tree) in modules().items():

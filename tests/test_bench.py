@@ -136,9 +136,9 @@ def test_table_and_readme_block(report: tuple[dict, Path]) -> None:
 def test_toy_scale_without_weights_is_one_clear_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import rlcm_exp.models.family
+    import rlcm_exp.toy.family
 
-    monkeypatch.setattr(rlcm_exp.models.family, "TOY_WEIGHTS", tmp_path / "no_weights")
+    monkeypatch.setattr(rlcm_exp.toy.family, "TOY_WEIGHTS", tmp_path / "no_weights")
     assert bench_main(["--scale", "toy", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "make toy-model" in err and "--scale tiny" in err and "Traceback" not in err

@@ -24,8 +24,8 @@ from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.heldout import seeded_generators
 from rlcm_exp.evaluation.runs import load_lora, load_run_config
 from rlcm_exp.evaluation.sampling import sample_images
+from rlcm_exp.policies.build import build_policy
 from rlcm_exp.prompts import prompt_set
-from rlcm_exp.training.build import build_policy
 from rlcm_exp.validation import check_before_loading, check_targets
 
 from .test_cli import SMALL, run_in_process

@@ -151,7 +151,7 @@ def test_log_probs_closed_form_and_recomputed(pipe, guidance_scale):
         chunk = [pairs[i] for i in order[start : start + 4]]
         b = torch.tensor([p[0] for p in chunk])
         k = torch.tensor([p[1] for p in chunk])
-        new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.prompt_embeds[b])
+        new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.conditioning[b])
         assert new.shape == (len(chunk),) and new.dtype == torch.float32
         assert len(set(k.tolist())) > 1 or len(chunk) == 1  # minibatches do mix timesteps
         old = traj.log_probs[b, k]
@@ -166,10 +166,10 @@ def test_log_prob_without_train_cfg_uses_the_conditional_eps(pipe):
     traj = policy.sample(PROMPTS[:2], torch.Generator().manual_seed(1))
     k = torch.tensor([0, 2])
     b = torch.tensor([0, 1])
-    new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.prompt_embeds[b])
+    new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.conditioning[b])
     assert (new - traj.log_probs[b, k]).abs().max() > 1e-4  # guided sampling, unguided density
     conditional = make_policy(pipe, num_steps=4, guidance_scale=1.0)
-    ref = conditional.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.prompt_embeds[b])
+    ref = conditional.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.conditioning[b])
     torch.testing.assert_close(new, ref)
 
 
@@ -177,11 +177,11 @@ def test_log_prob_has_grad_through_lora(family):
     from rlcm_exp.models import attach_lora
 
     policy = build_ddim_policy(family, num_steps=3)
-    params = attach_lora(policy.unet, 2, 2.0, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
+    params = attach_lora(policy.denoiser, 2, 2.0, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
     traj = policy.sample(PROMPTS[:2], torch.Generator().manual_seed(0))
     k = torch.tensor([2, 0])
     b = torch.tensor([0, 1])
-    new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.prompt_embeds[b])
+    new = policy.log_prob(traj.latents[b, k], traj.next_latents[b, k], k, traj.conditioning[b])
     assert new.requires_grad
     torch.testing.assert_close(new, traj.log_probs[b, k], atol=1e-5, rtol=0)
     new.sum().backward()

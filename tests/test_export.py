@@ -38,8 +38,10 @@ def test_exported_lora_and_pipeline_reproduce_the_trained_policy(tiny_cache, tin
     )  # rlcm default LoRA: rank 16, alpha 32
     # the trained policy, rebuilt from its final checkpoint
     policy = build_lcm_policy(tiny_family, num_steps=4)
-    attach_lora(policy.unet, 16, 32, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
-    load_lora_into(policy.unet, load_file(run / "checkpoints" / "final" / "pytorch_lora_weights.safetensors"))
+    attach_lora(policy.denoiser, 16, 32, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
+    load_lora_into(
+        policy.denoiser, load_file(run / "checkpoints" / "final" / "pytorch_lora_weights.safetensors")
+    )
     trained = policy.sample(PROMPTS, [torch.Generator().manual_seed(s) for s in (11, 12)]).images
 
     lora_dir = export(run, "lora")

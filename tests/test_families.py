@@ -122,12 +122,12 @@ def test_lcm_lora_transitions_equal_the_pipeline_steps(lora_family, guidance: fl
 def test_first_ratio_is_one_for_every_sampler_cfg_on_and_off(lora_family, sampler, guidance, doubled) -> None:
     policy = make_policy(lora_family, sampler, guidance)  # the same builders, any family
     traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
-    x, t, kwargs = policy.unet_inputs(traj.latents[:, 0], 0, traj.prompt_embeds, training=True)
+    x, t, kwargs = policy.denoiser_inputs(traj.latents[:, 0], 0, traj.conditioning, training=True)
     assert x.shape[0] == (2 if doubled else 1) * len(PROMPTS) and "timestep_cond" not in kwargs
     steps = torch.arange(policy.num_transitions).repeat(len(PROMPTS))
     rows = torch.arange(len(PROMPTS)).repeat_interleave(policy.num_transitions)
     new = policy.log_prob(
-        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
     )
     assert (torch.exp(new - traj.log_probs[rows, steps]) - 1).abs().max().item() <= 1e-5
 
@@ -278,14 +278,14 @@ def test_sdxl_images_and_transitions_equal_the_sdxl_pipeline(sdxl_family, sample
 def test_sdxl_first_ratio_is_one_and_the_added_conditioning_is_passed(sdxl_family, sampler, guidance) -> None:
     policy = make_policy(sdxl_family, sampler, guidance)
     traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
-    x, t, kwargs = policy.unet_inputs(traj.latents[:, 0], 0, traj.prompt_embeds, training=True)
+    x, t, kwargs = policy.denoiser_inputs(traj.latents[:, 0], 0, traj.conditioning, training=True)
     added = kwargs["added_cond_kwargs"]
     assert added["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * x.shape[0]
     assert added["text_embeds"].shape == (x.shape[0], 32) and kwargs["encoder_hidden_states"].shape[-1] == 64
     steps = torch.arange(policy.num_transitions).repeat(len(PROMPTS))
     rows = torch.arange(len(PROMPTS)).repeat_interleave(policy.num_transitions)
     new = policy.log_prob(
-        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
     )
     assert (torch.exp(new - traj.log_probs[rows, steps]) - 1).abs().max().item() <= 1e-5
 

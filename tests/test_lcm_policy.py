@@ -86,8 +86,11 @@ def test_log_probs_are_the_closed_form_density_and_recompute_exactly(tiny_family
     w_emb = policy._w_embedding(3, torch.float32)
     for k in range(policy.num_transitions):
         t = policy.timesteps[k]
-        eps = policy.unet(
-            traj.latents[:, k], t, encoder_hidden_states=traj.prompt_embeds, timestep_cond=w_emb
+        eps = policy.denoiser(
+            traj.latents[:, k],
+            t,
+            encoder_hidden_states=traj.conditioning.field("states"),
+            timestep_cond=w_emb,
         ).sample
         sched = LCMScheduler.from_config(policy_scheduler_config(tiny_family))
         sched.set_timesteps(timesteps=policy.timesteps.tolist())
@@ -101,7 +104,7 @@ def test_log_probs_are_the_closed_form_density_and_recompute_exactly(tiny_family
     rows = torch.tensor([2, 0, 1, 1, 0, 2])
     steps = torch.tensor([0, 2, 1, 0, 1, 2])
     new = policy.log_prob(
-        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
     )
     ratio = torch.exp(new - traj.log_probs[rows, steps])
     assert (ratio - 1).abs().max().item() <= 1e-5

@@ -21,9 +21,10 @@ from rlcm_exp.evaluation import sampling
 from rlcm_exp.evaluation.export import MANIFEST, export
 from rlcm_exp.evaluation.sampling import sample_images
 from rlcm_exp.export import main as export_main
-from rlcm_exp.models.family import ModelFamily, check_resolution, toy_family
+from rlcm_exp.models.family import ModelFamily, check_resolution
 from rlcm_exp.models.hub import MemberSource
-from rlcm_exp.training.build import build_policy
+from rlcm_exp.policies.build import build_policy
+from rlcm_exp.toy.family import toy_family
 
 from .test_cli import CONF, SMALL
 
@@ -222,8 +223,8 @@ def test_pipeline_export_overwrite_keeps_user_files(tiny_family, run_dir: Path, 
     from rlcm_exp.policies.lcm import build_lcm_policy
 
     policy = build_lcm_policy(tiny_family, num_steps=4)
-    attach_lora(policy.unet, 4, 4, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
-    write_lora_weights(policy.unet, run_dir / "checkpoints" / "final")
+    attach_lora(policy.denoiser, 4, 4, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
+    write_lora_weights(policy.denoiser, run_dir / "checkpoints" / "final")
     out = tmp_path / "pipe"
     export(run_dir, "pipeline", out)
     first = listed(out)

@@ -76,21 +76,23 @@ def test_a_non_policy_is_not_a_policy() -> None:
 
 def test_lcm_unet_inputs_are_what_sample_and_log_prob_call(tiny_family) -> None:
     policy = build_lcm_policy(tiny_family, num_steps=4)
-    with Recorder(policy.unet) as rec:
+    with Recorder(policy.denoiser) as rec:
         traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
     # H calls: one per trained transition, then the deterministic final call at the last state
     states = [traj.latents[:, k] for k in range(policy.num_transitions)] + [traj.next_latents[:, -1]]
     assert len(rec.calls) == policy.num_steps == len(states)
     for k, (call, state) in enumerate(zip(rec.calls, states, strict=True)):
-        assert_same_inputs(call, policy.unet_inputs(state, k, traj.prompt_embeds, training=False))
+        assert_same_inputs(call, policy.denoiser_inputs(state, k, traj.conditioning, training=False))
         assert "timestep_cond" in call[2] and call[0].shape[0] == len(PROMPTS)  # no batch doubling
 
     rows, steps = torch.tensor([1, 0, 1]), torch.tensor([0, 2, 1])
-    args = (traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows])
-    with Recorder(policy.unet) as rec:
+    args = (traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows])
+    with Recorder(policy.denoiser) as rec:
         policy.log_prob(*args)
     assert len(rec.calls) == 1
-    expected = policy.unet_inputs(traj.latents[rows, steps], steps, traj.prompt_embeds[rows], training=True)
+    expected = policy.denoiser_inputs(
+        traj.latents[rows, steps], steps, traj.conditioning[rows], training=True
+    )
     assert_same_inputs(rec.calls[0], expected)
 
 
@@ -103,21 +105,23 @@ def test_ddim_unet_inputs_are_what_sample_and_log_prob_call(
 ) -> None:
     policy = make_ddim(tiny_family, guidance_scale=guidance_scale, train_cfg=train_cfg)
     batch = len(PROMPTS)
-    with Recorder(policy.unet) as rec:
+    with Recorder(policy.denoiser) as rec:
         traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
     assert len(rec.calls) == policy.num_steps
     for k, call in enumerate(rec.calls):
         assert_same_inputs(
-            call, policy.unet_inputs(traj.latents[:, k], k, traj.prompt_embeds, training=False)
+            call, policy.denoiser_inputs(traj.latents[:, k], k, traj.conditioning, training=False)
         )
         assert call[0].shape[0] == (2 * batch if doubled_sampling else batch)
 
     rows, steps = torch.tensor([1, 0]), torch.tensor([3, 1])
-    with Recorder(policy.unet) as rec:
+    with Recorder(policy.denoiser) as rec:
         policy.log_prob(
-            traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+            traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
         )
-    expected = policy.unet_inputs(traj.latents[rows, steps], steps, traj.prompt_embeds[rows], training=True)
+    expected = policy.denoiser_inputs(
+        traj.latents[rows, steps], steps, traj.conditioning[rows], training=True
+    )
     assert len(rec.calls) == 1
     assert_same_inputs(rec.calls[0], expected)
     assert rec.calls[0][0].shape[0] == (4 if doubled_training else 2)
@@ -169,8 +173,8 @@ def ddpo_log_prob(
 
 
 def guided_eps(policy: DDIMPolicy, x: torch.Tensor, k: int, embeds: torch.Tensor) -> torch.Tensor:
-    x_in, t, kwargs = policy.unet_inputs(x, k, embeds, training=False)
-    eps_u, eps_c = policy.unet(x_in, t, **kwargs).sample.chunk(2)
+    x_in, t, kwargs = policy.denoiser_inputs(x, k, embeds, training=False)
+    eps_u, eps_c = policy.denoiser(x_in, t, **kwargs).sample.chunk(2)
     return eps_u + policy.guidance_scale * (eps_c - eps_u)
 
 
@@ -188,7 +192,7 @@ def test_ddim_last_step_matches_ddpo_for_both_scheduler_settings(tiny_family, se
     steps = torch.arange(policy.num_steps).repeat(len(PROMPTS))
     rows = torch.arange(len(PROMPTS)).repeat_interleave(policy.num_steps)
     new = policy.log_prob(
-        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.prompt_embeds[rows]
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
     )
     assert (torch.exp(new - traj.log_probs[rows, steps]) - 1).abs().max().item() < 1e-5
 
@@ -198,5 +202,5 @@ def test_ddim_last_step_matches_ddpo_for_both_scheduler_settings(tiny_family, se
     with torch.no_grad():
         for k, t in enumerate(policy.timesteps.tolist()):
             x, x_prev = traj.latents[:, k], traj.next_latents[:, k]
-            expected = ddpo_log_prob(sched, guided_eps(policy, x, k, traj.prompt_embeds), t, x, x_prev, 1.0)
+            expected = ddpo_log_prob(sched, guided_eps(policy, x, k, traj.conditioning), t, x, x_prev, 1.0)
             torch.testing.assert_close(traj.log_probs[:, k], expected, atol=1e-5, rtol=0)

@@ -191,7 +191,7 @@ def test_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_previous(
     from rlcm_exp.models import attach_lora
     from rlcm_exp.policies.lcm import build_lcm_policy
 
-    unet = build_lcm_policy(tiny_family, num_steps=2).unet
+    unet = build_lcm_policy(tiny_family, num_steps=2).denoiser
     params = attach_lora(unet, 4, 4, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
     opt = torch.optim.Adam(params)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.5, 10)

@@ -13,7 +13,7 @@ from rlcm_exp.rl.gaussian import gaussian_log_prob
 from rlcm_exp.rl.ppo import clip_advantages, ppo_loss
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
 from rlcm_exp.training.batching import plan_batches
-from rlcm_exp.training.trainer import trained_steps
+from rlcm_exp.training.update import trained_steps
 
 
 def test_gaussian_log_prob_is_the_element_mean_of_the_closed_form() -> None:

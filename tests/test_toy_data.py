@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rlcm_exp.rewards.toy_detector import toy_detector
 from rlcm_exp.toy import data
 from rlcm_exp.toy.detector import classify, detector_parts, detector_score
+from rlcm_exp.toy.reward import toy_detector
 
 
 def test_prompt_lists_are_disjoint_and_cover_every_composition() -> None:

@@ -113,17 +113,17 @@ class Floor:
     def _unet_args(
         self, x: torch.Tensor, embeds: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        return self.policy.unet_inputs(x, 0, embeds, training)
+        return self.policy.denoiser_inputs(x, 0, embeds, training)
 
     def _unet_forward(self) -> None:
         x, t, kw = self.sample_args
         with torch.no_grad(), self.acc.autocast():
-            self.policy.unet(x, t, **kw)
+            self.policy.denoiser(x, t, **kw)
 
     def _unet_train(self) -> None:
         x, t, kw = self.train_args
         with self.acc.autocast():
-            out = self.policy.unet(x, t, **kw).sample
+            out = self.policy.denoiser(x, t, **kw).sample
         out.float().mean().backward()
 
     def flops(self) -> dict[str, int]:

@@ -142,7 +142,7 @@ def toy_weights_missing(scale_name: str, extra: list[str]) -> Path | None:
     """The toy weights folder when `--scale toy` would need it and it holds no trained models, else None."""
     if scale_name != "toy" or any(e.startswith("model.weights_dir=") for e in extra):
         return None
-    from rlcm_exp.models import family
+    from rlcm_exp.toy import family
 
     weights = family.TOY_WEIGHTS  # read at call time: tests point it at an empty folder
     return None if (weights / "lcm" / "model_index.json").is_file() else weights

@@ -27,6 +27,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
     from omegaconf import open_dict
 
+    from rlcm_exp.analysis.summary import RunSummary
     from rlcm_exp.training.build import train
     from rlcm_exp.training.trainer import PREEMPTED_EXIT_CODE, Preempted
 
@@ -38,7 +39,7 @@ def hydra_main(cfg: DictConfig) -> None:
             cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
     run_dir = Path(hc.runtime.output_dir)
     try:
-        exit_on_config_error(lambda: train(cfg, run_dir))
+        exit_on_config_error(lambda: train(cfg, run_dir, callbacks=[RunSummary()]))
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -27,6 +27,7 @@ def run(overrides: Sequence[str], run_dir: str | Path | None = None) -> list[dic
     naming the key, before any model loads; resume=auto continues a run dir's newest checkpoint."""
     from omegaconf import OmegaConf
 
+    from rlcm_exp.analysis.summary import RunSummary
     from rlcm_exp.configs import compose
     from rlcm_exp.secrets import redact_override
     from rlcm_exp.training.build import train
@@ -37,7 +38,7 @@ def run(overrides: Sequence[str], run_dir: str | Path | None = None) -> list[dic
         if run_dir is not None
         else Path("outputs", "api", f"{datetime.now():%Y-%m-%d/%H-%M-%S-%f}")
     )
-    records = train(cfg, folder)
+    records = train(cfg, folder, callbacks=[RunSummary()])
     overrides_file = folder / ".hydra" / "overrides.yaml"  # where the command line's Hydra keeps them
     if not overrides_file.is_file():  # the training command of the exported model card
         overrides_file.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +67,9 @@ def read_records(run_dir: str | Path) -> dict[str, Any]:
 def load_policy(run_dir: str | Path, device: str = "cpu") -> Any:
     """The run's policy (its model family, sampler and settings from config.yaml) with the trained LoRA
     (checkpoints/final, else the newest checkpoint) loaded into its UNet. `policy.sample(prompts,
-    generators)` draws images; `policy.unet` is a diffusers UNet with the LoRA as a PEFT adapter."""
+    generators)` draws images; `policy.denoiser` is a diffusers UNet with the LoRA as a PEFT adapter."""
     from rlcm_exp.evaluation.runs import load_lora, load_run_config
-    from rlcm_exp.training.build import build_policy
+    from rlcm_exp.policies.build import build_policy
 
     folder = Path(run_dir)
     policy = build_policy(load_run_config(folder), device)

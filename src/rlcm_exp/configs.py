@@ -13,6 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+# `_target_`s that moved, old -> new: a run dir saved before the move (its config.yaml) still
+# samples, evaluates, exports and resumes (load_saved_config rewrites them on reading)
+MOVED_TARGETS = {
+    "rlcm_exp.models.family.toy_family": "rlcm_exp.toy.family.toy_family",
+    "rlcm_exp.rewards.toy_detector.toy_detector": "rlcm_exp.toy.reward.toy_detector",
+}
+
 CONFIG_MODULE = "rlcm_exp.conf"
 HYDRA_CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # the entry points' Hydra config_path
 
@@ -69,3 +76,27 @@ def register_help_resolver() -> None:
 
     if not OmegaConf.has_resolver("rlcm_options"):
         OmegaConf.register_new_resolver("rlcm_options", group_options)
+
+
+def load_saved_config(path: Path) -> DictConfig | None:
+    """A config a run saved (RUN_DIR/config.yaml), its moved `_target_`s renamed (MOVED_TARGETS);
+    None when the file does not hold a mapping."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        return None
+    _rename_targets(cfg)
+    return cfg
+
+
+def _rename_targets(node: DictConfig) -> None:
+    for key in list(node.keys()):
+        value = node._get_node(key)
+        if isinstance(value, DictConfig):
+            _rename_targets(value)
+        elif key == "_target_" and node[key] in MOVED_TARGETS:
+            node[key] = MOVED_TARGETS[node[key]]
+    # the toy world's prompt sets moved with it: rlcm_exp.prompts.prompt_set(name=toy_*) -> the toy's
+    if node.get("_target_") == "rlcm_exp.prompts.prompt_set" and str(node.get("name")).startswith("toy_"):
+        node["_target_"] = "rlcm_exp.toy.prompts.prompt_set"

@@ -7,7 +7,7 @@ list on the command line (`task.prompts.prompts='[a cat,a red fox]'`); `task.eva
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rlcm_exp.errors import ConfigError
@@ -54,34 +54,25 @@ def unseen() -> list[str]:
     return list(UNSEEN)
 
 
-def toy_train() -> list[str]:
-    from rlcm_exp.toy.data import train_prompts
-
-    return train_prompts()
-
-
-def toy_heldout() -> list[str]:
-    from rlcm_exp.toy.data import heldout_prompts
-
-    return heldout_prompts()
-
-
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "imagenet_animals": imagenet_animals,
     "imagenet_animals_short": imagenet_animals_short,
     "simple_animals": simple_animals,
     "animal_activities": animal_activities,
     "unseen": unseen,
-    "toy_train": toy_train,
-    "toy_heldout": toy_heldout,
 }
 
 
 def prompt_set(
-    name: str | None = None, file: str | None = None, prompts: Sequence[str] | None = None
+    name: str | None = None,
+    file: str | None = None,
+    prompts: Sequence[str] | None = None,
+    sets: Mapping[str, Callable[[], list[str]]] | None = None,
 ) -> list[str]:
     """The prompts of a task node: the list `prompts` if given, else the non-empty lines of `file`,
-    else the built-in set `name` (task.prompts and task.eval_prompts are both such nodes)."""
+    else the set `name` of `sets` (default: the built-in PROMPT_SETS; a plug-in such as the toy world
+    passes its own). task.prompts and task.eval_prompts are both such nodes."""
+    sets = PROMPT_SETS if sets is None else sets
     if prompts is not None:
         if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ConfigError(
@@ -105,10 +96,10 @@ def prompt_set(
                 f"prompt file {file} (task.prompts.file / task.eval_prompts.file) has no prompts"
             )
         return lines
-    if name not in PROMPT_SETS:
+    if name is None or name not in sets:
         raise ConfigError(
             f"unknown prompt set {name!r} (task.prompts.name / task.eval_prompts.name); valid: "
-            f"{sorted(PROMPT_SETS)}; or your own: task.prompts.file=path/to/prompts.txt (one per line) "
+            f"{sorted(sets)}; or your own: task.prompts.file=path/to/prompts.txt (one per line) "
             "or task.prompts.prompts='[a cat,a red fox]'"
         )
-    return PROMPT_SETS[name]()
+    return sets[name]()

@@ -21,7 +21,17 @@ from rlcm_exp.rewards.base import to_uint8
 class Logger(Protocol):
     """What the trainer logs to (logger=none | wandb); metrics.jsonl is written besides, always."""
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> Logger: ...
+    def start(
+        self, run_dir: Path, config: dict[str, Any], run_name: str, resume_id: str | None = None
+    ) -> Logger:
+        """Open the tracker's run; `resume_id` (a checkpoint's `run_id`) continues that run."""
+        ...
+
+    @property
+    def run_id(self) -> str | None:
+        """The tracker's id of the open run (checkpointed, so a resume continues it); None: none."""
+        ...
+
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
     def log_images(self, key: str, images: torch.Tensor, captions: list[str], step: int) -> None: ...
     def finish(self) -> None: ...
@@ -30,8 +40,14 @@ class Logger(Protocol):
 class NullLogger:
     """logger=none: nothing leaves the run dir."""
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> NullLogger:
+    def start(
+        self, run_dir: Path, config: dict[str, Any], run_name: str, resume_id: str | None = None
+    ) -> NullLogger:
         return self
+
+    @property
+    def run_id(self) -> str | None:
+        return None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
@@ -90,7 +106,9 @@ class WandbLogger:
             str, tuple[list[Any], int]
         ] = {}  # key -> (images, epoch) waiting for the next record
 
-    def start(self, run_dir: Path, config: dict[str, Any], run_name: str) -> WandbLogger:
+    def start(
+        self, run_dir: Path, config: dict[str, Any], run_name: str, resume_id: str | None = None
+    ) -> WandbLogger:
         import wandb  # here, not at module level: logger=none must not even import wandb
 
         mode = resolve_wandb_mode(self.mode)
@@ -107,6 +125,9 @@ class WandbLogger:
             dir=str(run_dir),
             config=config,
             name=run_name,
+            # a resumed run continues its wandb run (the id its checkpoint holds)
+            id=resume_id,
+            resume="allow" if resume_id else None,
         )
         if mode == "offline":
             # run.dir is <run_dir>/wandb/offline-run-*/files; sync takes the offline-run folder
@@ -119,6 +140,10 @@ class WandbLogger:
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="epoch")
         return self
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else str(self.run.id)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         # only scalars (per-prompt dicts live in the local jsonl files); pending images join this row,

@@ -141,7 +141,7 @@ def image_rows(
     folder: Path, study: Any, selection: dict[str, Any], groups: dict[tuple[str, str, str], Group]
 ) -> list[dict[str, Any]]:
     """Per (task, algo, variant): each image statistic before and after, and its change, over seeds."""
-    from rlcm_exp.rewards.toy_detector import toy_detector
+    from rlcm_exp.toy.reward import toy_detector
 
     detector = toy_detector()
     rows = []

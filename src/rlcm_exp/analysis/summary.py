@@ -6,6 +6,9 @@ of each prompt, then seed 1, ...), each labelled with its prompt, seed and the p
 over the evaluation's seeds. Every evaluation draws its own in RUN/eval/epoch_NNNN.png (NNNN: epochs
 done); the first one's tensors are kept too (RUN/eval/epoch_0000.pt), so that before_after.png of a
 resumed run still shows the run's real "before".
+
+`RunSummary` is the callback that does both during a run; the commands (python -m rlcm_exp,
+rlcm_exp.run) attach it, so the training library itself never imports this package.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from rlcm_exp.analysis.figures import before_after_grid, reward_vs_time_figure
 from rlcm_exp.analysis.runs import read_evals, run_title
 from rlcm_exp.tracking import read_metrics
+from rlcm_exp.training.callbacks import Callback
 
 GRID_PROMPTS = 8  # images per row of before_after.png
 
@@ -94,3 +98,32 @@ def summary_line(records: Sequence[dict[str, Any]], evals: Sequence[dict[str, An
             f", {k[len('eval_reward/') :]} {evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in parts
         )
     return line
+
+
+class RunSummary(Callback):
+    """Keeps each held-out evaluation's grid (RUN/eval/) and, at the end of a run that trained an
+    epoch, writes the summary figures and prints the before -> after line (main process only)."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, dict[str, Any]] = {}  # "first" / "last" evaluation's snapshot
+        self.trained = False
+
+    def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, Any]) -> None:
+        self.trained = True
+
+    def on_evaluation(self, trainer: Any, epochs_done: int, result: dict[str, Any]) -> None:
+        seeds = list(range(trainer.settings.eval_seeds))
+        snap = select_eval_images(result, trainer.eval_prompts, seeds, epochs_done)
+        folder = trainer.run_dir / "eval"
+        save_eval_images(folder, snap, tensors=epochs_done == 0)
+        if "first" not in self.images:  # after a resume the first evaluation ran in an earlier process
+            self.images["first"] = snap if epochs_done == 0 else load_eval_images(folder) or snap
+        self.images["last"] = snap
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if not (trainer.accelerator.is_main_process and self.trained):
+            return
+        run_dir = trainer.run_dir
+        print(write_summary(run_dir, self.images.get("first"), self.images.get("last")))
+        after = f", {run_dir / 'before_after.png'} (top: before, bottom: after)" if self.images else ""
+        print(f"plots: {run_dir / 'reward_vs_time.png'}" + after)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rlcm_exp.configs import load_saved_config
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.lora import resolve_lora_folder
 from rlcm_exp.policies.base import Policy
@@ -46,8 +47,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
         raise ConfigError(
             f"{run_dir} is not a run dir (no config.yaml): give the folder a training run wrote"
         )
-    cfg = OmegaConf.load(path)
-    if not isinstance(cfg, DictConfig):
+    cfg = load_saved_config(path)
+    if cfg is None:
         raise ConfigError(f"{path} is not a run config (a mapping)")
     return cfg
 
@@ -138,7 +139,7 @@ def load_lora(policy: Policy, checkpoint: str | Path, ema: bool = False) -> Path
     UNet; returns the folder it came from. A LoRA trained on another model is a ConfigError naming
     the checkpoint, checked before anything is loaded. `ema`: the run's EMA weights (final_ema)."""
     folder = resolve_lora_folder(checkpoint, ema)
-    problems = lora_mismatches(policy.unet, folder / LORA_WEIGHTS)
+    problems = lora_mismatches(policy.denoiser, folder / LORA_WEIGHTS)
     if problems:
         raise ConfigError(
             f"checkpoint={checkpoint}: its LoRA does not fit this model ({len(problems)} mismatch(es), e.g. "
@@ -146,7 +147,7 @@ def load_lora(policy: Policy, checkpoint: str | Path, ema: bool = False) -> Path
             "unless model=... is set on the command line."
         )
     try:
-        policy.unet.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_WEIGHTS)
+        policy.denoiser.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_WEIGHTS)
     except (RuntimeError, ValueError, KeyError) as err:  # what the header check cannot see
         raise ConfigError(f"checkpoint={checkpoint}: its LoRA does not load into this model ({err})") from err
     return folder

@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.heldout import seeded_generators
 from rlcm_exp.evaluation.runs import config_for_checkpoint, load_lora, pick_device
-from rlcm_exp.training.build import build_policy
+from rlcm_exp.policies.build import build_policy
 
 SAMPLES_FILE = "samples.json"
 

@@ -24,9 +24,9 @@ from rlcm_exp.evaluation.budget import (
 from rlcm_exp.evaluation.heldout import evaluate_policy
 from rlcm_exp.evaluation.runs import SharedFamily, config_for_checkpoint, load_lora, pick_device
 from rlcm_exp.policies.base import Policy
+from rlcm_exp.policies.build import build_policy
 from rlcm_exp.provenance import software_versions
 from rlcm_exp.rewards.base import RewardFn, build_reward
-from rlcm_exp.training.build import build_policy
 
 
 @dataclass

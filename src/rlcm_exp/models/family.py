@@ -30,7 +30,6 @@ from rlcm_exp.models.hub import (
     torch_dtype,
 )
 from rlcm_exp.models.synthetic import build_tiny_family_folders, build_tiny_lcm_lora, build_tiny_sdxl_folders
-from rlcm_exp.toy import WEIGHTS_DIR
 
 
 @dataclass(frozen=True)
@@ -116,26 +115,7 @@ def tiny_sdxl_family(cache_dir: str, seed: int = 0) -> ModelFamily:
     )
 
 
-TOY_WEIGHTS = WEIGHTS_DIR  # the committed toy weights (rlcm_exp.toy.WEIGHTS_DIR)
-
-
-def toy_family(weights_dir: str | None = None) -> ModelFamily:
-    """The toy world's trained members (committed under src/rlcm_exp/toy/weights, see `make toy-model`)."""
-    root = Path(weights_dir).expanduser() if weights_dir else TOY_WEIGHTS
-    if not (root / "lcm" / "model_index.json").is_file():
-        raise ConfigError(
-            f"model=toy: no toy weights in {root} (expected lcm/ and diffusion/ pipeline folders). "
-            "Rebuild them with `make toy-model`, or use model=tiny."
-        )
-    return ModelFamily(
-        name="toy",
-        diffusion=MemberSource(
-            local_path=str(root / "diffusion"), resolution=_resolution(root / "diffusion")
-        ),
-        lcm=MemberSource(local_path=str(root / "lcm"), resolution=_resolution(root / "lcm")),
-    )
-
-
-def _resolution(folder: Path) -> int:
+def member_resolution(folder: Path) -> int:
+    """A saved member's native image side in pixels, read from its VAE config (no weights load)."""
     vae = json.loads((folder / "vae" / "config.json").read_text())
     return int(vae["sample_size"])

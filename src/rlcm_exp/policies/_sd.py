@@ -17,7 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from rlcm_exp.models.family import check_resolution as check_member_resolution
 from rlcm_exp.models.family import check_vae_resolution
 from rlcm_exp.models.hub import vae_scale
-from rlcm_exp.policies.base import Generators, Policy, UNetInputs
+from rlcm_exp.policies.base import DenoiserInputs, Generators, Policy
+from rlcm_exp.policies.conditioning import Conditioning
 
 P = TypeVar("P", bound=Policy)
 
@@ -128,44 +129,41 @@ def step_indices(step_index: torch.Tensor | int, batch: int, device: torch.devic
     return step_index.to(device=device, dtype=torch.long)
 
 
-class TextConditioning:
-    """SD 1.x / 2.x conditioning: one CLIP text encoder, its states the UNet's encoder_hidden_states."""
+class SDText:
+    """SD 1.x / 2.x conditioning: one CLIP text encoder, its states the UNet's encoder_hidden_states
+    (the record's one field, "states", (B, 77, D))."""
 
     def __init__(self, tokenizer: Any, text_encoder: Any) -> None:
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
 
-    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+    def encode(self, prompts: list[str], device: torch.device) -> Conditioning:
+        return Conditioning({"states": encode_prompts(self.tokenizer, self.text_encoder, prompts, device)})
 
-    def empty(self, device: torch.device) -> torch.Tensor:
+    def empty(self, device: torch.device) -> Conditioning:
         """The unconditional half of classifier-free guidance: the empty prompt's states."""
         return self.encode([""], device)
 
-    def unet_kwargs(self, embeds: torch.Tensor) -> dict[str, Any]:
-        return {"encoder_hidden_states": embeds}
+    def unet_kwargs(self, cond: Conditioning) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond.field("states")}
 
 
-class SDXLConditioning:
+class SDXLText:
     """SDXL conditioning as StableDiffusionXLPipeline computes it: both text encoders' penultimate
-    hidden states concatenated, the second encoder's pooled projection as `text_embeds`, and the
-    added time ids (original size, crop (0, 0), target size) of a square `resolution`.
-
-    The Policy protocol carries one prompt tensor per sample, so the pooled projection travels as
-    one extra last row of it (zero-padded to the states' width): (B, L + 1, D). `unet_kwargs` takes
-    it apart again; rows sliced by the trainer keep the pair together."""
+    hidden states concatenated ("states", (B, 77, 2048)), the second encoder's pooled projection
+    ("pooled", (B, 1280), the UNet's `text_embeds`), and the added time ids (original size, crop
+    (0, 0), target size) of a square `resolution`, the same for every row (so not in the record)."""
 
     def __init__(
         self, tokenizers: list[Any], text_encoders: list[Any], force_zeros: bool, resolution: int
     ) -> None:
         self.tokenizers, self.text_encoders = tokenizers, text_encoders
         self.force_zeros = force_zeros  # SDXL base: the unconditional half is zeros, not the "" prompt
-        self.pooled_dim = int(text_encoders[-1].config.projection_dim)
         self.time_ids = torch.tensor(
             [[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32
         )
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+    def encode(self, prompts: list[str], device: torch.device) -> Conditioning:
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenize(tokenizer, prompts).input_ids.to(device)
@@ -174,46 +172,40 @@ class SDXLConditioning:
             states.append(out.hidden_states[-2])
         assert pooled is not None
         hidden = torch.cat(states, dim=-1).to(self.text_encoders[-1].dtype)
-        if self.pooled_dim > hidden.shape[-1]:
-            raise ValueError(
-                f"pooled width {self.pooled_dim} exceeds the text-state width {hidden.shape[-1]}"
-            )
-        row = torch.nn.functional.pad(pooled.to(hidden.dtype), (0, hidden.shape[-1] - self.pooled_dim))
-        return torch.cat([hidden, row[:, None]], dim=1)
+        return Conditioning({"states": hidden, "pooled": pooled.to(hidden.dtype)})
 
-    def empty(self, device: torch.device) -> torch.Tensor:
-        packed = self.encode([""], device)
-        return torch.zeros_like(packed) if self.force_zeros else packed
+    def empty(self, device: torch.device) -> Conditioning:
+        cond = self.encode([""], device)
+        return (
+            Conditioning({k: torch.zeros_like(v) for k, v in cond.fields.items()})
+            if self.force_zeros
+            else cond
+        )
 
-    def unet_kwargs(self, embeds: torch.Tensor) -> dict[str, Any]:
-        time_ids = self.time_ids.to(device=embeds.device, dtype=embeds.dtype).expand(embeds.shape[0], -1)
+    def unet_kwargs(self, cond: Conditioning) -> dict[str, Any]:
+        states = cond.field("states")
+        time_ids = self.time_ids.to(device=states.device, dtype=states.dtype).expand(len(cond), -1)
         return {
-            "encoder_hidden_states": embeds[:, :-1],
-            "added_cond_kwargs": {"text_embeds": embeds[:, -1, : self.pooled_dim], "time_ids": time_ids},
+            "encoder_hidden_states": states,
+            "added_cond_kwargs": {"text_embeds": cond.field("pooled"), "time_ids": time_ids},
         }
 
 
-def text_conditioning(
-    pairs: list[tuple[Any, Any]], force_zeros: bool, resolution: int
-) -> TextConditioning | SDXLConditioning:
+def text_conditioning(pairs: list[tuple[Any, Any]], force_zeros: bool, resolution: int) -> SDText | SDXLText:
     """The conditioning of a policy's (tokenizer, text encoder) pairs: SDXL's when the second pair
     is present (text_encoder_2), SD's otherwise."""
     present = [(tok, enc) for tok, enc in pairs if enc is not None]
     if len(present) == 1:
-        return TextConditioning(*present[0])
+        return SDText(*present[0])
     tokenizers, encoders = (list(x) for x in zip(*present, strict=True))
-    return SDXLConditioning(tokenizers, encoders, force_zeros, resolution)
+    return SDXLText(tokenizers, encoders, force_zeros, resolution)
 
 
 def prepare_vae(vae: Any, conditioning: Any) -> None:
     """SDXL's VAE overflows in fp16: its pipeline decodes in fp32 when the config says force_upcast,
     and so do the policies (the SD pipelines do not, so an SD VAE keeps its dtype)."""
     upcast = bool(getattr(vae.config, "force_upcast", False))
-    if (
-        isinstance(conditioning, SDXLConditioning)
-        and upcast
-        and next(vae.parameters()).dtype == torch.float16
-    ):
+    if isinstance(conditioning, SDXLText) and upcast and next(vae.parameters()).dtype == torch.float16:
         vae.to(torch.float32)
 
 
@@ -222,32 +214,30 @@ class ClassifierFreeGuidance:
     call on [empty prompt; prompt], then eps = eps_u + scale * (eps_c - eps_u). Shared by the DDIM
     policy and the LCM policy on a UNet without a guidance embedding (LCM-LoRA)."""
 
-    def __init__(
-        self, scale: float, text: TextConditioning | SDXLConditioning, device: Callable[[], torch.device]
-    ) -> None:
+    def __init__(self, scale: float, text: SDText | SDXLText, device: Callable[[], torch.device]) -> None:
         self.scale = float(scale)
         self._text, self._device = text, device
         # the empty-prompt states: the text encoder is frozen, so they are computed once per device/dtype
-        self._uncond: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._uncond: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
 
     @property
     def enabled(self) -> bool:
         """The pipelines' rule: guidance only for scale > 1 (scale 1 is the conditional model)."""
         return self.scale > 1.0
 
-    def uncond(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def uncond(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
         key = (device, dtype)
         if key not in self._uncond:
             self._uncond[key] = self._text.empty(self._device()).to(device=device, dtype=dtype)
         return self._uncond[key]
 
-    def doubled(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> UNetInputs:
+    def doubled(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> DenoiserInputs:
         """(x, t, kwargs) of the doubled call: the empty prompt's half first, as diffusers orders it."""
-        uncond = self.uncond(prompt_embeds.device, prompt_embeds.dtype).expand(x.shape[0], -1, -1)
+        uncond = self.uncond(cond.device, cond.dtype).expand(x.shape[0])
         return (
             torch.cat([x, x]),
             torch.cat([t, t]),
-            self._text.unet_kwargs(torch.cat([uncond, prompt_embeds])),
+            self._text.unet_kwargs(Conditioning.cat([uncond, cond])),
         )
 
     def combine(self, eps: torch.Tensor) -> torch.Tensor:

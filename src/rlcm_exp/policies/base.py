@@ -1,6 +1,9 @@
 """The policy interface: what the trainer, the evaluation and the benchmarks may use of a sampler.
 
-A policy is a sampler seen as a Gaussian policy over latent transitions (RLCM sec. 4, DDPO sec. 4.2).
+A policy is a denoiser (the family's network: a UNet today, a transformer for flow families) plus a
+per-step Gaussian: a sampler seen as a Gaussian policy over latent transitions (RLCM sec. 4, DDPO
+sec. 4.2). Its conditioning is an opaque row-indexable record (conditioning.py) that the family
+defines.
 LCMPolicy (lcm.py) and DDIMPolicy (ddim.py) satisfy it structurally; nothing inherits from it.
 Code outside `rlcm_exp.policies` uses only these members: no private attribute, no isinstance fork
 on a concrete policy class.
@@ -13,10 +16,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from rlcm_exp.policies.conditioning import Conditioning
 from rlcm_exp.policies.trajectory import Trajectory
 
 Generators = torch.Generator | list[torch.Generator] | None
-UNetInputs = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+DenoiserInputs = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
 @runtime_checkable
@@ -24,9 +28,10 @@ class Policy(Protocol):
     """What the trainer, evaluation and benchmarks use of a policy; LCMPolicy (lcm.py) and DDIMPolicy
     (ddim.py) repeat these signatures on purpose."""
 
-    # The modules. `unet` carries the LoRA parameters and may be replaced by a wrapped module
-    # (DDP, torch.compile), so it is typed loosely, as diffusers' own modules are.
-    unet: Any
+    # The modules. `denoiser` (the family's network: UNet or transformer) carries the LoRA parameters
+    # and may be replaced by a wrapped module (DDP, torch.compile), so it is typed loosely, as
+    # diffusers' own modules are.
+    denoiser: Any
     vae: Any
     tokenizer: Any
     member: str  # the model family's member it drives: "lcm" or "diffusion"
@@ -34,7 +39,7 @@ class Policy(Protocol):
     resolution: int  # image side in pixels
     vae_scale: int  # pixels per latent cell: the latent side is resolution // vae_scale
     latent_channels: int
-    num_steps: int  # H: UNet calls (sampler steps) per image
+    num_steps: int  # H: denoiser calls (sampler steps) per image
     timesteps: torch.Tensor  # (H,) long, CPU: the scheduler timestep of each step
 
     @property
@@ -45,8 +50,8 @@ class Policy(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) text-encoder states of the prompts (no grad)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning record, one row per prompt (no grad)."""
         ...
 
     def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
@@ -58,13 +63,13 @@ class Policy(Protocol):
         latents: torch.Tensor,
         next_latents: torch.Tensor,
         step_index: torch.Tensor,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
     ) -> torch.Tensor:
         """(B,) float32 log pi_theta(next | latents) at per-sample transition indices (B,), with grad."""
         ...
 
     def action_mean_std(
-        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+        self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian action's float32 mean (B, C, h, w), with grad, and its theta-independent std
         (broadcastable): `log_prob` is gaussian_log_prob(next_latents, mean, std) of exactly these."""
@@ -81,14 +86,14 @@ class Policy(Protocol):
         evaluation stops iterating when the budget is spent."""
         ...
 
-    def unet_inputs(
+    def denoiser_inputs(
         self,
         latents: torch.Tensor,
         step_index: torch.Tensor | int,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
         training: bool,
-    ) -> UNetInputs:
-        """The exact (x, t, kwargs) of the one UNet call of step `step_index` at state `latents`:
-        `unet(x, t, **kwargs)` is what `sample` (training=False) or `log_prob` (training=True)
+    ) -> DenoiserInputs:
+        """The exact (x, t, kwargs) of the one denoiser call of step `step_index` at state `latents`:
+        `denoiser(x, t, **kwargs)` is what `sample` (training=False) or `log_prob` (training=True)
         calls, classifier-free doubling and guidance embedding included."""
         ...

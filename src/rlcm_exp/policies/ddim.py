@@ -31,7 +31,8 @@ from diffusers import DDIMScheduler
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies import _sd
-from rlcm_exp.policies.base import Generators, UNetInputs
+from rlcm_exp.policies.base import DenoiserInputs, Generators
+from rlcm_exp.policies.conditioning import Conditioning
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 
@@ -163,7 +164,7 @@ class DDIMPolicy:
         # mutate a scheduler the pipeline still owns.
         sched = DDIMScheduler.from_config(scheduler.config)
         _check_scheduler(sched.config, num_steps)
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = sched
         self.num_steps = num_steps
         self.eta = float(eta)
@@ -205,13 +206,13 @@ class DDIMPolicy:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def action_std(self) -> torch.Tensor:
         """Std sigma_t of each trained transition, (T,)."""
         return self._coefs.sigma.clone()
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Text-encoder states, tokenised exactly as StableDiffusionPipeline.encode_prompt does."""
         return self._text.encode(prompts, self.device)
 
@@ -228,29 +229,29 @@ class DDIMPolicy:
         would (guidance_scale > 1); when recomputing log-probs, only with `train_cfg` too."""
         return self.use_cfg and (self.train_cfg or not training)
 
-    def unet_inputs(
+    def denoiser_inputs(
         self,
         latents: torch.Tensor,
         step_index: torch.Tensor | int,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
         training: bool,
-    ) -> UNetInputs:
+    ) -> DenoiserInputs:
         """(x, t, kwargs) of the UNet call at step k. With guidance, one doubled batch: the empty
         prompt's half first, as diffusers orders it."""
         device = latents.device
         step = _sd.step_indices(step_index, latents.shape[0], device)
         t = self._tables(device)[1][step]
-        x = latents.to(prompt_embeds.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
+        x = latents.to(cond.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
         if not self._guided(training):
-            return x, t, self._text.unet_kwargs(prompt_embeds)
-        return self._cfg.doubled(x, t, prompt_embeds)
+            return x, t, self._text.unet_kwargs(cond)
+        return self._cfg.doubled(x, t, cond)
 
     def _eps(
-        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
+        self, x_t: torch.Tensor, step_index: torch.Tensor, cond: Conditioning, training: bool
     ) -> torch.Tensor:
-        """eps_theta(x_t, t_k) in float32, guided as `unet_inputs` decides: eps_u + g * (eps_c - eps_u)."""
-        x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
-        eps = self.unet(x, t, **kwargs).sample.float()
+        """eps_theta(x_t, t_k) in float32, guided as `denoiser_inputs` decides: eps_u + g * (eps_c - eps_u)."""
+        x, t, kwargs = self.denoiser_inputs(x_t, step_index, cond, training)
+        eps = self.denoiser(x, t, **kwargs).sample.float()
         return self._cfg.combine(eps) if self._guided(training) else eps
 
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -258,20 +259,20 @@ class DDIMPolicy:
         one gather on the device, no host round trip."""
         return self._tables(device)[0][:, step_index.to(device)].view(5, -1, 1, 1, 1)
 
-    def _rollout(self, embeds: torch.Tensor, generator: Generators) -> Iterator[_DDIMStep]:
+    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_DDIMStep]:
         """The H steps of one rollout, lazily. Random draws follow StableDiffusionPipeline +
         DDIMScheduler.step(eta, generator): x_T first, then one latent-shaped normal per step, all
         from `generator` in the pipeline's dtype, so the same seed gives the pipeline's image. The
         state is kept in float32 whatever the model dtype, so the recorded actions are exact."""
-        batch, device = embeds.shape[0], self.device
+        batch, device = len(cond), self.device
         shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
-        x = _sd.initial_latents(shape, generator, device, embeds.dtype, self.init_noise_sigma)
+        x = _sd.initial_latents(shape, generator, device, cond.dtype, self.init_noise_sigma)
         for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
             sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step, device)
-            eps = self._eps(x, step, embeds, training=False)
+            eps = self._eps(x, step, cond, training=False)
             mean = ddim_mean(eps, x, sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction)
-            x_prev = mean + sigma * _sd.step_noise(shape, generator, device, embeds.dtype)  # the action
+            x_prev = mean + sigma * _sd.step_noise(shape, generator, device, cond.dtype)  # the action
             yield _DDIMStep(x, x_prev, mean, sigma, (x - sqrt_1m_abar * eps) / sqrt_abar)
             x = x_prev
 
@@ -279,19 +280,20 @@ class DDIMPolicy:
     def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
         """Roll out H DDIM steps for a batch of prompts; records all H transitions. The image decodes
         the last action itself."""
-        embeds = self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts)
         transitions = [
             (step.x, step.x_prev, gaussian_log_prob(step.x_prev, step.mean, step.sigma))
-            for step in self._rollout(embeds, generator)
+            for step in self._rollout(cond, generator)
         ]
-        return Trajectory.from_steps(prompts, embeds, transitions, self.decode(transitions[-1][1]))
+        final = transitions[-1][1]
+        return Trajectory.from_steps(prompts, cond, transitions, final, self.decode(final))
 
     @torch.no_grad()
     def estimates(self, prompts: list[str], generator: Generators) -> Iterator[torch.Tensor]:
         """After each DDIM step, that step's predicted x0_hat; after the last step, the final sample
         itself (what `sample` decodes)."""
-        embeds = self.encode_prompts(prompts)
-        for k, step in enumerate(self._rollout(embeds, generator)):
+        cond = self.encode_prompts(prompts)
+        for k, step in enumerate(self._rollout(cond, generator)):
             yield step.x_prev if k == self.num_steps - 1 else step.x0_hat
 
     def log_prob(
@@ -299,23 +301,23 @@ class DDIMPolicy:
         latents: torch.Tensor,
         next_latents: torch.Tensor,
         step_index: torch.Tensor,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
     ) -> torch.Tensor:
         """log pi_theta(next | latents) at per-sample step indices (B,), with grad; (B,) float32.
 
         CFG (one doubled batch) is applied when sampling used it and `train_cfg` is set.
         """
-        mean, sigma = self.action_mean_std(latents, step_index, prompt_embeds)
+        mean, sigma = self.action_mean_std(latents, step_index, cond)
         return gaussian_log_prob(next_latents, mean, sigma)
 
     def action_mean_std(
-        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+        self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian action's mean (the DDIM update, with grad, guided as `log_prob` is) and its
         fixed std eta * sigma_t (the KL to the base model compares two such means)."""
         step_index = step_index.to(device=latents.device, dtype=torch.long)
         sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step_index, latents.device)
-        eps = self._eps(latents, step_index, prompt_embeds, training=True)
+        eps = self._eps(latents, step_index, cond, training=True)
         return ddim_mean(eps, latents.float(), sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction), sigma
 
 

@@ -28,7 +28,8 @@ from diffusers import LCMScheduler
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies import _sd
-from rlcm_exp.policies.base import Generators, UNetInputs
+from rlcm_exp.policies.base import DenoiserInputs, Generators
+from rlcm_exp.policies.conditioning import Conditioning
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 
@@ -149,7 +150,7 @@ class LCMPolicy:
                 f"clip_sample={cfg.clip_sample})"
             )
         embedding_dim = _guidance_embedding_dim(unet, guidance_scale)
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.noisy_final_step = noisy_final_step
@@ -199,13 +200,13 @@ class LCMPolicy:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def action_std(self) -> torch.Tensor:
         """Std of each trained transition, (T,)."""
         return self._table_cpu[5, : self.num_transitions].clone()
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self._text.encode(prompts, self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -239,13 +240,13 @@ class LCMPolicy:
             cached = self._timesteps[device] = self.timesteps.to(device)
         return cached
 
-    def unet_inputs(
+    def denoiser_inputs(
         self,
         latents: torch.Tensor,
         step_index: torch.Tensor | int,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
         training: bool,
-    ) -> UNetInputs:
+    ) -> DenoiserInputs:
         """(x, t, kwargs) of the UNet call at step k. A guidance-distilled LCM gets the guidance as
         `timestep_cond` (no batch doubling); a UNet without that embedding gets one doubled batch when
         guidance_scale > 1. Sampling and training (`training` is ignored) make the same call."""
@@ -253,16 +254,16 @@ class LCMPolicy:
         step = _sd.step_indices(step_index, batch, device)
         t = self._timesteps_on(device)[step]
         # the UNet runs in the text encoder's dtype; the state itself stays float32 (see `_mean`)
-        x = latents.to(prompt_embeds.dtype)
+        x = latents.to(cond.dtype)
         if self.time_cond_proj_dim is None:
             if self._cfg.enabled:
-                return self._cfg.doubled(x, t, prompt_embeds)
-            return x, t, self._text.unet_kwargs(prompt_embeds)
-        w_emb = self._w_embedding(batch, prompt_embeds.dtype, device)
-        return x, t, {**self._text.unet_kwargs(prompt_embeds), "timestep_cond": w_emb}
+                return self._cfg.doubled(x, t, cond)
+            return x, t, self._text.unet_kwargs(cond)
+        w_emb = self._w_embedding(batch, cond.dtype, device)
+        return x, t, {**self._text.unet_kwargs(cond), "timestep_cond": w_emb}
 
     def _mean(
-        self, x_t: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, training: bool
+        self, x_t: torch.Tensor, step_index: torch.Tensor, cond: Conditioning, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Policy mean sqrt(abar_next) * f_theta(x_t, t), the denoised estimate f_theta, and the std.
 
@@ -270,27 +271,27 @@ class LCMPolicy:
         and recomputed log-probs see the same numbers under fp16/bf16.
         """
         c = self._consts(step_index, x_t.device)
-        x, t, kwargs = self.unet_inputs(x_t, step_index, prompt_embeds, training)
-        eps = self.unet(x, t, **kwargs).sample.float()
+        x, t, kwargs = self.denoiser_inputs(x_t, step_index, cond, training)
+        eps = self.denoiser(x, t, **kwargs).sample.float()
         if self._cfg.enabled:
             eps = self._cfg.combine(eps)
         denoised = lcm_denoise(eps, x_t, c[0], c[1], c[2], c[3])
         # 3. mean of the action: sqrt(abar_next) * denoised  (std sqrt(1 - abar_next) is fixed)
         return c[4] * denoised, denoised, c[5]
 
-    def _rollout(self, embeds: torch.Tensor, generator: Generators) -> Iterator[_LCMStep]:
+    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_LCMStep]:
         """The H steps of one rollout, lazily. Random draws as LatentConsistencyModelPipeline makes
         them: x_T, then one latent-shaped normal per noised transition, all from `generator`."""
-        batch, device = embeds.shape[0], self.device
+        batch, device = len(cond), self.device
         shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
-        x = _sd.initial_latents(shape, generator, device, embeds.dtype, self.init_noise_sigma)
+        x = _sd.initial_latents(shape, generator, device, cond.dtype, self.init_noise_sigma)
         for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
-            mean, denoised, std = self._mean(x, step, embeds, training=False)
+            mean, denoised, std = self._mean(x, step, cond, training=False)
             if k == self.num_steps - 1 and not self.noisy_final_step:
                 yield _LCMStep(x, None, mean, std, denoised)  # deterministic final call
                 return
-            x_next = mean + std * _sd.step_noise(shape, generator, device, embeds.dtype)  # the action
+            x_next = mean + std * _sd.step_noise(shape, generator, device, cond.dtype)  # the action
             yield _LCMStep(x, x_next, mean, std, denoised)
             x = x_next
 
@@ -298,21 +299,21 @@ class LCMPolicy:
     def sample(self, prompts: list[str], generator: Generators) -> Trajectory:
         """Roll out H steps for a batch of prompts; records every trained transition. The image
         decodes the last call's denoised estimate."""
-        embeds = self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts)
         transitions, final = [], None
-        for step in self._rollout(embeds, generator):
+        for step in self._rollout(cond, generator):
             if step.x_next is not None:
                 transitions.append((step.x, step.x_next, gaussian_log_prob(step.x_next, step.mean, step.std)))
             final = step.denoised
         assert final is not None
-        return Trajectory.from_steps(prompts, embeds, transitions, self.decode(final))
+        return Trajectory.from_steps(prompts, cond, transitions, final, self.decode(final))
 
     @torch.no_grad()
     def estimates(self, prompts: list[str], generator: Generators) -> Iterator[torch.Tensor]:
         """After each UNet call, the LCM's current estimate of the clean latent: that call's `denoised`
         (the last one is what `sample` decodes)."""
-        embeds = self.encode_prompts(prompts)
-        for step in self._rollout(embeds, generator):
+        cond = self.encode_prompts(prompts)
+        for step in self._rollout(cond, generator):
             yield step.denoised
 
     def log_prob(
@@ -320,18 +321,18 @@ class LCMPolicy:
         latents: torch.Tensor,
         next_latents: torch.Tensor,
         step_index: torch.Tensor,
-        prompt_embeds: torch.Tensor,
+        cond: Conditioning,
     ) -> torch.Tensor:
         """log pi_theta(next | latents) at per-sample transition indices (B,), with grad; (B,) float32."""
-        mean, std = self.action_mean_std(latents, step_index, prompt_embeds)
+        mean, std = self.action_mean_std(latents, step_index, cond)
         return gaussian_log_prob(next_latents, mean, std)
 
     def action_mean_std(
-        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+        self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian action's mean sqrt(abar_next) * f_theta (with grad) and its fixed std, as
         `log_prob` scores them (the KL to the base model compares two such means)."""
-        mean, _, std = self._mean(latents.float(), step_index, prompt_embeds, training=True)
+        mean, _, std = self._mean(latents.float(), step_index, cond, training=True)
         return mean, std
 
 

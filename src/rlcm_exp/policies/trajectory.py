@@ -6,16 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+from rlcm_exp.policies.conditioning import Conditioning
+
 
 @dataclass
 class Trajectory:
     prompts: list[str]
-    prompt_embeds: (
-        torch.Tensor
-    )  # (B, L, D) text-encoder states the UNet saw (conditional only); SDXL: (B, L + 1, D), pooled last
+    conditioning: Conditioning  # what the denoiser saw (conditional only), one row per sample
     latents: torch.Tensor  # (B, T, C, h, w) state x before each trained transition
     next_latents: torch.Tensor  # (B, T, C, h, w) the action: x after each trained transition
     log_probs: torch.Tensor  # (B, T) float32 log pi_old(next | latents), element-averaged
+    # (B, C, h, w) float32 the final clean latent, what `images` decodes (LCM: the last call's denoised
+    # estimate; DDIM: the last action): what updates that train on the outcome rather than on
+    # recorded transitions (DiffusionNFT, AWM, Diffusion-DPO) need
+    final_latents: torch.Tensor
     images: torch.Tensor  # (B, 3, H, W) float32 decoded final images in [0, 1]
 
     def __len__(self) -> int:
@@ -24,18 +28,20 @@ class Trajectory:
     @staticmethod
     def from_steps(
         prompts: list[str],
-        prompt_embeds: torch.Tensor,
+        conditioning: Conditioning,
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        final_latents: torch.Tensor,
         images: torch.Tensor,
     ) -> Trajectory:
         """A rollout from its trained transitions in order, each (state, action, log-prob)."""
         latents, next_latents, log_probs = zip(*steps, strict=True)
         return Trajectory(
             prompts=list(prompts),
-            prompt_embeds=prompt_embeds,
+            conditioning=conditioning,
             latents=torch.stack(latents, dim=1),
             next_latents=torch.stack(next_latents, dim=1),
             log_probs=torch.stack(log_probs, dim=1),
+            final_latents=final_latents,
             images=images,
         )
 
@@ -43,9 +49,10 @@ class Trajectory:
     def cat(parts: list[Trajectory]) -> Trajectory:
         return Trajectory(
             prompts=[p for t in parts for p in t.prompts],
-            prompt_embeds=torch.cat([t.prompt_embeds for t in parts]),
+            conditioning=Conditioning.cat([t.conditioning for t in parts]),
             latents=torch.cat([t.latents for t in parts]),
             next_latents=torch.cat([t.next_latents for t in parts]),
             log_probs=torch.cat([t.log_probs for t in parts]),
+            final_latents=torch.cat([t.final_latents for t in parts]),
             images=torch.cat([t.images for t in parts]),
         )

@@ -8,7 +8,6 @@ fixed-seed runs reproducible (the LoRA init draws from a freshly seeded RNG, aft
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,29 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.family import check_resolution
+from rlcm_exp.policies.build import build_policy
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.provenance import git_commit
 from rlcm_exp.rewards.base import build_reward
 from rlcm_exp.secrets import redact, redact_run_dir
-from rlcm_exp.tracking import NullLogger
+from rlcm_exp.tracking import Logger, NullLogger
 from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
-from rlcm_exp.training.settings import AlgoSettings
+from rlcm_exp.training.settings import AlgoSettings, TrainSettings
 from rlcm_exp.training.trainer import Trainer
+from rlcm_exp.training.update import Optimization
 from rlcm_exp.validation import check_before_loading, locate
-
-
-def build_policy(
-    cfg: DictConfig, device: torch.device | str, family: Any = None, **sampler_overrides: Any
-) -> Any:
-    """Model family (built from cfg.model unless given: evaluation shares one across step counts)
-    -> the sampler-as-policy over the member it drives (no LoRA attached)."""
-    family = instantiate(cfg.model) if family is None else family
-    # objects go in through a partial: instantiate() would turn a dataclass keyword argument into a
-    # config node. _partial_ is also in the sampler configs, but configs saved by older runs lack it
-    return instantiate(cfg.sampler, _partial_=True, **sampler_overrides)(family=family, device=device)
 
 
 def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> BatchPlan:
@@ -87,61 +77,59 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback] = ()
+    cfg: DictConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    callbacks: Sequence[Callback] = (),
+    logger: Logger | None = None,
 ) -> Trainer:
-    """model -> policy -> LoRA -> memory options -> batch plan -> reward, prompts, optimizer, schedule."""
+    """model -> policy -> LoRA -> memory options -> batch plan -> reward, prompts, optimizer, schedule.
+    `logger` is built by the caller (not started: `train` starts it once a resume has named its run)."""
     set_seed(cfg.seed, device_specific=True)  # seed + process index
     policy = build_policy(cfg, accelerator.device)
     set_seed(cfg.seed, device_specific=True)  # LoRA init must not depend on what loading drew before it
     algo: AlgoSettings = instantiate(cfg.algo)
-    params = algo.lora.attach(policy.unet)
+    params = algo.lora.attach(policy.denoiser)
     instantiate(cfg.memory).apply(policy)
     plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
     reward_fn = build_reward(cfg.reward, accelerator.device)
     prompts = instantiate(cfg.task.prompts)
     optimizer = instantiate(cfg.optimizer)(params)
-    settings = instantiate(cfg.train)
+    settings: TrainSettings = instantiate(cfg.train)
     lr_scheduler = algo.lr_schedule(optimizer, settings.epochs * plan.optimizer_steps_per_epoch)
     ema = EMA(params, settings.ema_decay) if settings.ema_decay is not None else None
     gold = cfg.get("gold_reward")
-    policy.unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    policy.denoiser, optimizer = accelerator.prepare(policy.denoiser, optimizer)
+    optimization = Optimization(accelerator, optimizer, lr_scheduler, params, settings.max_grad_norm, ema)
     return Trainer(
         policy=policy,
+        algo=algo,
         reward_fn=reward_fn,
         prompts=prompts,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        params=params,
-        tracker=algo.stat_tracker,
+        optimization=optimization,
         plan=plan,
         settings=settings,
-        ppo=algo.ppo,
         accelerator=accelerator,
         run_dir=run_dir,
         seed=cfg.seed,
-        logger=NullLogger(),
+        logger=NullLogger() if logger is None else logger,
         eval_prompts=instantiate(cfg.task.eval_prompts),
         callbacks=callbacks,
-        group_size=algo.group_size,
-        advantage_fn=algo.advantage,
-        loss_fn=algo.loss,
-        kl_coef=algo.kl_coef,
-        ema=ema,
         gold_reward_fn=build_reward(gold, accelerator.device) if gold is not None else None,
     )
 
 
+def build_logger(cfg: DictConfig, accelerator: Accelerator) -> Logger:
+    """The tracker (logger=wandb | none) on the main process, a NullLogger on the others; not started."""
+    logger: Logger = instantiate(cfg.logger) if accelerator.is_main_process else NullLogger()
+    return logger
+
+
 def start_logger(cfg: DictConfig, trainer: Trainer) -> None:
-    """The tracker (wandb or none) on the main process; a resumed run continues its wandb run."""
-    if trainer.logger_run_id:
-        os.environ.setdefault("WANDB_RUN_ID", trainer.logger_run_id)
-        os.environ.setdefault("WANDB_RESUME", "allow")
-    logger = instantiate(cfg.logger) if trainer.accelerator.is_main_process else NullLogger()
-    logger.start(
-        trainer.run_dir, resolved_config(cfg) | {"batch_plan": trainer.plan.as_dict()}, trainer.run_dir.name
-    )
-    trainer.logger = logger
-    trainer.logger_run_id = getattr(getattr(logger, "run", None), "id", None)
+    """Start the trainer's tracker; a resumed run continues its tracker run (the id its checkpoint holds)."""
+    config = resolved_config(cfg) | {"batch_plan": trainer.plan.as_dict()}
+    trainer.logger.start(trainer.run_dir, config, trainer.run_dir.name, resume_id=trainer.logger_run_id)
+    trainer.logger_run_id = trainer.logger.run_id
 
 
 def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
@@ -160,7 +148,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)
     if accelerator.is_main_process:
         redact_run_dir(run_dir)  # Hydra's own copies hold the secrets until then, even if the build fails
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_logger(cfg, accelerator))
     if accelerator.is_main_process:  # only once everything is built: a failed start writes nothing here
         record_run(cfg, run_dir)
     resumed = trainer.restore(candidates, fall_back=cfg.resume == "auto")
@@ -173,10 +161,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
         print(trainer.plan.describe())
         print(f"trainable LoRA parameters: {sum(p.numel() for p in trainer.params):,}; run dir: {run_dir}")
         (run_dir / "batch_plan.json").write_text(json.dumps(trainer.plan.as_dict(), indent=1))
-    records = trainer.fit()
-    if accelerator.is_main_process and records:
-        print_summary(trainer)
-    return records
+    return trainer.fit()
 
 
 def record_run(cfg: DictConfig, run_dir: Path) -> None:
@@ -192,13 +177,3 @@ def record_run(cfg: DictConfig, run_dir: Path) -> None:
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers, every secret-looking value redacted."""
     return redact(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[no-any-return]
-
-
-def print_summary(trainer: Trainer) -> None:
-    """The run's figures and its before -> after line."""
-    from rlcm_exp.analysis.summary import write_summary
-
-    run_dir, images = trainer.run_dir, trainer.eval_images
-    print(write_summary(run_dir, images.get("first"), images.get("last")))
-    after = f", {run_dir / 'before_after.png'} (top: before, bottom: after)" if len(images) else ""
-    print(f"plots: {run_dir / 'reward_vs_time.png'}" + after)

@@ -22,6 +22,10 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
         """After epoch `epoch`'s record is written to metrics.jsonl (evaluation included)."""
 
+    def on_evaluation(self, trainer: Trainer, epochs_done: int, result: dict[str, Any]) -> None:
+        """After a held-out evaluation on the main process (`evaluate_policy`'s result: its numbers,
+        per-prompt means and grid images), `epochs_done` epochs into the run (0: the base model)."""
+
     def on_checkpoint(self, trainer: Trainer, folder: Path, seconds: float) -> None:
         """After a checkpoint (or the final LoRA, checkpoints/final) was written, taking `seconds`."""
 

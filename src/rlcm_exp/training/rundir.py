@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlcm_exp.configs import load_saved_config
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.secrets import REDACTED
 from rlcm_exp.tracking import MetricsFile
@@ -44,7 +45,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         )
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
-        differing = config_differences(OmegaConf.load(saved_path), cfg)
+        saved = load_saved_config(saved_path)
+        differing = config_differences(saved if saved is not None else OmegaConf.create(), cfg)
         if differing:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differing[:8])
             raise ConfigError(

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from rlcm_exp.models.lora import LoraSettings
+from rlcm_exp.policies.base import Policy
 from rlcm_exp.rl.objective import Loss, PPOLoss
 from rlcm_exp.rl.ppo import PPOSettings
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker, per_prompt_advantages
+from rlcm_exp.training.update import PolicyGradientUpdate, Update
 
 LRScheduleBuilder = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 
@@ -70,24 +72,27 @@ class AlgoSettings:
     advantage: Callable[..., Any] = per_prompt_advantages
     loss: Loss = field(default_factory=PPOLoss)  # the per-UNet-call policy loss (rl/objective.py)
     kl_coef: float = 0.0  # weight of the per-transition KL to the base model in the loss (0: none, the paper)
+    # the algorithm's second half: (context, epoch, trajectories, advantages) -> metrics (training/update.py)
+    update: Update = field(default_factory=PolicyGradientUpdate)
 
 
 @dataclass
 class MemorySettings:
-    """Speed/memory switches on the policy's UNet; each is off by default and changes no result."""
+    """Speed/memory switches on the policy's denoiser; each is off by default and changes no result."""
 
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile_unet: bool = False
 
-    def apply(self, policy: Any) -> None:
+    def apply(self, policy: Policy) -> None:
         if self.gradient_checkpointing:
-            policy.unet.enable_gradient_checkpointing()
-            policy.unet.train()  # diffusers only checkpoints in training mode; the UNet has no dropout to switch on
+            policy.denoiser.enable_gradient_checkpointing()
+            # diffusers only checkpoints in training mode; the denoiser has no dropout to switch on
+            policy.denoiser.train()
         if self.channels_last:
-            policy.unet.to(memory_format=torch.channels_last)
+            policy.denoiser.to(memory_format=torch.channels_last)
         if self.compile_unet:
-            policy.unet = torch.compile(policy.unet)
+            policy.denoiser = torch.compile(policy.denoiser)
 
 
 def linear_lr(

@@ -1,4 +1,5 @@
-"""Reward: the toy world's detector score (does the image show what its caption says?)."""
+"""Reward: the toy world's detector score (does the image show what its caption says?). Part of the
+toy plug-in: conf/reward/toy_detector.yaml names it; the library's rewards never import the toy world."""
 
 from __future__ import annotations
 
