@@ -8,7 +8,7 @@ serving POST /v1/chat/completions on 127.0.0.1 with deterministic answers:
 - with logprobs requested: the answer token "Yes" or "No", and its top alternatives
   "Yes" (0.6 p), " yes" (0.3 p), "No" (0.9 (1 - p)), "maybe" (0.1): so P(yes) / (P(yes) + P(no)) = p;
 - otherwise (a rubric question) the text "Score: N" with N = round(1 + 9 p), or `text` if set;
-- `delay_s` sleeps before answering; `logprobs=False` answers without logprobs even when asked.
+- `delay_s` sleeps before answering (`max_in_flight` counts the requests held at once); `logprobs=False` answers without logprobs even when asked.
 
 Every accepted request is recorded in `requests` (its JSON body, question and Authorization header).
 """
@@ -38,6 +38,9 @@ class Behaviour:
     logprobs: bool = True
     text: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most requests the server held at once
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _parse(body: dict[str, Any]) -> tuple[np.ndarray, str]:
@@ -116,10 +119,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             result = answer(behaviour, body)
         except (ValueError, KeyError, OSError) as err:
             return self._send(400, {"error": {"message": f"bad request: {err}"}})
-        behaviour.requests.append({"body": body, "question": _parse(body)[1], "authorization": auth})
-        if behaviour.delay_s:
+        with behaviour.lock:
+            behaviour.requests.append({"body": body, "question": _parse(body)[1], "authorization": auth})
+            behaviour.in_flight += 1
+            behaviour.max_in_flight = max(behaviour.max_in_flight, behaviour.in_flight)
+        try:
             time.sleep(behaviour.delay_s)
-        self._send(200, result)
+            self._send(200, result)
+        finally:
+            with behaviour.lock:
+                behaviour.in_flight -= 1
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -118,6 +118,15 @@ def test_rubric_reads_the_number_and_maps_it_to_0_1_with_the_key_from_a_file(url
     assert all(r["question"].startswith("On a scale from 1 to 10, how well") for r in behaviour.requests)
 
 
+def test_at_most_max_concurrency_requests_are_in_flight_and_scores_keep_their_order(url, behaviour):
+    behaviour.delay_s = 0.1
+    x = images().repeat(2, 1, 1, 1)
+    prompts = PROMPTS + ["a blue circle", "a red star", "a blue star"]
+    scores = judge(url, "reward.max_concurrency=2", "reward.timeout_s=5")(x, prompts)
+    torch.testing.assert_close(scores.double(), expected_p(x, prompts), atol=1e-6, rtol=0)
+    assert len(behaviour.requests) == 6 and behaviour.max_in_flight == 2
+
+
 # ----------------------------------------------------------------------------- failures
 
 

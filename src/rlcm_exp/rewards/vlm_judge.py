@@ -225,8 +225,8 @@ class VlmJudge:
 def _map_bounded(
     fn: Callable[[np.ndarray, str], float], items: list[tuple[np.ndarray, str]], workers: int
 ) -> list[float]:
-    """fn over items with at most `workers` calls at a time, in order; the first failure cancels the
-    calls not yet started and is raised."""
+    """fn over items with at most `workers` calls at a time; the results in the items' order. A failure
+    cancels the calls not yet started and is raised (the first in the items' order)."""
     if not items:
         return []
     pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="vlm_judge")
