@@ -14,7 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 # command (what follows `python -m`) -> what its help must name: its main options
 COMMANDS = {
-    "rlcm_exp": ["resume", "epochs", "sampler:", "model:", "Override anything"],
+    "rlcm_exp": [
+        "resume",
+        "epochs",
+        "sampler:",
+        "model:",
+        "Override anything",
+        # the layers applied without a GROUP= on the command line (conf/config.yaml's defaults list)
+        "Applied automatically",
+        "conf/paper/ALGO_TASK.yaml",
+        "~paper",
+        "conf/model_defaults/MODEL.yaml",
+        "~model_defaults",
+        "--info defaults-tree",
+    ],
     "rlcm_exp.sample": ["usage: python -m rlcm_exp.sample", "prompts", "out", "overwrite", "checkpoint"],
     "rlcm_exp.evaluate": ["checkpoint", "steps", "budgets", "budget_points"],
     "rlcm_exp.export": ["usage: python -m rlcm_exp.export", "--format", "--out", "--overwrite"],

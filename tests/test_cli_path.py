@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from rlcm_exp.__main__ import created_by_this_command, note_preexisting_dirs, remove_if_unstarted
-from rlcm_exp.configs import compose, conf_dir
+from rlcm_exp.configs import compose, conf_dir, is_building_block
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.heldout import seeded_generators
 from rlcm_exp.evaluation.runs import load_lora, load_run_config
@@ -213,13 +213,16 @@ HIDDEN = ("paper:", "model_defaults", "reproduce:", "hydra/help", "hydra/job_log
 def listed_groups(help_text: str) -> dict[str, set[str]]:
     """GROUP -> options of the help's '== Groups ==' section ("GROUP=  a, b, c"; descriptions indented)."""
     section = help_text.split("== Groups (GROUP=OPTION) ==")[1].split("== Config ==")[0]
+    section = section.split("== Applied automatically")[0]  # the automatic layers are no GROUP= options
     found = (re.match(r"^(\S+)=  (.*)$", line) for line in section.splitlines())
     return {m.group(1): {o.strip() for o in m.group(2).split(",")} for m in found if m}
 
 
 def shipped_options(group: str) -> set[str]:
     root = conf_dir() / group
-    return {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")}
+    return {
+        str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not is_building_block(p)
+    }
 
 
 @pytest.mark.parametrize(
@@ -254,7 +257,8 @@ def test_help_lists_only_the_groups_that_apply_and_all_their_options(
         assert options == shipped_options(group), (
             f"{module} --help, {group}: {options ^ shipped_options(group)}"
         )
-    assert not [word for word in HIDDEN if word in proc.stdout.split("== Config ==")[0]]
+    groups = proc.stdout.split("== Config ==")[0].split("== Applied automatically")[0]
+    assert not [word for word in HIDDEN if word in groups]
 
 
 def test_a_typo_in_a_target_is_one_line_naming_the_key(tmp_path: Path) -> None:

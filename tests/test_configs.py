@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_method
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from rlcm_exp.configs import is_building_block
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["algo", "model", "sampler", "task", "reward", "optimizer", "logger", "experiment"]
@@ -16,7 +18,11 @@ RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
 def options(group: str) -> list[str]:
-    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+    """A group's options; building blocks (`_NAME_.yaml`, included by other options) are none."""
+    root = CONF / group
+    return sorted(
+        str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not is_building_block(p)
+    )
 
 
 def compose_with(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
@@ -90,6 +96,59 @@ def test_defaults_are_the_paper_rlcm_aesthetic_run() -> None:
     # one round of 32 (4 GPUs x 8) and one optimizer step on it, as the reference code ran it
     # (issue 17; was 320 with 10 steps on stale samples): tests/test_paper_configs.py holds the rest
     assert cfg.sampler.guidance_scale == 8.0 and cfg.algo.lora.rank == 8 and cfg.train.samples_per_epoch == 32
+
+
+@pytest.mark.parametrize("algo", options("algo"))
+def test_every_algo_holds_only_the_keys_it_reads(algo: str) -> None:
+    """conf/algo/_base_.yaml holds what every algorithm reads; the per-prompt tracker (_per_prompt_) and
+    the PPO clip (_ppo_) are only in the algorithms that read them (issue 27), and AlgoSettings still builds."""
+    cfg = compose_with([f"algo={algo}"])
+    per_prompt = cfg.algo.advantage._target_.endswith("per_prompt_advantages")
+    assert ("stat_tracker" in cfg.algo) == per_prompt
+    assert ("clip_range" in cfg.algo.ppo) == cfg.algo.loss._target_.endswith("PPOLoss")
+    settings = instantiate(cfg.algo)
+    assert settings.name == algo and settings.stat_tracker.state_dict() == {}
+
+
+NEW_ALGO = """# @package _global_
+# A new algorithm, as a user would add it: conf/algo/_base_ and the PPO loss, group advantages.
+defaults:
+  - _base_
+  - _ppo_
+  - _self_
+algo:
+  name: mine             # label
+  group_size: 2          # images per prompt
+  advantage:             # group-normalised advantages
+    _target_: rlcm_exp.rl.group.group_advantages
+    _partial_: true
+"""
+
+
+def test_model_toy_composes_with_a_new_algo_file_and_no_model_defaults_edit(tmp_path: Path) -> None:
+    """model=toy brings algorithm-agnostic settings (model_defaults/toy/_common_.yaml) plus optional
+    per-algorithm deltas (model_defaults/toy/ALGO.yaml): a new algo file needs no toy file (issue 27)."""
+    (tmp_path / "algo").mkdir()
+    (tmp_path / "algo" / "mine.yaml").write_text(NEW_ALGO)
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    assert not (CONF / "model_defaults" / "toy" / "mine.yaml").exists()
+    cfg = compose_with([searchpath, "algo=mine", "model=toy", "task=toy_compression"])
+    toy = OmegaConf.load(CONF / "model_defaults" / "toy" / "_common_.yaml")
+    assert cfg.algo.name == "mine" and cfg.algo.group_size == 2
+    assert OmegaConf.to_container(cfg.train)["samples_per_epoch"] == toy.train.samples_per_epoch
+    assert cfg.sampler.num_steps == toy.sampler.num_steps and cfg.optimizer.lr == toy.optimizer.lr
+    assert cfg.algo.lora.rank == toy.algo.lora.rank and cfg.algo.ppo.clip_range == toy.algo.ppo.clip_range
+    assert "stat_tracker" not in cfg.algo  # the toy tracker sizes come only with a per-prompt algorithm
+    assert_targets_bind(cfg)
+    instantiate(cfg.algo)
+
+
+def test_the_automatic_layers_are_the_interpolated_defaults() -> None:
+    """What --help names as applied automatically is read from conf/config.yaml's defaults list."""
+    from rlcm_exp.configs import automatic_layers
+
+    layers = {group: pattern for group, pattern, _ in automatic_layers()}
+    assert layers == {"paper": "${algo}_${task}", "model_defaults": "${model}"}
 
 
 @pytest.mark.parametrize("launcher", [p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")])

@@ -63,19 +63,64 @@ def check_output_dirs(overrides: Sequence[str]) -> None:
             created.rmdir()
 
 
-def group_options(group: str) -> str:
-    """The options of a config group, comma-separated (subfolders as `toy/rlcm_compression`): what the
-    help templates in conf/hydra/help/ list, read from the folder so that they never drift from it."""
+def is_building_block(path: Path) -> bool:
+    """A config that other configs of its group include (conf/algo/_base_.yaml, _ppo_, ...), named
+    `_NAME_`: not an option a user picks."""
+    return path.stem.startswith("_") and path.stem.endswith("_")
+
+
+def group_option_list(group: str) -> list[str]:
+    """The options of a config group (subfolders as `toy/rlcm_compression`), building blocks left out."""
     root = conf_dir() / group
-    return ", ".join(sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")))
+    return sorted(
+        str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not is_building_block(p)
+    )
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, comma-separated: what the help templates in conf/hydra/help/
+    list, read from the folder so that they never drift from it."""
+    return ", ".join(group_option_list(group))
+
+
+def automatic_layers(config_name: str = "config") -> list[tuple[str, str, list[str]]]:
+    """The layers a command applies without a GROUP= on its command line: the entries of the
+    config's defaults list whose option is an interpolation (`optional paper: ${algo}_${task}`), as
+    (group, the option's pattern, the options shipped), read from the config so that they never drift."""
+    from omegaconf import OmegaConf
+
+    layers = []
+    config = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{config_name}.yaml"), resolve=False)
+    for entry in config.get("defaults", []):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            continue
+        ((key, value),) = entry.items()
+        group = str(key).removeprefix("optional ").strip()
+        if isinstance(value, str) and "${" in value:
+            files = (conf_dir() / group).glob("*.yaml")  # the layer's own files, not what they include
+            layers.append((group, value, sorted(p.stem for p in files if not is_building_block(p))))
+    return layers
+
+
+def describe_automatic_layers(config_name: str = "config") -> str:
+    """The help text's lines for automatic_layers: `GROUP/PATTERN  (options: ...)`, one per layer."""
+    lines = []
+    for group, pattern, shipped in automatic_layers(config_name):
+        name = pattern.replace("${", "").replace("}", "").upper()
+        lines.append(f"conf/{group}/{name}.yaml  if it exists (leave it out: ~{group})")
+        lines.append(f"    shipped: {', '.join(shipped)}")
+    return "\n".join(lines)
 
 
 def register_help_resolver() -> None:
-    """`${rlcm_options:GROUP}` in the help templates (each command registers it before Hydra runs)."""
+    """`${rlcm_options:GROUP}` and `${rlcm_automatic_layers:}` in the help templates (each command
+    registers them before Hydra runs)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("rlcm_options"):
         OmegaConf.register_new_resolver("rlcm_options", group_options)
+    if not OmegaConf.has_resolver("rlcm_automatic_layers"):
+        OmegaConf.register_new_resolver("rlcm_automatic_layers", lambda: describe_automatic_layers())
 
 
 def load_saved_config(path: Path) -> DictConfig | None:

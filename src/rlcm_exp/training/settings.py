@@ -64,7 +64,10 @@ class AlgoSettings:
     lr_schedule: LRScheduleBuilder  # (optimizer, total optimizer steps) -> LR scheduler
     ppo: PPOSettings
     lora: LoraSettings
-    stat_tracker: PerPromptStatTracker  # per-prompt advantage normaliser (fresh per run)
+    # per-prompt advantage normaliser (fresh per run), read by per_prompt_advantages only: algorithms
+    # with group advantages (grpo, rebel) leave it out of their config and get this unused, empty one
+    # (checkpointed all the same)
+    stat_tracker: PerPromptStatTracker = field(default_factory=lambda: PerPromptStatTracker(16, 16))
     timestep_fraction: float = 1.0  # fraction of each trajectory's transitions trained per inner epoch
     timestep_window: float = 1.0  # trained transitions come from the first ceil(T * this)
     group_size: int = 1  # k images per prompt per round, each with its own noise (1: a prompt per image)
