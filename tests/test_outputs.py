@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from rlcm_exp.analysis.summary import load_eval_images
+from rlcm_exp.analysis.summary import RunSummary, load_eval_images
 from rlcm_exp.compare import main as compare
 from rlcm_exp.configs import compose
 from rlcm_exp.tracking import read_metrics
@@ -125,7 +125,7 @@ TINY = [*SMALL, "train.samples_per_epoch=8", "train.samples_per_step=8"]
 def test_heldout_before_and_after_by_default_and_after_a_resume(tiny_cache, tmp_path) -> None:
     run = tmp_path / "run"
     first = Recorder()
-    train(compose("config", [*TINY, "train.epochs=2"]), run, callbacks=[first])
+    train(compose("config", [*TINY, "train.epochs=2"]), run, callbacks=[first, RunSummary()])
     evals = read_metrics(run / "eval.jsonl")
     assert [e["epochs_done"] for e in evals] == [0, 2]  # train.eval_every defaults to train.epochs
     # the score before training reaches the tracker as a number; the eval images too
@@ -143,9 +143,9 @@ def test_heldout_before_and_after_by_default_and_after_a_resume(tiny_cache, tmp_
     assert saved["prompts"][:4] == ["bike", "fridge", "waterfall", "tractor"]  # distinct prompts first
     assert (run / "eval" / "epoch_0002.png").is_file()
 
-    resumed = Recorder()
-    train(compose("config", [*TINY, "train.epochs=3", "resume=auto"]), run, callbacks=[resumed])
-    grid = resumed.trainer.eval_images
+    summary = RunSummary()  # what the commands attach: the run's grids and its summary figures
+    train(compose("config", [*TINY, "train.epochs=3", "resume=auto"]), run, callbacks=[Recorder(), summary])
+    grid = summary.images
     assert grid["first"]["epochs_done"] == 0 and grid["last"]["epochs_done"] == 3
     torch.testing.assert_close(grid["first"]["images"], saved["images"])  # the real "before"
     assert (grid["first"]["images"] - grid["last"]["images"]).abs().max() > 0

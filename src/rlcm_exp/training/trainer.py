@@ -79,7 +79,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         gold_reward_fn: RewardFn | None = None,
     ) -> None:
-        self.policy, self.algo, self.reward_fn = policy, algo, reward_fn
+        self.policy, self.algo, self.reward_fn, self.prompts = policy, algo, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
         self.optimization, self.plan, self.settings = optimization, plan, settings
         self.accelerator, self.run_dir, self.seed, self.logger = accelerator, run_dir, seed, logger
