@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlcm_exp import reproduce
-from rlcm_exp.analysis import plan
+from rlcm_exp.reproduction import plan
 from rlcm_exp.analysis.runs import find_runs, is_finished, seed_mean_curve, time_to_threshold
 from rlcm_exp.analysis.tables import threshold_markdown, threshold_table
 from rlcm_exp.configs import compose

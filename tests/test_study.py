@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from rlcm_exp import reproduce
-from rlcm_exp.analysis import study, study_report, study_stats
-from rlcm_exp.analysis.plan import Outcome
+from rlcm_exp.reproduction import study, study_report, study_stats
+from rlcm_exp.reproduction.plan import Outcome
 from rlcm_exp.analysis.runs import load_run
 from rlcm_exp.configs import compose
 from rlcm_exp.training.build import check_batches

@@ -16,10 +16,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from rlcm_exp.analysis.plan import FIGURES, load_scale, parse_figures, parse_thresholds, scale_names
-from rlcm_exp.analysis.reproduction import Request, reproduce
-from rlcm_exp.analysis.study import TUNE_SUFFIX, load_study, scale_is_study, study_names
-from rlcm_exp.analysis.study_reproduction import StudyRequest, run_study
+from rlcm_exp.reproduction.plan import FIGURES, load_scale, parse_figures, parse_thresholds, scale_names
+from rlcm_exp.reproduction.scale_run import Request, reproduce
+from rlcm_exp.reproduction.study import TUNE_SUFFIX, load_study, scale_is_study, study_names
+from rlcm_exp.reproduction.study_run import StudyRequest, run_study
 from rlcm_exp.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
 
 

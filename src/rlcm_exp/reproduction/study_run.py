@@ -1,5 +1,5 @@
 """Running a study (conf/study/<name>.yaml): the tuning stage and the final stage, each training run a
-subprocess (analysis.reproduction.run_all: finished runs are skipped, unfinished ones resumed)."""
+subprocess (pipeline.run_all: finished runs are skipped, unfinished ones resumed)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlcm_exp.analysis import study_report
-from rlcm_exp.analysis.plan import Outcome, RunSpec
-from rlcm_exp.analysis.reproduction import run_all
+from rlcm_exp.reproduction import study_report
+from rlcm_exp.reproduction.plan import Outcome, RunSpec
+from rlcm_exp.reproduction.scale_run import run_all
 from rlcm_exp.analysis.runs import find_runs
-from rlcm_exp.analysis.study import (
+from rlcm_exp.reproduction.study import (
     SLOWED,
     TUNE_SUFFIX,
     Study,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from rlcm_exp.analysis.figures import ALGO_COLORS, AXIS_LABELS, _pyplot, _save
-from rlcm_exp.analysis.study import ALGOS, PAPER, chosen_setting, final_name
-from rlcm_exp.analysis.study_stats import (
+from rlcm_exp.reproduction.study import ALGOS, PAPER, chosen_setting, final_name
+from rlcm_exp.reproduction.study_stats import (
     Group,
     Interval,
     curve_band,
@@ -209,7 +209,7 @@ def _pair(a: Interval, b: Interval) -> str:
 def sample_grid(folder: Path, task: str, selection: dict[str, Any], seed: int, out: Path) -> Path | None:
     """Before (first round) and after (last round) images of both algorithms' chosen settings at `seed`,
     16 of each, upscaled UPSCALE x with nearest-neighbour so that a 32 px image is visible."""
-    from rlcm_exp.analysis.study_stats import split_grid
+    from rlcm_exp.reproduction.study_stats import split_grid
 
     panels = []
     for algo in ALGOS:

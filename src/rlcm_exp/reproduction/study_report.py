@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from rlcm_exp.analysis import study_figures as figs
-from rlcm_exp.analysis.plan import Outcome, RunSpec
-from rlcm_exp.analysis.report import commands_and_software
+from rlcm_exp.reproduction import study_figures as figs
+from rlcm_exp.reproduction.plan import Outcome, RunSpec
+from rlcm_exp.reproduction.report import commands_and_software
 from rlcm_exp.analysis.runs import Run, load_run
-from rlcm_exp.analysis.study import ALGOS, PAPER, VARIANTS, Study, chosen_setting, chosen_steps, final_name
-from rlcm_exp.analysis.study_stats import (
+from rlcm_exp.reproduction.study import ALGOS, PAPER, VARIANTS, Study, chosen_setting, chosen_steps, final_name
+from rlcm_exp.reproduction.study_stats import (
     Group,
     Interval,
     contains,
@@ -193,7 +193,7 @@ def _sample_seconds(g: Group) -> list[float]:
 
 
 def _horizon_diffs(horizon: dict[int, Group], smooth: int) -> dict[str, Interval]:
-    from rlcm_exp.analysis.study import smoothed
+    from rlcm_exp.reproduction.study import smoothed
 
     finals = {h: [float(smoothed(r, smooth)[-1]) for r in g.reward] for h, g in horizon.items()}
     hs = sorted(finals)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from rlcm_exp.analysis.plan import RunSpec
+from rlcm_exp.reproduction.plan import RunSpec
 from rlcm_exp.analysis.runs import Run
 from rlcm_exp.configs import conf_dir
 from rlcm_exp.errors import ConfigError

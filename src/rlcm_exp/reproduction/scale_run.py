@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlcm_exp.analysis import report
-from rlcm_exp.analysis.plan import (
+from rlcm_exp.reproduction import report
+from rlcm_exp.reproduction.plan import (
     Outcome,
     RunSpec,
     Scale,

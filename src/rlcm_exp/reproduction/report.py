@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcm_exp.analysis import figures, tables
-from rlcm_exp.analysis.plan import Outcome, RunSpec, Scale
+from rlcm_exp.reproduction.plan import Outcome, RunSpec, Scale
 from rlcm_exp.analysis.runs import Run, find_runs
 from rlcm_exp.provenance import git_commit, software_versions
 
