@@ -4,19 +4,19 @@ subprocess (pipeline.run_all: finished runs are skipped, unfinished ones resumed
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlcm_exp.reproduction import study_report
-from rlcm_exp.reproduction.plan import Outcome, RunSpec
-from rlcm_exp.reproduction.scale_run import run_all
 from rlcm_exp.analysis.runs import find_runs
+from rlcm_exp.analysis.tables import fmt, markdown_table
+from rlcm_exp.provenance import git_commit
+from rlcm_exp.reproduction import study_report
+from rlcm_exp.reproduction.pipeline import Launch, child_env, pending_evaluations, run_stage
+from rlcm_exp.reproduction.plan import Outcome, RunSpec
 from rlcm_exp.reproduction.study import (
     SLOWED,
     TUNE_SUFFIX,
@@ -27,21 +27,16 @@ from rlcm_exp.reproduction.study import (
     read_selection,
     select,
 )
-from rlcm_exp.analysis.tables import fmt, markdown_table
-from rlcm_exp.provenance import git_commit
 
 
 @dataclass(frozen=True)
 class StudyRequest:
+    """One `python -m rlcm_exp.reproduce --scale NAME-tune|NAME` invocation of a study, parsed."""
+
     study: Study
     tune: bool  # the tuning stage (scale `<name>-tune`), else the final one
     seeds: tuple[int, ...]  # final-stage training seeds
-    out: Path  # writes OUT/<name>-tune/ or OUT/<name>/
-    launcher: tuple[str, ...]
-    overrides: tuple[str, ...]
-    jobs: int
-    dry_run: bool
-    invocation: str
+    launch: Launch  # writes OUT/<name>-tune/ or OUT/<name>/
 
 
 def stage_dir(out: Path, study: Study, tune: bool) -> Path:
@@ -50,30 +45,29 @@ def stage_dir(out: Path, study: Study, tune: bool) -> Path:
 
 def run_study(req: StudyRequest) -> Outcome:
     """Plan the stage, train what is unfinished, then write its results (not on a dry run)."""
-    folder = stage_dir(req.out, req.study, req.tune)
+    launch = req.launch
+    folder = stage_dir(launch.out, req.study, req.tune)
     if req.tune:
-        specs = plan_tuning(req.study, req.overrides)
+        specs = plan_tuning(req.study, launch.overrides)
     else:
-        selection = read_selection(stage_dir(req.out, req.study, True) / "selection.json")
-        specs = plan_final(req.study, selection, req.seeds, req.overrides)
-    seconds = sum(s.est_seconds for s in specs) / max(1, req.jobs)
-    print(
-        f"[study] {folder.name}: {len(specs)} training runs, about {seconds / 60:.0f} min with {req.jobs} job(s)"
+        selection = read_selection(stage_dir(launch.out, req.study, True) / "selection.json")
+        specs = plan_final(req.study, selection, req.seeds, launch.overrides)
+    seconds = sum(s.est_seconds for s in specs) / max(1, launch.jobs)
+    plan_line = (
+        f"{folder.name}: {len(specs)} training runs, about {seconds / 60:.0f} min with {launch.jobs} job(s)"
     )
-    start = time.perf_counter()
-    outcome = run_all(specs, folder / "runs", list(req.launcher), dry_run=req.dry_run, jobs=req.jobs)
-    if req.dry_run:
-        return outcome
-    if req.tune:
-        path = write_tuning(folder, req.study, specs, outcome, req.invocation, time.perf_counter() - start)
-    else:
-        runs_dir = folder / "runs"
-        evals = evaluate_final(req.study, selection, specs, runs_dir, list(req.launcher), req.jobs)
-        path = study_report.write(
-            folder, req.study, selection, specs, outcome, evals, req.invocation, time.perf_counter() - start
+
+    def finish(outcome: Outcome, elapsed_s: float) -> Path:
+        if req.tune:
+            return write_tuning(folder, req.study, specs, outcome, launch.invocation, elapsed_s)
+        evals = evaluate_final(
+            req.study, selection, specs, folder / "runs", list(launch.launcher), launch.jobs
         )
-    print(f"[study] wrote {path}")
-    return outcome
+        return study_report.write(
+            folder, req.study, selection, specs, outcome, evals, launch.invocation, elapsed_s
+        )
+
+    return run_stage(specs, folder, launch, "study", plan_line, finish)
 
 
 def write_tuning(
@@ -170,42 +164,24 @@ def evaluate_final(
 ) -> list[dict[str, Any]]:
     """Fig. 6: `python -m rlcm_exp.evaluate` on each chosen-setting final checkpoint, `jobs` at a time,
     into RUN/fig6/eval.json (kept while it is newer than the checkpoint)."""
-    todo, paths = [], []
-    for spec in fig6_runs(study, selection, specs):
-        run_dir = runs_dir / spec.name
-        final, result = run_dir / "checkpoints" / "final", run_dir / "fig6" / "eval.json"
-        if not final.is_dir():
-            continue
-        paths.append(result)
-        if result.is_file() and result.stat().st_mtime > final.stat().st_mtime:
-            continue
-        steps = ",".join(str(s) for s in study.eval_steps[spec.algo])
-        cmd = [
-            *launcher,
-            "rlcm_exp.evaluate",
-            f"checkpoint={run_dir}",
-            f"out={run_dir / 'fig6'}",
-            f"steps=[{steps}]",
-            *study.eval_overrides,
-        ]
-        todo.append((spec.name, cmd, run_dir / "fig6.log"))
+    paths, todo = pending_evaluations(
+        fig6_runs(study, selection, specs),
+        runs_dir,
+        "fig6",
+        lambda s: study.eval_steps[s.algo],
+        study.eval_overrides,
+    )
 
-    def run_one(item: tuple[str, list[str], Path]) -> None:
-        name, cmd, log = item
-        print(f"[study] evaluating {name}: {shlex.join(cmd)}", flush=True)
+    def run_one(item: tuple[RunSpec, list[str]]) -> None:
+        spec, overrides = item
+        cmd = [*launcher, "rlcm_exp.evaluate", *overrides]
+        log = runs_dir / spec.name / "fig6.log"
+        print(f"[study] evaluating {spec.name}: {shlex.join(cmd)}", flush=True)
         with log.open("w") as out:
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(jobs)).returncode
         if rc != 0:
-            print(f"[study] evaluation of {name} failed (exit {rc}), see {log}", flush=True)
+            print(f"[study] evaluation of {spec.name} failed (exit {rc}), see {log}", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(run_one, todo))
     return [json.loads(p.read_text()) for p in paths if p.is_file()]
-
-
-def child_env(jobs: int) -> dict[str, str]:
-    """The environment of a child process: cpu_count // jobs threads each unless the caller set it."""
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    return env
