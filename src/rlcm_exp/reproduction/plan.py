@@ -275,6 +275,20 @@ class Outcome:
     failed: list[str] = field(default_factory=list)  # trained now, not finished (see RUN/stdout.log)
     commands: list[str] = field(default_factory=list)  # every planned run's command line
 
+    def counts(self) -> str:
+        """The counts a report's first line gives: "N runs trained, N already finished, N failed"."""
+        return (
+            f"{len(self.ran)} runs trained, {len(self.skipped)} already finished, {len(self.failed)} failed"
+        )
+
+    def failed_lines(self) -> list[str]:
+        """A report's line naming the failed runs (none when nothing failed)."""
+        return [f"**Failed runs** (see RUN/stdout.log): {', '.join(self.failed)}", ""] if self.failed else []
+
+    def command_block(self) -> list[str]:
+        """Every planned run's command as a code block, paths relative to the current directory."""
+        return ["```", *(c.replace(f"{Path.cwd()}/", "") for c in self.commands), "```", ""]
+
 
 def scale_dir(out: Path, scale: Scale) -> Path:
     """OUT/<scale>: the report, the figures and runs/."""

@@ -75,14 +75,12 @@ def _header(scale: Scale, outcome: Outcome, invocation: str, elapsed_s: float) -
         f"# {scale.method.upper()} vs {scale.baseline.upper()}, {scale.name} scale",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{invocation}` in {elapsed_s:.0f} s "
-        f"({len(outcome.ran)} runs trained, {len(outcome.skipped)} already finished, {len(outcome.failed)} failed).",
+        f"({outcome.counts()}).",
         "",
         scale.notes,
         "",
     ]
-    if outcome.failed:
-        lines += [f"**Failed runs** (see RUN/stdout.log): {', '.join(outcome.failed)}", ""]
-    return lines
+    return lines + outcome.failed_lines()
 
 
 def _training_sections(
@@ -187,10 +185,7 @@ def _provenance_section(outcome: Outcome, invocation: str, versions: dict[str, s
 def commands_and_software(outcome: Outcome, versions: dict[str, str]) -> list[str]:
     """The runs' commands as a code block (paths relative to the current directory) and the versions."""
     return [
-        "```",
-        *(c.replace(f"{Path.cwd()}/", "") for c in outcome.commands),
-        "```",
-        "",
+        *outcome.command_block(),
         "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
     ]

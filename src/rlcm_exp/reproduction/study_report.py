@@ -216,8 +216,7 @@ def _header(
         f"# {study.method.upper()} vs {study.baseline.upper()}: the {study.name} study",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{invocation}` at git commit {git_commit()} in "
-        f"{elapsed_s:.0f} s ({len(outcome.ran)} runs trained, {len(outcome.skipped)} already finished, "
-        f"{len(outcome.failed)} failed). The tuning it reads: [../{study.name}-tune/tune.md](../{study.name}-tune/tune.md) "
+        f"{elapsed_s:.0f} s ({outcome.counts()}). The tuning it reads: [../{study.name}-tune/tune.md](../{study.name}-tune/tune.md) "
         f"(commit {selection.get('commit', '?')[:12]}).",
         "",
         study.notes,
@@ -230,9 +229,7 @@ def _header(
         "two runs at a time.",
         "",
     ]
-    if outcome.failed:
-        lines += [f"**Failed runs** (see RUN/stdout.log): {', '.join(outcome.failed)}", ""]
-    return lines
+    return lines + outcome.failed_lines()
 
 
 def claims_section(study: Study, data: dict[str, Any]) -> list[str]:
