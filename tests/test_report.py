@@ -222,6 +222,11 @@ def test_the_algorithm_names_come_from_the_scale_and_study_files(
     from rlcm_exp.reproduction import study
 
     real = conf_dir()
+    toy = OmegaConf.load(real / "study" / "toy.yaml")
+    s = study.load_study("toy")
+    assert s.algos == tuple(toy.algos) and (s.method, s.baseline) == (toy.method, toy.baseline)
+    assert s.colors == {a: toy.algos[a].color for a in toy.algos}
+
     conf = tmp_path / "conf"
     (conf / "reproduce").mkdir(parents=True)
     shutil.copytree(real / "algo", conf / "algo")
@@ -247,8 +252,3 @@ def test_the_algorithm_names_come_from_the_scale_and_study_files(
     OmegaConf.save(data, conf / "reproduce" / "mine.yaml")
     with pytest.raises(ConfigError, match="algos nope not in conf/algo/"):
         plan.load_scale("mine")
-
-    toy = OmegaConf.load(real / "study" / "toy.yaml")
-    s = study.load_study("toy")
-    assert s.algos == tuple(toy.algos) and (s.method, s.baseline) == (toy.method, toy.baseline)
-    assert s.colors == {a: toy.algos[a].color for a in toy.algos}

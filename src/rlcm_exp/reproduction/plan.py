@@ -65,9 +65,25 @@ class Scale:
         return {name: algo.color for name, algo in self.algos.items()}
 
 
+def conf_names(group: str) -> list[str]:
+    """The files of conf/<group>/ (algo, reproduce, study) by name, sorted."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def read_conf(group: str, name: str, what: str) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml as a dict, interpolations resolved; a missing file is a ConfigError
+    naming the `what`s there are."""
+    path = conf_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {what} '{name}': choose from {', '.join(conf_names(group))}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
 def algo_names() -> list[str]:
     """The algorithms there are: the options of conf/algo/, sorted."""
-    return sorted(p.stem for p in (conf_dir() / "algo").glob("*.yaml"))
+    return conf_names("algo")
 
 
 def check_algos(algos: Sequence[str], pair: Sequence[str], where: str) -> None:
@@ -83,16 +99,12 @@ def check_algos(algos: Sequence[str], pair: Sequence[str], where: str) -> None:
 
 def scale_names() -> list[str]:
     """The scales shipped in conf/reproduce/, sorted."""
-    return sorted(p.stem for p in (conf_dir() / "reproduce").glob("*.yaml"))
+    return conf_names("reproduce")
 
 
 def load_scale(name: str) -> Scale:
     """conf/reproduce/<name>.yaml as a Scale; a missing or unknown key is a ConfigError naming it."""
-    path = conf_dir() / "reproduce" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown reproduction scale '{name}': choose from {', '.join(scale_names())}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(data, dict)
+    data = read_conf("reproduce", name, "reproduction scale")
     where = f"conf/reproduce/{name}.yaml"
     _check_keys(data, Scale, where, skip=frozenset({"name"}))
     algos = data["algos"]

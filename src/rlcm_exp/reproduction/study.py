@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from rlcm_exp.analysis.runs import Run
-from rlcm_exp.configs import conf_dir
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.reproduction.plan import RunSpec, check_algos
+from rlcm_exp.reproduction.plan import RunSpec, check_algos, conf_names, read_conf
 
 PAPER = "paper"  # the setting name every algorithm must have: the paper's numbers
 TUNE_SUFFIX = "-tune"
@@ -66,7 +64,7 @@ class Study:
 
 
 def study_names() -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / "study").glob("*.yaml"))
+    return conf_names("study")
 
 
 def scale_is_study(scale: str) -> bool:
@@ -76,11 +74,7 @@ def scale_is_study(scale: str) -> bool:
 def load_study(name: str) -> Study:
     """conf/study/<name>.yaml as a Study; a missing or malformed key is a ConfigError naming it."""
     where = f"conf/study/{name}.yaml"
-    path = conf_dir() / "study" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown study '{name}': choose from {', '.join(study_names())}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(data, dict)
+    data = read_conf("study", name, "study")
     try:
         tuning, algos = data["tuning"], data["algos"]
         check_algos(list(algos), (data["method"], data["baseline"]), where)
