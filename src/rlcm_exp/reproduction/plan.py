@@ -48,7 +48,7 @@ class Scale:
     method: str  # the paper's method (an algos key): trained by default, retrained at each H for Fig. 7
     baseline: str  # what it is compared with (an algos key): trained by default
     horizon_task: str  # task of the Fig. 7 ablation
-    horizon_steps: tuple[int, ...]  # extra RLCM horizons H trained for Fig. 7 (the main H is reused)
+    horizon_steps: tuple[int, ...]  # extra horizons H of the method trained for Fig. 7 (the main H is reused)
     eval_overrides: tuple[str, ...]  # conf/evaluate.yaml overrides of the inference evaluation
     eval_seeds: tuple[int, ...]  # training seeds whose final checkpoints are evaluated for Fig. 6
     startup_seconds: float  # plan estimate: per-run process start + model load
