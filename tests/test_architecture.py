@@ -248,3 +248,27 @@ def test_non_editable_install_runs_from_any_directory(tmp_path: Path) -> None:
         )
         assert res.returncode == 0, res.stderr[-3000:]
         assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "checkpoints" / "final").is_dir()
+
+
+# What these packages may import of ours (issue 27): analysis reads any run and knows no paper or
+# algorithm; the paper's reproduction and studies sit above it (the toy detector is a plug-in).
+MAY_IMPORT = {
+    "rlcm_exp.analysis": ("rlcm_exp.analysis", "rlcm_exp.tracking", "rlcm_exp.errors", "rlcm_exp.configs"),
+    "rlcm_exp.reproduction": (
+        *("rlcm_exp.reproduction", "rlcm_exp.analysis", "rlcm_exp.configs", "rlcm_exp.errors"),
+        *("rlcm_exp.evaluation", "rlcm_exp.toy", "rlcm_exp.provenance", "rlcm_exp.rewards.toy_detector"),
+    ),
+}
+
+
+def test_analysis_and_reproduction_import_only_what_they_may() -> None:
+    edges, _ = graph()
+    bad = [
+        f"{m} -> {t}"
+        for m, targets in edges.items()
+        for package, allowed in MAY_IMPORT.items()
+        if m == package or m.startswith(package + ".")
+        for t in targets
+        if not any(t == a or t.startswith(a + ".") for a in allowed)
+    ]
+    assert not bad, bad

@@ -4,6 +4,7 @@ recomputed from the metrics files by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlcm_exp import reproduce
-from rlcm_exp.analysis import plan
 from rlcm_exp.analysis.runs import find_runs, is_finished, seed_mean_curve, time_to_threshold
 from rlcm_exp.analysis.tables import threshold_markdown, threshold_table
 from rlcm_exp.configs import compose
+from rlcm_exp.reproduction import plan
 from rlcm_exp.tracking import read_metrics
 
 
@@ -151,19 +152,21 @@ def test_seed_mean_threshold_by_hand(tmp_path) -> None:
     np.testing.assert_allclose(curve.x, [2.0, 4.0, 6.0])
     assert time_to_threshold(curve, 0.5) == 4.0 and time_to_threshold(curve, 0.95) is None
 
-    rows = {r["algo"]: r for r in threshold_table(runs)}
+    pair = ("rlcm", "ddpo")  # (method, baseline): the speed-up is DDPO's time / RLCM's
+    rows = {r["algo"]: r for r in threshold_table(runs, compare=pair)}
     assert rows["rlcm"]["threshold"] == pytest.approx(0.6)  # the lower final seed-mean (DDPO's)
     assert rows["rlcm"]["time_to_threshold_s"] == 6.0 and rows["ddpo"]["time_to_threshold_s"] == 30.0
     assert rows["rlcm"]["speedup_wallclock"] == pytest.approx(5.0)
-    rows = {r["algo"]: r for r in threshold_table(runs, thresholds={"toy_alignment": 0.4})}
+    rows = {r["algo"]: r for r in threshold_table(runs, thresholds={"toy_alignment": 0.4}, compare=pair)}
     assert rows["rlcm"]["time_to_threshold_s"] == 4.0 and rows["ddpo"]["time_to_threshold_s"] == 20.0
     assert rows["ddpo"]["threshold_source"] == "configured"
     # DDPO never reaches 0.7 in its 30 s: the speed-up is only bounded, by 30 s / RLCM's 6 s
-    rows = threshold_table(runs, thresholds={"toy_alignment": 0.7})
+    rows = threshold_table(runs, thresholds={"toy_alignment": 0.7}, compare=pair)
     by = {r["algo"]: r for r in rows}
     assert by["ddpo"]["time_to_threshold_s"] is None and by["rlcm"]["speedup_wallclock"] is None
     assert by["rlcm"]["speedup_wallclock_min"] == pytest.approx(5.0)
-    assert "| > 5 |" in threshold_markdown(rows)
+    assert "| > 5 |" in threshold_markdown(rows, pair)
+    assert "speedup_wallclock" not in threshold_table(runs)[0]  # no pair named: no ratio
 
 
 def test_finished_means_all_epochs_and_a_final_checkpoint(tmp_path) -> None:
@@ -206,3 +209,46 @@ def test_algos_choice_plans_the_new_algorithms_and_names_a_bad_one() -> None:
         check_batches(cfg, 1)
     with pytest.raises(ConfigError, match="foo not in conf/reproduce/smoke.yaml"):
         plan.plan_runs(scale, (0,), ("4",), algos=("rlcm", "foo"))
+
+
+def test_the_algorithm_names_come_from_the_scale_and_study_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No algorithm name is fixed in code: a scale file listing a new conf/algo/ option trains it with
+    --algos (and by default, as its method) without a code change; a name the scale does not list is
+    a one-line ConfigError naming the scale's; the study's algorithms are its file's."""
+    from rlcm_exp.configs import conf_dir
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.reproduction import study
+
+    real = conf_dir()
+    toy = OmegaConf.load(real / "study" / "toy.yaml")
+    s = study.load_study("toy")
+    assert s.algos == tuple(toy.algos) and (s.method, s.baseline) == (toy.method, toy.baseline)
+    assert s.colors == {a: toy.algos[a].color for a in toy.algos}
+
+    conf = tmp_path / "conf"
+    (conf / "reproduce").mkdir(parents=True)
+    shutil.copytree(real / "algo", conf / "algo")
+    shutil.copy(real / "algo" / "rlcm.yaml", conf / "algo" / "rlcm_fast.yaml")  # a new algorithm option
+    data = OmegaConf.load(real / "reproduce" / "smoke.yaml")
+    data.algos = {"rlcm_fast": data.algos.rlcm, "ddpo": data.algos.ddpo}
+    data.method = "rlcm_fast"
+    OmegaConf.save(data, conf / "reproduce" / "mine.yaml")
+    monkeypatch.setattr(plan, "conf_dir", lambda: conf)
+
+    args = ["--scale", "mine", "--seeds", "0", "--figures", "4", "--out", str(tmp_path / "out"), "--dry-run"]
+    for extra in (["--algos", "rlcm_fast,ddpo"], []):  # named, and the default (method, baseline)
+        assert reproduce.main([*args, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "would run compression_rlcm_fast_s0" in out and "algo=rlcm_fast task=compression" in out
+        assert "would run compression_ddpo_s0" in out
+    assert reproduce.main([*args, "--algos", "rlcm,grpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.endswith("--algos: rlcm, grpo not in conf/reproduce/mine.yaml's algos (rlcm_fast, ddpo)")
+
+    data.algos = {**data.algos, "nope": data.algos.ddpo}  # not a conf/algo/ option
+    OmegaConf.save(data, conf / "reproduce" / "mine.yaml")
+    with pytest.raises(ConfigError, match="algos nope not in conf/algo/"):
+        plan.load_scale("mine")

@@ -1,4 +1,4 @@
-"""The fair-comparison study (conf/study/toy.yaml, analysis/study*.py): its runs compose, its rule and
+"""The fair-comparison study (conf/study/toy.yaml, reproduction/study*.py): its runs compose, its rule and
 statistics by hand, the wall-clock budget end to end, and the report on fabricated runs."""
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from rlcm_exp import reproduce
-from rlcm_exp.analysis import study, study_report, study_stats
-from rlcm_exp.analysis.plan import Outcome
 from rlcm_exp.analysis.runs import load_run
 from rlcm_exp.configs import compose
+from rlcm_exp.reproduction import study, study_report, study_stats
+from rlcm_exp.reproduction.plan import Outcome
 from rlcm_exp.training.build import check_batches
 from rlcm_exp.validation import check_before_loading
 
 
 def fake_selection(s: study.Study) -> dict:
-    first = {a: next(iter(s.settings[a])) for a in study.ALGOS}
+    first = {a: next(iter(s.settings[a])) for a in s.algos}
     return {"chosen": {t: dict(first) for t in s.tasks}, "thresholds": {t: 0.5 for t in s.tasks}}
 
 

@@ -16,11 +16,19 @@ import shlex
 import sys
 from pathlib import Path
 
-from rlcm_exp.analysis.plan import FIGURES, load_scale, parse_figures, parse_thresholds, scale_names
-from rlcm_exp.analysis.reproduction import Request, reproduce
-from rlcm_exp.analysis.study import TUNE_SUFFIX, load_study, scale_is_study, study_names
-from rlcm_exp.analysis.study_reproduction import StudyRequest, run_study
 from rlcm_exp.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
+from rlcm_exp.reproduction.pipeline import Launch
+from rlcm_exp.reproduction.plan import (
+    FIGURES,
+    Outcome,
+    load_scale,
+    parse_figures,
+    parse_thresholds,
+    scale_names,
+)
+from rlcm_exp.reproduction.scale_run import Request, reproduce
+from rlcm_exp.reproduction.study import TUNE_SUFFIX, load_study, scale_is_study, study_names
+from rlcm_exp.reproduction.study_run import StudyRequest, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--algos",
-        default="rlcm,ddpo",
-        help="full and smoke: comma-separated algorithms to train, from the scale's algos (rlcm,ddpo,grpo,rebel)",
+        default=None,
+        help="full and smoke: comma-separated algorithms to train, from the scale file's algos "
+        "(default: its method and baseline)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and its time estimate; run nothing"
@@ -78,54 +87,42 @@ def main(argv: list[str] | None = None) -> int:
         figures = parse_figures(args.figures)
     except ValueError as err:
         parser.error(f"--figures: {err}")
-    if scale_is_study(args.scale):
-        return _study(args, argv)
-    try:
-        scale = load_scale(args.scale)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
-    request = Request(
-        scale=scale,
-        seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else scale.seeds,
-        figures=figures,
+    launch = Launch(
         out=args.out,
-        thresholds=parse_thresholds(args.threshold),
         launcher=tuple(shlex.split(args.launcher)),
         overrides=tuple(args.override),
         jobs=args.jobs,
         dry_run=args.dry_run,
         invocation="python -m rlcm_exp.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
     )
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     try:
-        outcome = reproduce(request)
+        if scale_is_study(args.scale):
+            outcome = _study(args.scale, seeds, launch)
+        else:
+            scale = load_scale(args.scale)
+            algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else None
+            request = Request(
+                scale=scale,
+                seeds=seeds or scale.seeds,
+                figures=figures,
+                thresholds=parse_thresholds(args.threshold),
+                algos=algos or scale.compare,
+                launch=launch,
+            )
+            outcome = reproduce(request)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     return 1 if outcome.failed else 0
 
 
-def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
-    try:
-        study = load_study(args.scale.removesuffix(TUNE_SUFFIX))
-        request = StudyRequest(
-            study=study,
-            tune=args.scale.endswith(TUNE_SUFFIX),
-            seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else study.seeds,
-            out=args.out,
-            launcher=tuple(shlex.split(args.launcher)),
-            overrides=tuple(args.override),
-            jobs=args.jobs,
-            dry_run=args.dry_run,
-            invocation="python -m rlcm_exp.reproduce "
-            + shlex.join(argv if argv is not None else sys.argv[1:]),
-        )
-        outcome = run_study(request)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
-    return 1 if outcome.failed else 0
+def _study(scale: str, seeds: tuple[int, ...] | None, launch: Launch) -> Outcome:
+    study = load_study(scale.removesuffix(TUNE_SUFFIX))
+    request = StudyRequest(
+        study=study, tune=scale.endswith(TUNE_SUFFIX), seeds=seeds or study.seeds, launch=launch
+    )
+    return run_study(request)
 
 
 if __name__ == "__main__":

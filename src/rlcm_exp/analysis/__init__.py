@@ -1,10 +1,12 @@
-"""Reading finished runs and turning them into figures, tables and reports (no wandb needed).
+"""Reading finished runs and turning them into figures, tables and summaries (no wandb needed).
+
+Generic: nothing here knows the paper, its claims or which algorithms exist (the reproduction and
+the studies, which do, are rlcm_exp.reproduction; it imports this package, never the reverse).
 
 - runs.py: finding run folders, reading metrics.jsonl / eval.jsonl, seed-mean curves
 - tables.py: the comparison tables (time to threshold, seconds per phase, rollout time)
-- figures.py: every figure (a run's summary, a sweep's comparison, the paper's Figs. 4-7)
+- figures.py: the figures (a run's summary, a sweep's comparison, reward curves per task and group,
+  reward against inference seconds)
 - summary.py: the end-of-run summary (its figures and the printed before -> after line)
-- plan.py: a reproduction's scale (conf/reproduce/<scale>.yaml) and its planned training runs
-- reproduction.py: running a plan, evaluating its checkpoints (Fig. 6), then the report
-- report.py: the reproduction's report.md / report.json
+- sweep.py: a sweep's results table (`python -m rlcm_exp.compare`)
 """

@@ -2,12 +2,16 @@
 
 - reward_vs_time_figure, before_after_grid: one run's summary (end of `python -m rlcm_exp`)
 - compare_figure: every run of a sweep (`python -m rlcm_exp.compare`)
-- training_figure, inference_figure: the paper's Figs. 4, 5, 7 and 6 (`python -m rlcm_exp.reproduce`)
+- training_figure, inference_figure: reward curves per task and group, and reward against inference
+  seconds (the reproduction draws the paper's Figs. 4, 5, 7 and 6 with them)
+
+Which algorithms exist is not known here: a figure takes each algorithm's colour from its caller
+(rlcm_exp.reproduction reads them from the scale file), else matplotlib's default cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,6 @@ import numpy as np
 
 from rlcm_exp.analysis.runs import Run, find_runs, group_runs, run_labels, seed_mean_curve
 
-ALGO_COLORS = {"rlcm": "tab:green", "ddpo": "tab:blue"}  # the same colour for an algorithm in every figure
 AXIS_LABELS = {
     "reward_queries": "reward queries",
     "gpu_hours": "GPU-hours (device-hours on CPU)",
@@ -185,7 +188,7 @@ def compare_figure(sweep_dir: Path, out: Path | None = None, metric: str = "rewa
     return _save(fig, Path(out) if out else sweep_dir / "compare.png")
 
 
-# ----------------------------------------------------------------------------- the paper's figures
+# ----------------------------------------------------------------------------- reward curves by group
 
 
 def _label(run: Run) -> str:
@@ -225,8 +228,11 @@ def training_figure(
     return _save(fig, out)
 
 
-def inference_figure(results: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
-    """Fig. 6: reward against inference seconds per image, both algorithms on one axis per task.
+def inference_figure(
+    results: Sequence[dict[str, Any]], out: Path, title: str, colors: Mapping[str, str | None] | None = None
+) -> Path:
+    """Reward against inference seconds per image (the paper's Fig. 6), every algorithm on one axis per
+    task, each in `colors[algo]` (absent or None: matplotlib's next colour).
 
     Solid: the time-budget protocol (x = the budget). Dashed: full rollouts at each step count
     (x = measured seconds per image)."""
@@ -235,16 +241,16 @@ def inference_figure(results: Sequence[dict[str, Any]], out: Path, title: str) -
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for algo in sorted({r["algo"] for r in results if r["task"] == task}):
-            _plot_inference(ax, algo, [r for r in results if r["task"] == task and r["algo"] == algo])
+            mine = [r for r in results if r["task"] == task and r["algo"] == algo]
+            _plot_inference(ax, algo, mine, (colors or {}).get(algo))
         _inference_axes(ax, task)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
 
-def _plot_inference(ax: Any, algo: str, mine: Sequence[dict[str, Any]]) -> None:
+def _plot_inference(ax: Any, algo: str, mine: Sequence[dict[str, Any]], color: str | None) -> None:
     """One algorithm's lines of a Fig. 6 panel, over the checkpoints `mine` evaluated."""
-    color = ALGO_COLORS.get(algo)
     budget = _mean_rows([r["budgets"] for r in mine], None, x_key="budget_s")
     if budget:
         x, y, s = zip(*budget, strict=True)

@@ -3,30 +3,48 @@
 Time-to-threshold: the first point of a group's seed-mean curve at which the mean reward reaches
 the threshold (>=: every reward here is higher-is-better). The default threshold of a task is the
 lower of the algorithms' final seed-mean rewards, so that every algorithm reaches it.
+
+Ratios between two algorithms are drawn for the pair a caller names, `compare` = (method, baseline):
+the baseline's time over the method's, on the method's row (the reproduction names the scale file's
+pair; which algorithms exist is not known here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from rlcm_exp.analysis.runs import Run, group_runs, seed_mean_curve, time_to_threshold
 
-# What the paper states (sec. 6): training-time speed-up on aesthetic, and rollout time.
-PAPER_TRAINING_SPEEDUP = {"aesthetic": "17x (GPU-hours)"}
-PAPER_ROLLOUT_RATIO = "~4x (a full RLCM rollout takes about a quarter of a DDPO rollout)"
+Compare = tuple[str, str]  # (method, baseline): ratios are the baseline's over the method's
+
+
+def ratio_label(compare: Compare | None, sep: str = "/") -> str:
+    """The ratio in a column header: BASELINE/METHOD (baseline/method without a pair)."""
+    if compare is None:
+        return f"baseline{sep}method"
+    return f"{compare[1].upper()}{sep}{compare[0].upper()}"
+
+
+def over_key(compare: Compare | None) -> str:
+    """The row key of the baseline-over-method time ratio, e.g. "ddpo_over_rlcm"."""
+    method, baseline = compare or ("method", "baseline")
+    return f"{baseline}_over_{method}"
 
 
 def threshold_table(
     runs: Sequence[Run],
     main_steps: dict[tuple[str, str], int] | None = None,
     thresholds: dict[str, float] | None = None,
+    compare: Compare | None = None,
+    paper: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (task, algorithm): final seed-mean reward, threshold, time to reach it in wall-clock
-    seconds and GPU-hours, and the speed-up DDPO time / RLCM time on the RLCM row.
+    seconds and GPU-hours, and (with `compare`) the speed-up baseline time / method time on the method's
+    row, next to `paper[task]` (what the paper states) when `paper` is given.
 
     `main_steps[(task, algo)]` picks the horizon of the main comparison when a task also has horizon
     ablation runs (default: the group with the most runs, then the largest H)."""
@@ -72,15 +90,16 @@ def threshold_table(
                 }
             )
         by_algo = {r["algo"]: r for r in task_rows}
-        if "rlcm" in by_algo and "ddpo" in by_algo:
-            r, d = by_algo["rlcm"], by_algo["ddpo"]
+        if compare and set(compare) <= set(by_algo):
+            r, d = by_algo[compare[0]], by_algo[compare[1]]
             r["speedup_gpu_hours"] = _ratio(d["gpu_hours_to_threshold"], r["gpu_hours_to_threshold"])
             r["speedup_wallclock"] = _ratio(d["time_to_threshold_s"], r["time_to_threshold_s"])
-            if d["time_to_threshold_s"] is None:  # DDPO never got there: its whole budget bounds the speed-up
-                wall, gpu = curves["ddpo"]
+            if d["time_to_threshold_s"] is None:  # never got there: its whole budget bounds the speed-up
+                wall, gpu = curves[compare[1]]
                 r["speedup_gpu_hours_min"] = _ratio(float(gpu.x[-1]), r["gpu_hours_to_threshold"])
                 r["speedup_wallclock_min"] = _ratio(float(wall.x[-1]), r["time_to_threshold_s"])
-            r["paper"] = PAPER_TRAINING_SPEEDUP.get(task, "not stated as a number")
+            if paper is not None:
+                r["paper"] = paper.get(task, "not stated as a number")
         rows += task_rows
     return rows
 
@@ -101,7 +120,7 @@ def fmt(value: Any) -> str:
 
 
 def _speedup(row: dict[str, Any], key: str) -> str:
-    """The ratio, or "> bound" when DDPO did not reach the threshold within its budget."""
+    """The ratio, or "> bound" when the baseline did not reach the threshold within its budget."""
     if row.get(key) is None and row.get(f"{key}_min") is not None:
         return f"> {fmt(row[f'{key}_min'])}"
     return fmt(row.get(key))
@@ -114,11 +133,12 @@ def markdown_table(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def threshold_markdown(rows: Sequence[dict[str, Any]]) -> str:
+def threshold_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
+    ratio = ratio_label(compare)
     columns = [
         *("task", "algo", "H", "seeds", "epochs", "final reward (mean +- std)", "threshold"),
         *("time to threshold (s)", "GPU-hours to threshold"),
-        *("speed-up DDPO/RLCM (GPU-h)", "speed-up DDPO/RLCM (wall-clock)", "paper"),
+        *(f"speed-up {ratio} (GPU-h)", f"speed-up {ratio} (wall-clock)", "paper"),
     ]
     cells = [
         [
@@ -135,12 +155,13 @@ def threshold_markdown(rows: Sequence[dict[str, Any]]) -> str:
 PHASES = ("time_sample_s", "time_reward_s", "time_train_s")  # the metrics.jsonl keys of one epoch's phases
 
 
-def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def phase_table(runs: Sequence[Run], compare: Compare | None = None) -> list[dict[str, Any]]:
     """Seconds per epoch by phase, one row per (task, algorithm, H): the mean over every epoch of every
     seed of sampling, reward (scoring time, which may overlap sampling), training, and the epoch's
-    wall-clock (`wallclock_s` increments: all phases plus gathering and bookkeeping). The RLCM row of a
-    task gets DDPO's wall-clock per trajectory / RLCM's (`ddpo_over_rlcm`; per trajectory because the
-    two may sample different batches per epoch) when the task has exactly one DDPO group."""
+    wall-clock (`wallclock_s` increments: all phases plus gathering and bookkeeping). With `compare`,
+    the method's rows of a task get the baseline's wall-clock per trajectory / the method's
+    (`over_key(compare)`; per trajectory because the two may sample different batches per epoch) when
+    the task has exactly one baseline group."""
     rows: list[dict[str, Any]] = []
     for (task, algo, steps), group in sorted(group_runs(runs).items()):
         per_epoch = {k: [rec[k] for r in group for rec in r.records if k in rec] for k in PHASES}
@@ -159,12 +180,15 @@ def phase_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "epoch_s": float(np.mean(walls)) if walls else None,
             }
         )
+    if compare is None:
+        return rows
+    method, baseline = compare
     for task in {r["task"] for r in rows}:
-        ddpo = [r for r in rows if r["task"] == task and r["algo"] == "ddpo"]
-        if len(ddpo) == 1:
+        base = [r for r in rows if r["task"] == task and r["algo"] == baseline]
+        if len(base) == 1:
             for r in rows:
-                if r["task"] == task and r["algo"] == "rlcm":
-                    r["ddpo_over_rlcm"] = _ratio(_per_trajectory(ddpo[0]), _per_trajectory(r))
+                if r["task"] == task and r["algo"] == method:
+                    r[over_key(compare)] = _ratio(_per_trajectory(base[0]), _per_trajectory(r))
     return rows
 
 
@@ -175,10 +199,10 @@ def _per_trajectory(row: dict[str, Any]) -> float | None:
     return row["epoch_s"] / row["samples_per_epoch"]
 
 
-def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
+def phase_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
     columns = [
         *("task", "algo", "H", "epochs (all seeds)", "samples/epoch", "sampling (s)", "reward (s)"),
-        *("training (s)", "epoch wall-clock (s)", "DDPO/RLCM time per trajectory"),
+        *("training (s)", "epoch wall-clock (s)", f"{ratio_label(compare)} time per trajectory"),
     ]
     cells = [
         [
@@ -188,7 +212,7 @@ def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
                 r["time_reward_s"],
                 r["time_train_s"],
                 r["epoch_s"],
-                r.get("ddpo_over_rlcm"),
+                r.get(over_key(compare)),
             ),
         ]
         for r in rows
@@ -196,8 +220,11 @@ def phase_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(columns, cells)
 
 
-def rollout_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Seconds per image of a full rollout at each checkpoint's own H, mean over checkpoints, with DDPO/RLCM."""
+def rollout_table(
+    results: Sequence[dict[str, Any]], compare: Compare | None = None, paper: str | None = None
+) -> list[dict[str, Any]]:
+    """Seconds per image of a full rollout at each checkpoint's own H, mean over checkpoints; with
+    `compare`, the baseline's over the method's on the method's row (next to `paper`, when given)."""
     rows = []
     for task in sorted({r["task"] for r in results}):
         per_algo = {}
@@ -213,22 +240,23 @@ def rollout_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 per_algo[algo] = (own[0]["num_steps"], float(np.mean([s["seconds_per_image"] for s in own])))
         for algo, (steps, sec) in per_algo.items():
             row: dict[str, Any] = {"task": task, "algo": algo, "num_steps": steps, "seconds_per_image": sec}
-            if algo == "rlcm" and "ddpo" in per_algo:
-                row["ddpo_over_rlcm"] = _ratio(per_algo["ddpo"][1], sec)
-                row["paper"] = PAPER_ROLLOUT_RATIO
+            if compare and algo == compare[0] and compare[1] in per_algo:
+                row[over_key(compare)] = _ratio(per_algo[compare[1]][1], sec)
+                if paper is not None:
+                    row["paper"] = paper
             rows.append(row)
     return rows
 
 
-def rollout_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    columns = ["task", "algo", "H", "s/image (full rollout)", "DDPO / RLCM", "paper"]
+def rollout_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
+    columns = ["task", "algo", "H", "s/image (full rollout)", ratio_label(compare, " / "), "paper"]
     cells = [
         [
             r["task"],
             r["algo"],
             r["num_steps"],
             r["seconds_per_image"],
-            r.get("ddpo_over_rlcm"),
+            r.get(over_key(compare)),
             r.get("paper", ""),
         ]
         for r in rows

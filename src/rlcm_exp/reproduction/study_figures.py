@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from rlcm_exp.analysis.figures import ALGO_COLORS, AXIS_LABELS, _pyplot, _save
-from rlcm_exp.analysis.study import ALGOS, PAPER, chosen_setting, final_name
-from rlcm_exp.analysis.study_stats import (
+from rlcm_exp.analysis.figures import AXIS_LABELS, _pyplot, _save
+from rlcm_exp.reproduction.study import PAPER, Study, chosen_setting, final_name
+from rlcm_exp.reproduction.study_stats import (
     Group,
     Interval,
     curve_band,
@@ -35,14 +35,16 @@ def training_bands(
     out: Path,
     tasks: Sequence[str],
     thresholds: dict[str, float],
+    colors: dict[str, str | None],
 ) -> Path:
-    """Figs. 4 and 5: a panel per task, each algorithm's tuned (solid) and paper (dashed) settings."""
+    """Figs. 4 and 5: a panel per task, each algorithm's tuned (solid) and paper (dashed) settings, in
+    its colour (`colors`: the study file's)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for (t, algo, variant), g in sorted(groups.items()):
             if t == task:
-                _band(ax, g, axis, f"{algo.upper()} {variant}", ALGO_COLORS.get(algo), LINESTYLE[variant])
+                _band(ax, g, axis, f"{algo.upper()} {variant}", colors.get(algo), LINESTYLE[variant])
         if task in thresholds:
             ax.axhline(thresholds[task], color="grey", linestyle=":", linewidth=1, label="threshold")
         ax.set(title=task, xlabel=AXIS_LABELS[axis], ylabel="reward (round mean)")
@@ -52,18 +54,22 @@ def training_bands(
 
 
 def horizon_bands(
-    horizon: dict[int, Group], ddpo: Group | None, out: Path, task: str, threshold: float
+    study: Study, horizon: dict[int, Group], baseline: Group | None, out: Path, threshold: float
 ) -> Path:
-    """Fig. 7: RLCM at each H against GPU-hours, DDPO's chosen setting for reference."""
+    """Fig. 7: the method at each H against GPU-hours, the baseline's chosen setting for reference."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     shades = plt.get_cmap("Greens")(np.linspace(0.45, 0.95, max(len(horizon), 1)))
     for color, (h, g) in zip(shades, sorted(horizon.items()), strict=False):
-        _band(ax, g, "gpu_hours", f"RLCM H={h}", color)
-    if ddpo is not None:
-        _band(ax, ddpo, "gpu_hours", "DDPO tuned", ALGO_COLORS["ddpo"])
+        _band(ax, g, "gpu_hours", f"{study.method.upper()} H={h}", color)
+    if baseline is not None:
+        _band(ax, baseline, "gpu_hours", f"{study.baseline.upper()} tuned", study.colors.get(study.baseline))
     ax.axhline(threshold, color="grey", linestyle=":", linewidth=1, label="threshold")
-    ax.set(title=f"horizon ablation, {task}", xlabel=AXIS_LABELS["gpu_hours"], ylabel="reward (round mean)")
+    ax.set(
+        title=f"horizon ablation, {study.horizon_task}",
+        xlabel=AXIS_LABELS["gpu_hours"],
+        ylabel="reward (round mean)",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out)
@@ -89,7 +95,7 @@ def fig6_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def inference_bands(evals: list[dict[str, Any]], out: Path) -> Path:
+def inference_bands(evals: list[dict[str, Any]], out: Path, colors: dict[str, str | None]) -> Path:
     """Fig. 6: budget curves (solid, matched by position) and full rollouts (dashed), 95% bands over checkpoints."""
     plt = _pyplot()
     tasks = sorted({e["task"] for e in evals})
@@ -97,7 +103,7 @@ def inference_bands(evals: list[dict[str, Any]], out: Path) -> Path:
     for ax, task in zip(axes[0], tasks, strict=True):
         for algo in sorted({e["algo"] for e in evals if e["task"] == task}):
             mine = [e for e in evals if e["task"] == task and e["algo"] == algo]
-            color = ALGO_COLORS.get(algo)
+            color = colors.get(algo)
             for key, rows_of, style in (
                 ("budget_s", lambda e: e["budgets"], "-"),
                 ("seconds_per_image", lambda e: e["steps"], "--"),
@@ -206,13 +212,15 @@ def _pair(a: Interval, b: Interval) -> str:
     return f"{a.value:.3g} -> {b.value:.3g}"
 
 
-def sample_grid(folder: Path, task: str, selection: dict[str, Any], seed: int, out: Path) -> Path | None:
-    """Before (first round) and after (last round) images of both algorithms' chosen settings at `seed`,
+def sample_grid(
+    folder: Path, study: Study, task: str, selection: dict[str, Any], seed: int, out: Path
+) -> Path | None:
+    """Before (first round) and after (last round) images of every algorithm's chosen setting at `seed`,
     16 of each, upscaled UPSCALE x with nearest-neighbour so that a 32 px image is visible."""
-    from rlcm_exp.analysis.study_stats import split_grid
+    from rlcm_exp.reproduction.study_stats import split_grid
 
     panels = []
-    for algo in ALGOS:
+    for algo in study.algos:
         files = _grid_files(
             folder / "runs" / final_name(task, algo, chosen_setting(selection, task, algo), seed)
         )

@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from rlcm_exp.analysis import study_figures as figs
-from rlcm_exp.analysis.plan import Outcome, RunSpec
-from rlcm_exp.analysis.report import commands_and_software
 from rlcm_exp.analysis.runs import Run, load_run
-from rlcm_exp.analysis.study import ALGOS, PAPER, VARIANTS, Study, chosen_setting, chosen_steps, final_name
-from rlcm_exp.analysis.study_stats import (
+from rlcm_exp.analysis.tables import markdown_table
+from rlcm_exp.provenance import git_commit, software_versions
+from rlcm_exp.reproduction import study_figures as figs
+from rlcm_exp.reproduction.plan import Outcome, RunSpec
+from rlcm_exp.reproduction.report import commands_and_software
+from rlcm_exp.reproduction.study import PAPER, VARIANTS, Study, chosen_setting, chosen_steps, final_name
+from rlcm_exp.reproduction.study_stats import (
     Group,
     Interval,
     contains,
@@ -30,11 +32,9 @@ from rlcm_exp.analysis.study_stats import (
     time_interval,
     verdict,
 )
-from rlcm_exp.analysis.tables import markdown_table
-from rlcm_exp.provenance import git_commit, software_versions
 
-PAPER_SPEEDUP = 17.0  # Fig. 5, aesthetic: RLCM's training-time advantage in GPU-hours
-PAPER_ROLLOUT = 4.0  # sec. 6: a full RLCM rollout takes about a quarter of a DDPO rollout
+PAPER_SPEEDUP = 17.0  # Fig. 5, aesthetic: the method's (RLCM's) training-time advantage in GPU-hours
+PAPER_ROLLOUT = 4.0  # sec. 6: a full method rollout takes about a quarter of a baseline (DDPO) one
 
 
 def setting_of(selection: dict[str, Any], task: str, algo: str, variant: str) -> str:
@@ -47,7 +47,7 @@ def load_groups(
     """(task, algo, variant) -> the finished runs' Group (missing when no seed finished)."""
     out = {}
     for task in study.tasks:
-        for algo in ALGOS:
+        for algo in study.algos:
             for variant in VARIANTS:
                 runs = _finished(
                     folder,
@@ -72,12 +72,12 @@ def _finished(folder: Path, names: list[str]) -> list[Run]:
 def horizon_groups(
     folder: Path, study: Study, selection: dict[str, Any], seeds: tuple[int, ...]
 ) -> dict[int, Group]:
-    task = study.horizon_task
-    setting = chosen_setting(selection, task, "rlcm")
-    main_h = chosen_steps(study, task, "rlcm", setting)
+    task, algo = study.horizon_task, study.method
+    setting = chosen_setting(selection, task, algo)
+    main_h = chosen_steps(study, task, algo, setting)
     out = {}
     for h in study.horizon_steps:
-        names = [final_name(task, "rlcm", setting, s, None if h == main_h else h) for s in seeds]
+        names = [final_name(task, algo, setting, s, None if h == main_h else h) for s in seeds]
         if runs := _finished(folder, names):
             out[h] = make_group(runs)
     return out
@@ -100,9 +100,9 @@ def write(
     thresholds = {t: float(v) for t, v in selection["thresholds"].items()}
     data = measure(folder, study, selection, groups, horizon, evals, thresholds)
     lines = _header(study, selection, outcome, invocation, elapsed_s, seeds)
-    lines += claims_section(data)
+    lines += claims_section(study, data)
     lines += training_section(folder, study, groups, thresholds, data)
-    lines += rollout_section(folder, evals, data)
+    lines += rollout_section(folder, study, evals, data)
     lines += horizon_section(folder, study, horizon, groups, selection, data)
     lines += samples_section(folder, study, selection, data)
     lines += _provenance(outcome, invocation)
@@ -152,7 +152,7 @@ def measure(
         )
     for task in study.tasks:
         for variant in VARIANTS:
-            r, d = groups.get((task, "rlcm", variant)), groups.get((task, "ddpo", variant))
+            r, d = groups.get((task, study.method, variant)), groups.get((task, study.baseline, variant))
             if r is None or d is None:
                 continue
             ratios.append(
@@ -193,7 +193,7 @@ def _sample_seconds(g: Group) -> list[float]:
 
 
 def _horizon_diffs(horizon: dict[int, Group], smooth: int) -> dict[str, Interval]:
-    from rlcm_exp.analysis.study import smoothed
+    from rlcm_exp.reproduction.study import smoothed
 
     finals = {h: [float(smoothed(r, smooth)[-1]) for r in g.reward] for h, g in horizon.items()}
     hs = sorted(finals)
@@ -208,13 +208,15 @@ def _header(
     elapsed_s: float,
     seeds: tuple[int, ...],
 ) -> list[str]:
-    chosen = "; ".join(f"{t}: RLCM `{c['rlcm']}`, DDPO `{c['ddpo']}`" for t, c in selection["chosen"].items())
+    chosen = "; ".join(
+        f"{t}: " + ", ".join(f"{a.upper()} `{c[a]}`" for a in study.algos if a in c)
+        for t, c in selection["chosen"].items()
+    )
     lines = [
-        f"# RLCM vs DDPO: the {study.name} study",
+        f"# {study.method.upper()} vs {study.baseline.upper()}: the {study.name} study",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{invocation}` at git commit {git_commit()} in "
-        f"{elapsed_s:.0f} s ({len(outcome.ran)} runs trained, {len(outcome.skipped)} already finished, "
-        f"{len(outcome.failed)} failed). The tuning it reads: [../{study.name}-tune/tune.md](../{study.name}-tune/tune.md) "
+        f"{elapsed_s:.0f} s ({outcome.counts()}). The tuning it reads: [../{study.name}-tune/tune.md](../{study.name}-tune/tune.md) "
         f"(commit {selection.get('commit', '?')[:12]}).",
         "",
         study.notes,
@@ -227,21 +229,20 @@ def _header(
         "two runs at a time.",
         "",
     ]
-    if outcome.failed:
-        lines += [f"**Failed runs** (see RUN/stdout.log): {', '.join(outcome.failed)}", ""]
-    return lines
+    return lines + outcome.failed_lines()
 
 
-def claims_section(data: dict[str, Any]) -> list[str]:
+def claims_section(study: Study, data: dict[str, Any]) -> list[str]:
     """One row per (claim, comparison): the toy-scale verdict with its numbers."""
+    m, ratio = study.method.upper(), f"{study.baseline.upper()}/{study.method.upper()}"
     cells = []
     for r in data["ratios"]:
         label = "tuned vs tuned" if r["variant"] == "tuned" else "paper vs paper"
         cells.append(
             [
-                "Fig. 4: RLCM needs fewer reward queries (sample complexity)",
+                f"Fig. 4: {m} needs fewer reward queries (sample complexity)",
                 f"{r['task']}, {label}",
-                f"DDPO/RLCM queries to threshold {r['queries'].text()}",
+                f"{ratio} queries to threshold {r['queries'].text()}",
                 verdict(r["queries"]),
             ]
         )
@@ -249,18 +250,18 @@ def claims_section(data: dict[str, Any]) -> list[str]:
         magnitude = _magnitude(w, PAPER_SPEEDUP)
         cells.append(
             [
-                "Fig. 5: RLCM trains 17x faster (time to the same reward)",
+                f"Fig. 5: {m} trains {PAPER_SPEEDUP:g}x faster (time to the same reward)",
                 f"{r['task']}, {label}",
-                f"DDPO/RLCM wall-clock to threshold {w.text()} {magnitude}",
+                f"{ratio} wall-clock to threshold {w.text()} {magnitude}",
                 verdict(w),
             ]
         )
         ro = r["rollout"]
         cells.append(
             [
-                "Sec. 6: a rollout is ~4x faster",
+                f"Sec. 6: a rollout is ~{PAPER_ROLLOUT:g}x faster",
                 f"{r['task']}, {label}",
-                f"DDPO/RLCM sampling s per trajectory {ro.text()} " + _magnitude(ro, PAPER_ROLLOUT),
+                f"{ratio} sampling s per trajectory {ro.text()} " + _magnitude(ro, PAPER_ROLLOUT),
                 verdict(ro),
             ]
         )
@@ -307,10 +308,12 @@ def training_section(
     thresholds: dict[str, float],
     data: dict[str, Any],
 ) -> list[str]:
-    figs.training_bands(
-        groups, "reward_queries", folder / "fig4_reward_vs_queries.png", study.tasks, thresholds
-    )
-    figs.training_bands(groups, "gpu_hours", folder / "fig5_reward_vs_gpu_hours.png", study.tasks, thresholds)
+    for axis, png in (
+        ("reward_queries", "fig4_reward_vs_queries.png"),
+        ("gpu_hours", "fig5_reward_vs_gpu_hours.png"),
+    ):
+        figs.training_bands(groups, axis, folder / png, study.tasks, thresholds, study.colors)
+    m, b = study.method.upper(), study.baseline.upper()
     cells = [
         [
             r["task"],
@@ -352,17 +355,19 @@ def training_section(
             ],
             cells,
         ),
-        "Time-to-threshold ratios, DDPO / RLCM (> 1: RLCM faster):",
+        f"Time-to-threshold ratios, {b} / {m} (> 1: {m} faster):",
         "",
         markdown_table(["task", "comparison", "wall-clock", "reward queries"], ratio_cells),
     ]
 
 
-def rollout_section(folder: Path, evals: list[dict[str, Any]], data: dict[str, Any]) -> list[str]:
+def rollout_section(
+    folder: Path, study: Study, evals: list[dict[str, Any]], data: dict[str, Any]
+) -> list[str]:
     lines = ["## Fig. 6: inference-time budget", ""]
     if not evals:
         return lines + ["No evaluation results.", ""]
-    figs.inference_bands(evals, folder / "fig6_inference_budget.png")
+    figs.inference_bands(evals, folder / "fig6_inference_budget.png", study.colors)
     cells = [
         [r["task"], r["algo"], str(r["num_steps"]), r["seconds_per_image"].text(), r["reward"].text(4)]
         for r in data["fig6"]
@@ -389,17 +394,18 @@ def horizon_section(
 ) -> list[str]:
     if not horizon:
         return []
-    ddpo = groups.get((study.horizon_task, "ddpo", "tuned"))
+    baseline = groups.get((study.horizon_task, study.baseline, "tuned"))
     figs.horizon_bands(
-        horizon, ddpo, folder / "fig7_horizon.png", study.horizon_task, data["thresholds"][study.horizon_task]
+        study, horizon, baseline, folder / "fig7_horizon.png", data["thresholds"][study.horizon_task]
     )
     cells = [[f"H = {h}", ci.text(4)] for h, ci in data["horizon"].items()]
     cells += [[k, v.text(3)] for k, v in data["horizon_diffs"].items()]
     return [
         "## Fig. 7: horizon ablation",
         "",
-        f"RLCM's chosen setting on {study.horizon_task} (`{chosen_setting(selection, study.horizon_task, 'rlcm')}`) "
-        f"retrained at each H for the same {study.budget_s:g} s; DDPO's chosen setting for reference.",
+        f"{study.method.upper()}'s chosen setting on {study.horizon_task} "
+        f"(`{chosen_setting(selection, study.horizon_task, study.method)}`) retrained at each H for the same "
+        f"{study.budget_s:g} s; {study.baseline.upper()}'s chosen setting for reference.",
         "",
         "![fig7](fig7_horizon.png)",
         "",
@@ -418,7 +424,9 @@ def samples_section(folder: Path, study: Study, selection: dict[str, Any], data:
         "",
     ]
     for task in study.tasks:
-        path = figs.sample_grid(folder, task, selection, study.seeds[0], folder / f"samples_{task}.png")
+        path = figs.sample_grid(
+            folder, study, task, selection, study.seeds[0], folder / f"samples_{task}.png"
+        )
         mine = [r for r in data["images"] if r["task"] == task and r["variant"] == "tuned"]
         lines += [f"### {task}", ""]
         lines += [f"- **{r['algo'].upper()}**: {figs.describe_change(r)}" for r in mine]

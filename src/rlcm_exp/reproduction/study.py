@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from rlcm_exp.analysis.plan import RunSpec
 from rlcm_exp.analysis.runs import Run
-from rlcm_exp.configs import conf_dir
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.reproduction.plan import RunSpec, check_algos, conf_names, read_conf
 
-ALGOS = ("rlcm", "ddpo")
 PAPER = "paper"  # the setting name every algorithm must have: the paper's numbers
 TUNE_SUFFIX = "-tune"
 VARIANTS = ("tuned", PAPER)  # what the final runs compare
@@ -56,10 +53,18 @@ class Study:
     eval_steps: dict[str, tuple[int, ...]]
     eval_overrides: tuple[str, ...]
     settings: dict[str, dict[str, Setting]]  # algo -> name -> setting, in file order
+    method: str  # the paper's method (a settings key): the claims' numerator side, Fig. 7's H ablation
+    baseline: str  # what it is compared with (a settings key)
+    colors: dict[str, str | None]  # algo -> matplotlib colour (None: the default cycle)
+
+    @property
+    def algos(self) -> tuple[str, ...]:
+        """The algorithms the study compares (its file's algos, in file order)."""
+        return tuple(self.settings)
 
 
 def study_names() -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / "study").glob("*.yaml"))
+    return conf_names("study")
 
 
 def scale_is_study(scale: str) -> bool:
@@ -69,25 +74,11 @@ def scale_is_study(scale: str) -> bool:
 def load_study(name: str) -> Study:
     """conf/study/<name>.yaml as a Study; a missing or malformed key is a ConfigError naming it."""
     where = f"conf/study/{name}.yaml"
-    path = conf_dir() / "study" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown study '{name}': choose from {', '.join(study_names())}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(data, dict)
+    data = read_conf("study", name, "study")
     try:
         tuning, algos = data["tuning"], data["algos"]
-        if set(algos) != set(ALGOS):
-            raise ConfigError(f"{where}: algos must be exactly {', '.join(ALGOS)}")
-        settings = {
-            a: {
-                str(n): _setting(s, f"{where}: algos.{a}.settings.{n}")
-                for n, s in algos[a]["settings"].items()
-            }
-            for a in ALGOS
-        }
-        for algo, named in settings.items():
-            if PAPER not in named:
-                raise ConfigError(f"{where}: algos.{algo}.settings needs a '{PAPER}' setting")
+        check_algos(list(algos), (data["method"], data["baseline"]), where)
+        settings = {str(a): _settings(part, f"{where}: algos.{a}") for a, part in algos.items()}
         study = Study(
             name=name,
             notes=str(data["notes"]),
@@ -104,15 +95,30 @@ def load_study(name: str) -> Study:
             smooth=int(tuning["smooth"]),
             horizon_task=str(data["horizon_task"]),
             horizon_steps=tuple(int(h) for h in data["horizon_steps"]),
-            eval_steps={a: tuple(int(s) for s in data["eval_steps"][a]) for a in ALGOS},
+            eval_steps={a: tuple(int(s) for s in data["eval_steps"][a]) for a in settings},
             eval_overrides=tuple(str(o) for o in data["eval_overrides"]),
             settings=settings,
+            method=str(data["method"]),
+            baseline=str(data["baseline"]),
+            colors={
+                str(a): None if part.get("color") is None else str(part["color"]) for a, part in algos.items()
+            },
         )
     except KeyError as err:
         raise ConfigError(f"{where}: missing key {err}") from None
     if missing := set(study.tasks) - set(study.thresholds):
         raise ConfigError(f"{where}: tuning.thresholds has no rule for {', '.join(sorted(missing))}")
     return study
+
+
+def _settings(data: Any, where: str) -> dict[str, Setting]:
+    """An algorithm's `settings` (each with a `paper` one) and its optional `color`."""
+    if not isinstance(data, dict) or "settings" not in data or set(data) - {"settings", "color"}:
+        raise ConfigError(f"{where}: expected {{settings: {{NAME: ...}}, color: COLOUR}}")
+    named = {str(n): _setting(s, f"{where}.settings.{n}") for n, s in data["settings"].items()}
+    if PAPER not in named:
+        raise ConfigError(f"{where}.settings needs a '{PAPER}' setting")
+    return named
 
 
 def _setting(data: Any, where: str) -> Setting:
@@ -170,7 +176,7 @@ def plan_tuning(study: Study, user: tuple[str, ...] = ()) -> list[RunSpec]:
             user=user,
         )
         for task in study.tasks
-        for algo in ALGOS
+        for algo in study.algos
         for setting in study.settings[algo]
     ]
 
@@ -183,28 +189,28 @@ def plan_final(
     study: Study, selection: dict[str, Any], seeds: tuple[int, ...], user: tuple[str, ...] = ()
 ) -> list[RunSpec]:
     """The chosen and the paper setting of each algorithm and task at every seed (a chosen `paper`
-    is trained once), then RLCM's chosen setting on the horizon task at each other H (Fig. 7)."""
+    is trained once), then the method's chosen setting on the horizon task at each other H (Fig. 7)."""
     specs: dict[str, RunSpec] = {}
     for task in study.tasks:
-        for algo in ALGOS:
+        for algo in study.algos:
             for setting in dict.fromkeys((chosen_setting(selection, task, algo), PAPER)):
                 for seed in seeds:
                     name = final_name(task, algo, setting, seed)
                     specs[name] = run_spec(
                         study, task, algo, setting, seed, study.budget_s, name, "main", user=user
                     )
-    task = study.horizon_task
-    setting = chosen_setting(selection, task, "rlcm")
-    main_h = chosen_steps(study, task, "rlcm", setting)
+    task, algo = study.horizon_task, study.method
+    setting = chosen_setting(selection, task, algo)
+    main_h = chosen_steps(study, task, algo, setting)
     for steps in study.horizon_steps:
         if steps == main_h:
             continue
         for seed in seeds:
-            name = final_name(task, "rlcm", setting, seed, steps)
+            name = final_name(task, algo, setting, seed, steps)
             specs[name] = run_spec(
                 study,
                 task,
-                "rlcm",
+                algo,
                 setting,
                 seed,
                 study.budget_s,
@@ -278,7 +284,7 @@ def select(study: Study, runs: dict[str, Run]) -> dict[str, Any]:
         start = max(starts)
         thresholds[task] = threshold_from_start(start, study.thresholds[task])
         chosen[task] = {}
-        for algo in ALGOS:
+        for algo in study.algos:
             cands = []
             for setting in study.settings[algo]:
                 run = mine.get(f"{task}_{algo}_{setting}_s{study.tune_seed}")

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from rlcm_exp.analysis import figures, tables
-from rlcm_exp.analysis.plan import Outcome, RunSpec, Scale
 from rlcm_exp.analysis.runs import Run, find_runs
 from rlcm_exp.provenance import git_commit, software_versions
+from rlcm_exp.reproduction.plan import Outcome, RunSpec, Scale
+
+# What the paper states (sec. 6) about its method against the baseline: the training-time speed-up per
+# task where it gives a number, and the rollout time.
+PAPER_TRAINING_SPEEDUP = {"aesthetic": "17x (GPU-hours)"}
+PAPER_ROLLOUT_RATIO = "~4x (a full RLCM rollout takes about a quarter of a DDPO rollout)"
 
 
 def write_report(
@@ -33,14 +38,17 @@ def write_report(
     main = [r for r in runs if wanted[r.path.name].kind == "main"]
     lines = _header(scale, outcome, invocation, elapsed_s)
     table: list[dict[str, Any]] = []
-    phases = tables.phase_table(runs)
+    compare = scale.compare
+    phases = tables.phase_table(runs, compare)
     if main and {"4", "5"} & set(figs):
-        table = tables.threshold_table(main, thresholds=thresholds)
+        table = tables.threshold_table(
+            main, thresholds=thresholds, compare=compare, paper=PAPER_TRAINING_SPEEDUP
+        )
         lines += _training_sections(scale_dir, scale, main, figs, table, phases)
     rollout: list[dict[str, Any]] = []
     if evals and "6" in figs:
-        rollout = tables.rollout_table(evals)
-        lines += _inference_section(scale_dir, evals, rollout)
+        rollout = tables.rollout_table(evals, compare, PAPER_ROLLOUT_RATIO)
+        lines += _inference_section(scale_dir, scale, evals, rollout)
     if "7" in figs:
         lines += _horizon_section(scale_dir, scale, runs)
     versions = software_versions()
@@ -64,17 +72,15 @@ def write_report(
 
 def _header(scale: Scale, outcome: Outcome, invocation: str, elapsed_s: float) -> list[str]:
     lines = [
-        f"# RLCM vs DDPO, {scale.name} scale",
+        f"# {scale.method.upper()} vs {scale.baseline.upper()}, {scale.name} scale",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{invocation}` in {elapsed_s:.0f} s "
-        f"({len(outcome.ran)} runs trained, {len(outcome.skipped)} already finished, {len(outcome.failed)} failed).",
+        f"({outcome.counts()}).",
         "",
         scale.notes,
         "",
     ]
-    if outcome.failed:
-        lines += [f"**Failed runs** (see RUN/stdout.log): {', '.join(outcome.failed)}", ""]
-    return lines
+    return lines + outcome.failed_lines()
 
 
 def _training_sections(
@@ -106,27 +112,29 @@ def _training_sections(
         "Threshold per task: "
         + ", ".join(f"{task} {tables.fmt(th)} ({source})" for task, (th, source) in per_task.items())
         + ". Time to threshold is the first epoch at which the seed-mean reward reaches it, read on the "
-        "seed-mean time axis; speed-up = DDPO's time / RLCM's time (paper: 17x on aesthetic in GPU-hours).",
+        f"seed-mean time axis; speed-up = {scale.baseline.upper()}'s time / {scale.method.upper()}'s time "
+        "(paper: 17x on aesthetic in GPU-hours).",
         "",
-        tables.threshold_markdown(table),
+        tables.threshold_markdown(table, scale.compare),
         "## Seconds per epoch",
         "",
         "Mean over every epoch of every seed, from metrics.jsonl. Reward scoring runs in a worker thread "
         "while the next batch samples, so sampling + reward + training can exceed the epoch's wall-clock. "
         "The last column compares wall-clock per sampled trajectory (the batches may differ).",
         "",
-        tables.phase_markdown(phases),
+        tables.phase_markdown(phases, scale.compare),
     ]
 
 
 def _inference_section(
-    scale_dir: Path, evals: list[dict[str, Any]], rollout: list[dict[str, Any]]
+    scale_dir: Path, scale: Scale, evals: list[dict[str, Any]], rollout: list[dict[str, Any]]
 ) -> list[str]:
     """Fig. 6 (reward against inference seconds per image) and the rollout-time table."""
     figures.inference_figure(
         evals,
         scale_dir / "fig6_inference_budget.png",
         f"Fig. 6: reward vs inference seconds per image (final checkpoints): {scale_dir}",
+        scale.colors(),
     )
     return [
         "## Fig. 6: inference-time budget",
@@ -138,12 +146,13 @@ def _inference_section(
         "",
         "![fig6](fig6_inference_budget.png)",
         "",
-        tables.rollout_markdown(rollout),
+        tables.rollout_markdown(rollout, scale.compare),
     ]
 
 
 def _horizon_section(scale_dir: Path, scale: Scale, runs: Sequence[Run]) -> list[str]:
-    """Fig. 7: every run of the horizon task (RLCM at each H, DDPO for reference); nothing without runs."""
+    """Fig. 7: every run of the horizon task (the method at each H, the baseline for reference); nothing
+    without runs."""
     horizon = [r for r in runs if r.task == scale.horizon_task]
     if not horizon:
         return []
@@ -151,7 +160,8 @@ def _horizon_section(scale_dir: Path, scale: Scale, runs: Sequence[Run]) -> list
         horizon,
         "gpu_hours",
         scale_dir / "fig7_horizon.png",
-        f"Fig. 7: RLCM horizon ablation on {scale.horizon_task} (DDPO for reference), {scale.name} scale: {scale_dir}",
+        f"Fig. 7: {scale.method.upper()} horizon ablation on {scale.horizon_task} "
+        f"({scale.baseline.upper()} for reference), {scale.name} scale: {scale_dir}",
         [scale.horizon_task],
     )
     return ["## Fig. 7: horizon ablation", "", "![fig7](fig7_horizon.png)", ""]
@@ -175,10 +185,7 @@ def _provenance_section(outcome: Outcome, invocation: str, versions: dict[str, s
 def commands_and_software(outcome: Outcome, versions: dict[str, str]) -> list[str]:
     """The runs' commands as a code block (paths relative to the current directory) and the versions."""
     return [
-        "```",
-        *(c.replace(f"{Path.cwd()}/", "") for c in outcome.commands),
-        "```",
-        "",
+        *outcome.command_block(),
         "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
     ]

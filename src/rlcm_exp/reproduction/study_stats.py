@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rlcm_exp.analysis.runs import Run
-from rlcm_exp.analysis.study import first_crossing, smoothed
+from rlcm_exp.reproduction.study import first_crossing, smoothed
 
 DRAWS = 2000  # bootstrap resamples
 LEVEL = 0.95

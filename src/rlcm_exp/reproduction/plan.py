@@ -21,8 +21,6 @@ from rlcm_exp.configs import conf_dir
 from rlcm_exp.errors import ConfigError
 
 FIGURES = ("4", "5", "6", "7")  # the paper's figures a reproduction can draw
-ALGOS = ("rlcm", "ddpo")  # the paper's comparison: every scale has both, and runs them by default
-KNOWN_ALGOS = ("rlcm", "ddpo", "grpo", "rebel")  # conf/algo/ options a scale may add (`--algos`)
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,7 @@ class AlgoScale:
     epoch_seconds: float  # plan estimate: seconds per epoch at main_steps and the common batch
     main_steps: int  # plan estimate: the main H (the config decides the real one)
     task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # after `overrides`, per task
+    color: str | None = None  # matplotlib colour in every figure; None: the next of the default cycle
 
 
 @dataclass(frozen=True)
@@ -45,44 +44,80 @@ class Scale:
     tasks: tuple[str, ...]  # task options compared in Figs. 4-6
     seeds: tuple[int, ...]  # seeds of every training run
     common: tuple[str, ...]  # overrides of every training run
-    algos: dict[str, AlgoScale]  # per algorithm
+    algos: dict[str, AlgoScale]  # per algorithm the scale knows (conf/algo/ options), in file order
+    method: str  # the paper's method (an algos key): trained by default, retrained at each H for Fig. 7
+    baseline: str  # what it is compared with (an algos key): trained by default
     horizon_task: str  # task of the Fig. 7 ablation
-    horizon_steps: tuple[int, ...]  # extra RLCM horizons H trained for Fig. 7 (the main H is reused)
+    horizon_steps: tuple[int, ...]  # extra horizons H of the method trained for Fig. 7 (the main H is reused)
     eval_overrides: tuple[str, ...]  # conf/evaluate.yaml overrides of the inference evaluation
     eval_seeds: tuple[int, ...]  # training seeds whose final checkpoints are evaluated for Fig. 6
     startup_seconds: float  # plan estimate: per-run process start + model load
     eval_seconds: float  # plan estimate: per evaluated checkpoint
     thresholds: dict[str, float] = field(default_factory=dict)  # stated time-to-threshold reward per task
 
+    @property
+    def compare(self) -> tuple[str, str]:
+        """(method, baseline): the paper's comparison, what `--algos` trains when not given."""
+        return (self.method, self.baseline)
+
+    def colors(self) -> dict[str, str | None]:
+        """Each algorithm's colour in the figures (None: matplotlib's default cycle)."""
+        return {name: algo.color for name, algo in self.algos.items()}
+
+
+def conf_names(group: str) -> list[str]:
+    """The files of conf/<group>/ (algo, reproduce, study) by name, sorted."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def read_conf(group: str, name: str, what: str) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml as a dict, interpolations resolved; a missing file is a ConfigError
+    naming the `what`s there are."""
+    path = conf_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {what} '{name}': choose from {', '.join(conf_names(group))}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
+def algo_names() -> list[str]:
+    """The algorithms there are: the options of conf/algo/, sorted."""
+    return conf_names("algo")
+
+
+def check_algos(algos: Sequence[str], pair: Sequence[str], where: str) -> None:
+    """Every name of `algos` is a conf/algo/ option and each of `pair` (method, baseline) one of
+    `algos`; else a ConfigError naming the valid ones."""
+    if unknown := [a for a in algos if a not in algo_names()]:
+        raise ConfigError(
+            f"{where}: algos {', '.join(unknown)} not in conf/algo/ (choose from {', '.join(algo_names())})"
+        )
+    if missing := [a for a in pair if a not in algos]:
+        raise ConfigError(f"{where}: method/baseline {', '.join(missing)} not in algos ({', '.join(algos)})")
+
 
 def scale_names() -> list[str]:
     """The scales shipped in conf/reproduce/, sorted."""
-    return sorted(p.stem for p in (conf_dir() / "reproduce").glob("*.yaml"))
+    return conf_names("reproduce")
 
 
 def load_scale(name: str) -> Scale:
     """conf/reproduce/<name>.yaml as a Scale; a missing or unknown key is a ConfigError naming it."""
-    path = conf_dir() / "reproduce" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown reproduction scale '{name}': choose from {', '.join(scale_names())}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(data, dict)
+    data = read_conf("reproduce", name, "reproduction scale")
     where = f"conf/reproduce/{name}.yaml"
     _check_keys(data, Scale, where, skip=frozenset({"name"}))
     algos = data["algos"]
-    if not set(ALGOS) <= set(algos) <= set(KNOWN_ALGOS):
-        raise ConfigError(
-            f"{where}: algos must hold {', '.join(ALGOS)} and may add {', '.join(KNOWN_ALGOS[2:])}; got {', '.join(algos)}"
-        )
+    check_algos(list(algos), (data["method"], data["baseline"]), where)
     return Scale(
         name=name,
         notes=str(data["notes"]),
         tasks=_strs(data["tasks"]),
         seeds=_ints(data["seeds"]),
         common=_strs(data["common"]),
-        algos={
-            algo: _algo_scale(algos[algo], f"{where}: algos.{algo}") for algo in KNOWN_ALGOS if algo in algos
-        },
+        algos={str(algo): _algo_scale(part, f"{where}: algos.{algo}") for algo, part in algos.items()},
+        method=str(data["method"]),
+        baseline=str(data["baseline"]),
         horizon_task=str(data["horizon_task"]),
         horizon_steps=_ints(data["horizon_steps"]),
         eval_overrides=_strs(data["eval_overrides"]),
@@ -101,6 +136,7 @@ def _algo_scale(data: dict[str, Any], where: str) -> AlgoScale:
         epoch_seconds=float(data["epoch_seconds"]),
         main_steps=int(data["main_steps"]),
         task_overrides={str(k): _strs(v) for k, v in (data.get("task_overrides") or {}).items()},
+        color=None if data.get("color") is None else str(data["color"]),
     )
 
 
@@ -140,16 +176,17 @@ def plan_runs(
     seeds: tuple[int, ...],
     figures: tuple[str, ...],
     user: tuple[str, ...] = (),
-    algos: tuple[str, ...] = ALGOS,
+    algos: tuple[str, ...] | None = None,
 ) -> list[RunSpec]:
-    """The training runs the chosen figures need for `algos` (each must be in the scale); Fig. 7
-    reuses the main RLCM run as its main H."""
+    """The training runs the chosen figures need for `algos` (each must be in the scale; default: its
+    method and baseline); Fig. 7 reuses the method's main run as its main H."""
+    algos = scale.compare if algos is None else algos
     if missing := [a for a in algos if a not in scale.algos]:
         raise ConfigError(
             f"--algos: {', '.join(missing)} not in conf/reproduce/{scale.name}.yaml's algos ({', '.join(scale.algos)})"
         )
     specs = []
-    # Fig. 7 alone still needs its task's main runs: its main H and the DDPO reference
+    # Fig. 7 alone still needs its task's main runs: its main H and the baseline's reference
     tasks = scale.tasks if {"4", "5", "6"} & set(figures) else (scale.horizon_task,) if "7" in figures else ()
     for task in tasks:
         for algo in algos:
@@ -159,7 +196,7 @@ def plan_runs(
         for steps in scale.horizon_steps:
             for seed in seeds:
                 extra = (f"sampler.num_steps={steps}",)
-                specs.append(plan_run(scale, "horizon", scale.horizon_task, "rlcm", seed, extra, user))
+                specs.append(plan_run(scale, "horizon", scale.horizon_task, scale.method, seed, extra, user))
     return specs
 
 
@@ -249,6 +286,20 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)  # already finished
     failed: list[str] = field(default_factory=list)  # trained now, not finished (see RUN/stdout.log)
     commands: list[str] = field(default_factory=list)  # every planned run's command line
+
+    def counts(self) -> str:
+        """The counts a report's first line gives: "N runs trained, N already finished, N failed"."""
+        return (
+            f"{len(self.ran)} runs trained, {len(self.skipped)} already finished, {len(self.failed)} failed"
+        )
+
+    def failed_lines(self) -> list[str]:
+        """A report's line naming the failed runs (none when nothing failed)."""
+        return [f"**Failed runs** (see RUN/stdout.log): {', '.join(self.failed)}", ""] if self.failed else []
+
+    def command_block(self) -> list[str]:
+        """Every planned run's command as a code block, paths relative to the current directory."""
+        return ["```", *(c.replace(f"{Path.cwd()}/", "") for c in self.commands), "```", ""]
 
 
 def scale_dir(out: Path, scale: Scale) -> Path:
