@@ -91,6 +91,7 @@ def automatic_layers(config_name: str = "config") -> list[tuple[str, str, list[s
 
     layers = []
     config = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{config_name}.yaml"), resolve=False)
+    assert isinstance(config, dict), f"conf/{config_name}.yaml is not a mapping"
     for entry in config.get("defaults", []):
         if not isinstance(entry, dict) or len(entry) != 1:
             continue

@@ -190,7 +190,11 @@ class Trainer:
         """One line per epoch; the update's monitors where it reports them (an update that does not
         recompute recorded transitions has no ratio_first)."""
         if self.accelerator.is_main_process:
-            shown = (("approx_kl", "kl", ".2e"), ("clipfrac", "clipfrac", ".3f"), ("ratio_first", "ratio_first", ".6f"))
+            shown = (
+                ("approx_kl", "kl", ".2e"),
+                ("clipfrac", "clipfrac", ".3f"),
+                ("ratio_first", "ratio_first", ".6f"),
+            )
             monitors = "".join(f"{label} {rec[key]:{fmt}}  " for key, label, fmt in shown if key in rec)
             print(
                 f"epoch {rec['epoch']}: reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f}  "
