@@ -385,13 +385,9 @@ def rollout_section(
 
 
 def horizon_section(
-    folder: Path,
-    study: Study,
-    horizon: dict[int, Group],
-    groups: dict[tuple[str, str, str], Group],
-    selection: dict[str, Any],
-    data: dict[str, Any],
-) -> list[str]:
+    folder: Path, study: Study, horizon: dict[int, Group], groups: dict[tuple[str, str, str], Group],
+    selection: dict[str, Any], data: dict[str, Any],
+) -> list[str]:  # fmt: skip
     if not horizon:
         return []
     baseline = groups.get((study.horizon_task, study.baseline, "tuned"))

@@ -99,10 +99,8 @@ class OcrReward:
             raise ConfigError(
                 f"reward.missing_quotes={missing_quotes} must be one of {', '.join(MISSING_QUOTES)}"
             )
-        self.engine = engine
-        self.missing_quotes = missing_quotes
-        self.substring_match = substring_match
-        self.models = models
+        self.engine, self.models = engine, models
+        self.missing_quotes, self.substring_match = missing_quotes, substring_match
         self._lock = threading.Lock()
 
     def read(self, image: np.ndarray) -> str:

@@ -101,17 +101,9 @@ def build_trainer(
     gold = cfg.get("gold_reward")
     policy.denoiser, optimizer = accelerator.prepare(policy.denoiser, optimizer)
     optimization = Optimization(accelerator, optimizer, lr_scheduler, params, settings.max_grad_norm, ema)
+    # Trainer(policy, algo, reward, prompts, optimization, plan, settings, accelerator, run_dir, seed, ...)
     return Trainer(
-        policy=policy,
-        algo=algo,
-        reward_fn=reward_fn,
-        prompts=prompts,
-        optimization=optimization,
-        plan=plan,
-        settings=settings,
-        accelerator=accelerator,
-        run_dir=run_dir,
-        seed=cfg.seed,
+        *(policy, algo, reward_fn, prompts, optimization, plan, settings, accelerator, run_dir, cfg.seed),
         logger=NullLogger() if logger is None else logger,
         eval_prompts=instantiate(cfg.task.eval_prompts),
         callbacks=callbacks,
