@@ -40,6 +40,7 @@ itself lives in rlcm_exp/serving/. Exit codes: 0 after Ctrl-C, 2 for bad argumen
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,10 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "max_queue_pixels": int,
     "max_batch": int,
     "max_wait_ms": float,
+    "max_connections": int,
+    "request_timeout_s": float,
+    "min_upload_kb_s": float,
+    "reward_timeout_s": float,
     "device": str,
     "config_dir": str,
 }
@@ -80,11 +85,75 @@ INLINE_TOKEN_WARNING = (
 )
 
 
-def parse_args(argv: list[str]) -> tuple[ServerOptions, list[str]]:
+def parse_rewards(value: str) -> dict[str, str]:
+    """`rewards=[a,b]` (served as a and b) or `rewards={x:a,y:b}` (config a served as x) -> name -> config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"rewards={value}").value()
+    except HydraException as err:
+        raise ConfigError(
+            f"reward_server rewards={value}: not a list [a,b] or a mapping {{name:a}} ({err})"
+        ) from err
+    pairs = {str(v): v for v in parsed} if isinstance(parsed, list) else parsed
+    if (
+        not isinstance(pairs, dict)
+        or not pairs
+        or not isinstance(parsed, list | dict)
+        or len(pairs) != len(parsed)
+    ):
+        raise ConfigError(
+            f"reward_server rewards={value}: give a non-empty list of distinct reward configs, e.g. "
+            "rewards=[ocr,jpeg_compressibility], or a mapping name->config, e.g. "
+            "rewards={text:ocr,jpeg:jpeg_compressibility}."
+        )
+    if not all(isinstance(c, str) and _NAME.fullmatch(str(n)) for n, c in pairs.items()):
+        raise ConfigError(
+            f"reward_server rewards={value}: names and configs must be words like ocr or my_reward_2."
+        )
+    return {str(name): str(config) for name, config in pairs.items()}
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _reward_overrides(argv: list[str]) -> dict[str, list[str]]:
+    """The rewards to serve (name -> Hydra overrides, `+reward=CONFIG` first) from reward=/rewards=
+    and the reward.KEY=VALUE (one reward) or rewards.NAME.KEY=VALUE (several) overrides."""
+    singles = [a.split("=", 1)[1] for a in argv if a.startswith("reward=")]
+    several = [a.split("=", 1)[1] for a in argv if a.startswith("rewards=")]
+    if len(singles) + len(several) != 1:
+        raise ConfigError(
+            "reward_server needs reward=NAME (a file in conf/reward/), e.g. reward=llava_bertscore, or "
+            "rewards=[NAME,...] to serve several, e.g. rewards=[ocr,jpeg_compressibility]; one of them, once."
+        )
+    configs = {singles[0]: singles[0]} if singles else parse_rewards(several[0])
+    rewards = {name: [f"+reward={config}"] for name, config in configs.items()}
+    for arg in argv:
+        sign = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key = arg[len(sign) :]
+        if singles and key.startswith("reward."):
+            rewards[singles[0]].append(arg)
+        elif several and key.startswith("rewards."):
+            name, _, rest = key[len("rewards.") :].partition(".")
+            if name not in rewards or not rest:
+                raise ConfigError(
+                    f"reward_server {arg}: use rewards.NAME.KEY=VALUE with NAME one of {', '.join(rewards)}."
+                )
+            rewards[name].append(f"{sign}reward.{rest}")
+        elif key.startswith(("reward.", "rewards.")):
+            raise ConfigError(
+                f"reward_server {arg}: with reward=NAME override reward.KEY=VALUE; with rewards=[...] override "
+                "rewards.NAME.KEY=VALUE."
+            )
+    return rewards
+
+
+def parse_args(argv: list[str]) -> tuple[ServerOptions, dict[str, list[str]]]:
     """Split `key=value` arguments into server options (the token read from where it is kept) and
-    Hydra overrides of the reward group."""
+    the rewards to serve, each with its Hydra overrides of the reward group."""
     options = ServerOptions()
-    overrides: list[str] = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if key in _CASTS and sep:
@@ -93,25 +162,23 @@ def parse_args(argv: list[str]) -> tuple[ServerOptions, list[str]]:
             except ValueError as err:
                 kind = "true/false" if _CASTS[key] is _bool else _CASTS[key].__name__
                 raise ConfigError(f"reward_server {key}={value}: not a valid {kind}") from err
-        elif key == "reward" and sep:
-            # the primary config is empty, so the reward group is added rather than overridden
-            overrides.append(f"+reward={value}")
-        elif key.lstrip("+~").startswith("reward."):
-            overrides.append(arg)
-        else:
+        elif not (sep and key.lstrip("+~").split(".")[0] in ("reward", "rewards")):
             raise ConfigError(
-                f"reward_server: unknown argument {arg!r}. Use reward=NAME (a file in conf/reward/), "
-                f"reward.<key>=<value> overrides, and server keys {', '.join(f'{k}=...' for k in _CASTS)}."
+                f"reward_server: unknown argument {arg!r}. Use reward=NAME (a file in conf/reward/) with "
+                "reward.<key>=<value> overrides, or rewards=[NAME,...] with rewards.NAME.<key>=<value>, and "
+                f"server keys {', '.join(f'{k}=...' for k in _CASTS)}."
             )
-    if not any(o.startswith("+reward=") for o in overrides):
-        raise ConfigError(
-            "reward_server needs reward=NAME, e.g. reward=llava_bertscore (a file in conf/reward/)."
-        )
+    rewards = _reward_overrides(argv)
     options.check()
+    if any(a.startswith("token=") for a in argv) and not options.token:
+        raise ConfigError(
+            "reward_server token=: empty; give a token, or leave token= out (no token on loopback)."
+        )
     options.token = read_token(
         options.token, options.token_env, options.token_file, "reward_server token_file"
     )
-    return options, overrides
+    options.check_token()
+    return options, rewards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        options, overrides = parse_args(args)
-        if any(a.startswith("token=") and a != "token=" for a in args):
+        options, rewards = parse_args(args)
+        if any(a.startswith("token=") for a in args):
             print(INLINE_TOKEN_WARNING, file=sys.stderr)
-        started = start(options, overrides)
+        started = start(options, rewards)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
