@@ -1,8 +1,11 @@
 """Serve any configured reward over HTTP, so a heavy scorer can live on its own GPU or machine.
 
 usage: python -m rlcm_exp.reward_server reward=NAME [reward.KEY=VALUE ...] [SERVER_KEY=VALUE ...]
+       python -m rlcm_exp.reward_server rewards=[NAME,...] [rewards.NAME.KEY=VALUE ...] [SERVER_KEY=VALUE ...]
 
     python -m rlcm_exp.reward_server reward=llava_bertscore port=8060
+    python -m rlcm_exp.reward_server 'rewards=[ocr,jpeg_compressibility]' rewards.ocr.num_threads=4
+    python -m rlcm_exp.reward_server 'rewards={text:ocr,judge:vlm_judge}' rewards.judge.mode=rubric
     RLCM_REWARD_TOKEN=... python -m rlcm_exp.reward_server reward=aesthetic host=0.0.0.0 port=8061 \\
         device=cuda:1 max_batch=64 reward.dtype=float16
     python -m rlcm_exp.reward_server reward=aesthetic host=0.0.0.0 token_file=~/.rlcm_token
@@ -24,14 +27,29 @@ Server keys:
   max_queue_pixels  decoded pixels of all requests waiting or being scored (4*4096*4096)
   max_batch         images per reward call (32); max_wait_ms: how long the batcher waits for
                     more requests to merge (10)
+  max_connections   connections open at once, one thread each (256); more are answered 503 and
+                    closed at once (no thread). Needs max_connections + 64 open files (raised to
+                    the hard limit if needed; above it, an error)
+  request_timeout_s seconds for a request's line and headers to arrive, counted from the accept or
+                    the previous answer (30): idle and trickling connections are closed
+  min_upload_kb_s   slowest accepted body upload, KB/s (256): the first n body bytes must arrive
+                    within request_timeout_s + n / rate of the request's start, else 408 and closed
+  reward_timeout_s  longest one reward call may run, seconds (120): past it the waiting requests
+                    are answered with their unscored images marked "timeout", the reward is
+                    "stuck" on /health, and requests for it are answered at once (marked "stuck")
+                    until the call returns
   device            default: cuda if available; config_dir: default the configs shipped with rlcm_exp
 Requests over a limit get 413 (or 503 while the server is full; clients retry). Memory held by
 requests stays under about 3 x max_pending_mb + 16 bytes x max_queue_pixels (768 MB + 1 GiB by
-default), besides the reward's own models.
+default), besides the rewards' own models. Every number is checked at start (finite, in range);
+a token must be non-empty printable Latin-1 without spaces.
 
 Everything else is a Hydra override of the reward group (`reward=NAME` picks conf/reward/NAME.yaml,
 `reward.x=y` sets a key); a plain reward function `fn(images, prompts, **options)` is served with
-reward=custom reward._target_=...
+reward=custom reward._target_=... With rewards=[a,b] (served as a and b) or rewards={x:a,y:b}
+(config a served as x; quote both in a shell), each reward is composed on its own (`rewards.x.key=value` sets its key) and
+has its own batcher and timeout; clients pick one with POST /score/<name> (reward.server_reward),
+/score is the first.
 
 The protocol is JSON; see rlcm_exp/rewards/remote.py (the client, `reward=remote`). The server
 itself lives in rlcm_exp/serving/. Exit codes: 0 after Ctrl-C, 2 for bad arguments or config
