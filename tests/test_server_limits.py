@@ -9,7 +9,9 @@ Limits are small so that each test takes a few seconds; every loop is bounded in
 from __future__ import annotations
 
 import base64
+import errno
 import http.client
+import http.server
 import io
 import json
 import logging
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +32,7 @@ from PIL import Image
 from rlcm_exp import reward_server
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.remote import RewardServerError, remote
-from rlcm_exp.serving.connections import CappedServer
+from rlcm_exp.serving.connections import ACCEPT_PAUSE_S, CappedServer
 from rlcm_exp.serving.options import ServerOptions
 from rlcm_exp.serving.server import LoadedReward, serve
 
@@ -51,10 +54,11 @@ class Running:
 
 
 @contextmanager
-def running(rewards: dict[str, RewardFn], **settings: float) -> Iterator[Running]:
+def running(rewards: dict[str, RewardFn], **settings: Any) -> Iterator[Running]:
     """A server of `rewards` on 127.0.0.1 (a free port) with `settings`, served by a thread."""
-    options = ServerOptions(port=0, device="cpu", max_wait_ms=1, **settings)  # type: ignore[arg-type]
+    options = ServerOptions(port=0, device="cpu", max_wait_ms=1, **settings)
     options.check()
+    options.check_token()
     server = serve({n: LoadedReward(fn, f"tests.{n}") for n, fn in rewards.items()}, options)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -142,6 +146,25 @@ def test_connections_over_the_cap_get_503_without_a_thread_and_clients_are_serve
         assert all(read_all(s, 0.5) == b"" for s in idle)  # dropped by the server
         for s in idle + excess:
             s.close()
+
+
+def test_accept_failing_for_lack_of_descriptors_pauses_instead_of_spinning():
+    calls: list[float] = []
+
+    class OutOfDescriptors:
+        def accept(self) -> None:
+            calls.append(time.monotonic())
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    server = CappedServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    listening, server.socket = server.socket, OutOfDescriptors()  # type: ignore[assignment]
+    try:
+        for _ in range(3):
+            with pytest.raises(OSError, match="Too many open files"):
+                server.get_request()
+    finally:
+        listening.close()
+    assert calls[-1] - calls[0] >= 2 * ACCEPT_PAUSE_S * 0.9
 
 
 def test_a_client_trickling_headers_or_body_is_dropped_within_the_deadline():
@@ -315,6 +338,15 @@ def test_more_connections_than_open_files_allow_is_refused_naming_max_connection
         pytest.skip("no hard limit on open files within max_connections' range here")
     with pytest.raises(ConfigError, match=r"max_connections=.*ulimit -Hn"):
         ServerOptions(max_connections=hard).ensure_file_limit()  # needs hard + 64
+
+
+def test_a_latin_1_token_works_end_to_end_and_a_wrong_one_is_refused():
+    with running({"mean": mean}, token="caf\xe9-\xa7-1") as srv:
+        assert remote(srv.url, token="caf\xe9-\xa7-1", max_retries=0)(
+            torch.zeros(1, 3, 8, 8), ["x"]
+        ).tolist() == [0]
+        with pytest.raises(RewardServerError, match="HTTP 401"):
+            remote(srv.url, token="cafe-\xa7-1", max_retries=0)(torch.zeros(1, 3, 8, 8), ["x"])
 
 
 @pytest.mark.parametrize(
