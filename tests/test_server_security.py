@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +66,24 @@ class Server:
     stderr: Path
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
+) -> Server:
     """`python -m rlcm_exp.reward_server reward=custom reward._target_=<slow_mean> ...` on 127.0.0.1."""
     cmd = [sys.executable, "-m", "rlcm_exp.reward_server", "reward=custom"]
     cmd += [f"reward._target_={__name__}.slow_mean", "port=0", "device=cpu", *args]
     log = tmp / f"stderr-{time.monotonic_ns()}.txt"
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=full_env, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=full_env,
+            cwd=ROOT,
+            preexec_fn=preexec_fn,
+        )
     assert proc.stdout is not None
     match = re.search(r"listening on (http://[\d.]+:(\d+))", proc.stdout.readline())
     if not match:

@@ -4,10 +4,14 @@ scored on another process or machine.
 Protocol (JSON over HTTP, nothing pickled either way):
 
     POST /score   {"images": ["<base64 PNG or JPEG>", ...], "prompts": ["...", ...]}
-      200         {"rewards": [float | null, ...], "components": {"<name>": [float | null, ...]}}
-                  (one number per image, in order; null = a non-finite score; components optional)
+    (or /score/<name>: the server's reward of that name; /score is its first)
+      200         {"rewards": [float | null, ...], "status": ["ok" | "timeout" | "stuck" | "dead", ...],
+                   "components": {"<name>": [float | null, ...]}}
+                  (one number per image, in order; null = a non-finite score or an image not scored;
+                  status "ok" = scored, else why not; components optional)
       4xx / 5xx   {"error": "<message>"}
-    GET  /health  200 {"status": "ok", "reward": ..., "models": {...}, "max_batch": ..., ...}
+    GET  /health  200 {"status": "ok" | "stuck" | "dead", "rewards": {"<name>": {"state": ...}},
+                       "reward": <first>, "models": {...}, "max_batch": ..., ...}
 
     With a token, every request carries `Authorization: Bearer <token>`. The token is read from the
     environment variable `reward.token_env` (default RLCM_REWARD_TOKEN) or the file
@@ -18,7 +22,10 @@ Failure policy, so a run never trains on made-up rewards and never hangs on a de
 - connection refused/reset, timeouts, 502/503/504/429: retried at most `max_retries` times with
   exponential backoff (each retry logged), then a RewardServerError that stops the run;
 - 400/401/403/404/413/500, malformed JSON, a wrong count of scores: a RewardServerError at once
-  (retrying would get the same answer).
+  (retrying would get the same answer);
+- images the server could not score (its reward call ran past the server's reward_timeout_s, or
+  the reward is stuck or dead): NaN rewards (the trainer gives them zero advantage), with a
+  warning counting them; if no image of a call was scored, a RewardServerError instead.
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class RemoteReward:
         image_format: str,
         jpeg_quality: int,
         max_images_per_request: int,
+        server_reward: str | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -108,6 +116,10 @@ class RemoteReward:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.max_images_per_request = max_images_per_request
+        self.server_reward = server_reward
+        self._score_path = (
+            "/score" if server_reward is None else f"/score/{urllib.parse.quote(server_reward, safe='')}"
+        )
         self.models: dict[str, str] = {"remote": self.url}
 
     def __repr__(self) -> str:  # never show the token in logs
@@ -187,9 +199,24 @@ class RemoteReward:
     def health(self) -> dict[str, Any]:
         """The server's /health answer (its reward, models and limits)."""
         answer = self._call("GET", "/health", None)
-        if not isinstance(answer, dict) or answer.get("status") != "ok":
+        if not isinstance(answer, dict):
             raise RewardServerError(
-                f"reward server {self.url}/health answered {str(answer)[:200]}, not status ok"
+                f"reward server {self.url}/health answered {str(answer)[:200]}, not an object"
+            )
+        rewards = answer.get("rewards")
+        if isinstance(rewards, dict) and rewards:  # a server of several rewards: only ours matters
+            name = self.server_reward or next(iter(rewards))
+            if name not in rewards:
+                raise RewardServerError(
+                    f"reward server {self.url} serves no reward {name!r} (reward.server_reward); it serves "
+                    f"{', '.join(map(str, rewards))}"
+                )
+            state = rewards[name].get("state") if isinstance(rewards[name], dict) else None
+        else:
+            state = answer.get("status")
+        if state != "ok":
+            raise RewardServerError(
+                f"reward server {self.url}/health says its reward is {state!r}, not ok: {str(answer)[:300]}"
             )
         return answer
 
@@ -210,7 +237,7 @@ class RemoteReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
         check_images(images, "remote reward")
         check_prompts(images, prompts)
-        parts: list[dict[str, torch.Tensor]] = []
+        parts: list[tuple[dict[str, torch.Tensor], list[str]]] = []
         for i in range(0, len(images), self.max_images_per_request):
             chunk, chunk_prompts = (
                 images[i : i + self.max_images_per_request],
@@ -222,22 +249,57 @@ class RemoteReward:
                     "prompts": chunk_prompts,
                 }
             ).encode()
-            answer = self._call("POST", "/score", body)
-            try:
-                if not isinstance(answer, dict):
-                    raise ValueError(f"the answer is a JSON {type(answer).__name__}, not an object")
-                scores = {"reward": _scores(answer.get("rewards"), len(chunk), "'rewards'")}
-                for name, values in (answer.get("components") or {}).items():
-                    scores[str(name)] = _scores(values, len(chunk), f"component {name!r}")
-            except ValueError as err:
-                raise RewardServerError(
-                    f"reward server {self.url}/score sent a malformed answer for {len(chunk)} images: {err}. "
-                    "Client and server versions may differ; a reward that returns a wrong count is a bug in it."
-                ) from err
-            parts.append(scores)
+            parts.append(self._parse_answer(self._call("POST", self._score_path, body), len(chunk)))
         if not parts:
             return torch.zeros(0)
-        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._merge(parts)
+
+    def _parse_answer(self, answer: Any, n: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A /score answer for n images -> their scores and statuses; RewardServerError if malformed."""
+        try:
+            if not isinstance(answer, dict):
+                raise ValueError(f"the answer is a JSON {type(answer).__name__}, not an object")
+            scores = {"reward": _scores(answer.get("rewards"), n, "'rewards'")}
+            for name, values in (answer.get("components") or {}).items():
+                scores[str(name)] = _scores(values, n, f"component {name!r}")
+            status = answer.get("status", ["ok"] * n)  # servers before per-image statuses scored all
+            if (
+                not isinstance(status, list)
+                or len(status) != n
+                or not all(isinstance(s, str) for s in status)
+            ):
+                raise ValueError(f"'status' is not a list of {n} strings")
+        except ValueError as err:
+            raise RewardServerError(
+                f"reward server {self.url}/score sent a malformed answer for {n} images: {err}. "
+                "Client and server versions may differ; a reward that returns a wrong count is a bug in it."
+            ) from err
+        for values in scores.values():  # an image not scored has no score, whatever was sent
+            values[torch.tensor([s != "ok" for s in status], dtype=torch.bool)] = math.nan
+        return scores, status
+
+    def _merge(
+        self, parts: list[tuple[dict[str, torch.Tensor], list[str]]]
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The scores of all requests of a call; unscored images are NaN (counted in a warning), or a
+        RewardServerError when no image was scored."""
+        status = [s for _, part in parts for s in part]
+        unscored = [s for s in status if s != "ok"]
+        if unscored and len(unscored) == len(status):
+            raise RewardServerError(
+                f"reward server {self.url}: none of {len(status)} images was scored ({', '.join(sorted(set(unscored)))}): "
+                "its reward ran past the server's reward_timeout_s or is stuck or dead; see its /health and log."
+            )
+        if unscored:
+            log.warning(
+                "reward server %s: %d of %d images not scored (%s); their rewards are NaN (zero advantage)",
+                self.url,
+                len(unscored),
+                len(status),
+                ", ".join(sorted(set(unscored))),
+            )
+        keys = dict.fromkeys(k for scores, _ in parts for k in scores)  # a part not scored has no components
+        merged = {k: torch.cat([p.get(k, torch.full((len(s),), math.nan)) for p, s in parts]) for k in keys}
         return merged["reward"] if len(merged) == 1 else merged
 
 
@@ -282,6 +344,7 @@ def remote(
     wait_for_server_s: float = 0.0,
     token_env: str | None = DEFAULT_TOKEN_ENV,
     token_file: str | None = None,
+    server_reward: str | None = None,
 ) -> RemoteReward:
     """A reward scored by `python -m rlcm_exp.reward_server` at `url`; see the module docstring for the policy.
 
@@ -306,6 +369,7 @@ def remote(
         image_format,
         jpeg_quality,
         max_images_per_request,
+        server_reward,
     )
     if wait_for_server_s > 0:
         info = client.wait_until_ready(wait_for_server_s)
