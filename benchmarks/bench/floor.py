@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench.device import sync
+from rlcm_exp.policies.conditioning import Conditioning
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -98,7 +99,7 @@ class Floor:
         self.train_calls = plan.unet_training_calls * plan.transitions_per_forward // self.per_call
         # the first step's inputs; under classifier-free guidance the UNet batch is doubled in
         # sampling, and for DDPO also in the log-prob recomputation
-        train_embeds = embeds[:tb].repeat(self.per_call, 1, 1)
+        train_embeds = Conditioning.cat([embeds[:tb]] * self.per_call)  # the rows, per_call times over
         with torch.no_grad():
             self.sample_args = self._unet_args(noise(bs), embeds[:bs], training=False)
             self.train_args = self._unet_args(noise(tb * self.per_call), train_embeds, training=True)
@@ -111,7 +112,7 @@ class Floor:
         self.opt, self.opt_params = _stand_in_optimizer(trainer)
 
     def _unet_args(
-        self, x: torch.Tensor, embeds: torch.Tensor, training: bool
+        self, x: torch.Tensor, embeds: Conditioning, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         return self.policy.denoiser_inputs(x, 0, embeds, training)
 
