@@ -19,7 +19,6 @@ the short side with zeros centred, then (x - mean) / std with the model's (OpenA
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.base import check_images, check_prompts, score_in_chunks
 from rlcm_exp.rewards.hub import HoldsModel, describe_source, torch_dtype
+from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 from rlcm_exp.rewards.weights import hub_file, load_state_into
 
 
@@ -62,12 +61,10 @@ class LongestSidePadNormalize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-class HpsReward(HoldsModel):
-    """reward(images, prompts) -> (B,) HPS: scale * cosine of the OpenCLIP image and prompt features.
+class HpsReward(HoldsModel, ChunkedPromptImageReward):
+    """reward(images, prompts) -> (B,) HPS: scale * cosine of the OpenCLIP image and prompt features."""
 
-    `scorer(images, prompts)` is the differentiable form. Calls are serialised by a lock:
-    thread-safe, and one forward at a time bounds accelerator memory.
-    """
+    name = "hpsv2"
 
     def __init__(
         self,
@@ -77,8 +74,7 @@ class HpsReward(HoldsModel):
         batch_size: int,
         models: dict[str, str],
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
+        super().__init__(batch_size, models)
         self.model = model
         cfg = model.visual.preprocess_cfg
         size = model.visual.image_size
@@ -87,9 +83,6 @@ class HpsReward(HoldsModel):
         ).to(self.device)
         self.tokenizer = tokenizer
         self.scale = scale
-        self.batch_size = batch_size
-        self.models = models
-        self._lock = threading.Lock()
 
     def scorer(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Differentiable scores (B,) float32 on the model's device."""
@@ -98,16 +91,6 @@ class HpsReward(HoldsModel):
         tokens = self.tokenizer(prompts).to(self.device)  # truncated to the context length, EOT kept last
         text = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return self.scale * (image * text).sum(-1)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, "hpsv2")
-        check_prompts(images, prompts)
-        return score_in_chunks(
-            lambda part: self.scorer(images[part], list(prompts[part])),
-            len(images),
-            self.batch_size,
-            self._lock,
-        )
 
 
 def load_open_clip(model_name: str, checkpoint: Path, dtype: str, device: str) -> tuple[Any, Any]:
