@@ -6,6 +6,7 @@ keys and shapes checked. Every failure is a ConfigError that says what to set or
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,17 +34,26 @@ def read_state_dict(path: Path, what: str) -> dict[str, Any]:
     return state
 
 
-def load_state_into(module: M, path: Path, what: str, entry: str | None = None) -> M:
+def load_state_into(
+    module: M,
+    path: Path,
+    what: str,
+    entry: str | None = None,
+    rename: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> M:
     """`module` with the weights of `path` (all keys, matching shapes), in eval mode and frozen.
 
     `entry`: the key under which the file keeps its state dict (a training checkpoint's
-    "state_dict"), or None when the file is the state dict itself.
+    "state_dict"), or None when the file is the state dict itself. `rename`: maps the file's
+    state dict to `module`'s key names (and drops what `module` does not hold), when they differ.
     """
     state = read_state_dict(path, what)
     if entry is not None:
         if not isinstance(state.get(entry), dict):
             raise ConfigError(f"{what} {path} has no {entry!r} state dict (its keys: {sorted(state)[:8]})")
         state = state[entry]
+    if rename is not None:
+        state = rename(state)
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
