@@ -11,7 +11,17 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["algo", "model", "sampler", "task", "reward", "optimizer", "logger", "experiment"]
+GROUPS = [
+    "algo",
+    "model",
+    "sampler",
+    "task",
+    "reward",
+    "reward_normalisation",
+    "optimizer",
+    "logger",
+    "experiment",
+]
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
