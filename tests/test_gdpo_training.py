@@ -27,7 +27,7 @@ from rlcm_exp.tracking import read_metrics
 from rlcm_exp.training.rounds import RoundAdvantages
 from rlcm_exp.training.settings import AlgoSettings, linear_lr
 
-from .test_cli import run_in_process
+from .test_cli import TOY_SMALL, run_in_process
 from .test_resume import without_timings
 
 EPS = 1e-9
@@ -121,22 +121,14 @@ def test_per_component_needs_a_reward_with_weights() -> None:
 
 
 TOY = [
-    "model=toy",
-    "task=toy_alignment",
+    *TOY_SMALL,
     "reward=toy_jpeg_detector",
     "reward_normalisation=per_component",
     "task.prompts.prompts=[a red circle on a green background]",  # one prompt: its trackers fill up
     "algo.stat_tracker.min_count=2",  # per-prompt statistics (history) from the second round on
-    "sampler.num_steps=2",
     "train.epochs=2",
-    "train.samples_per_epoch=8",
-    "train.sample_batch_size=8",
-    "train.train_batch_size=4",
-    "train.samples_per_step=8",
     "train.eval_every=0",
-    "train.save_images=0",
     "train.checkpoint_every=1",
-    "logger=none",
 ]
 
 
