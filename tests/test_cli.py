@@ -26,6 +26,18 @@ SMALL = [
     "train.samples_per_step=8",
     "train.save_images=4",
 ]
+# the toy world at its smallest (one 8-image round per epoch, 2 steps): seconds per epoch on a CPU
+TOY_SMALL = [
+    "model=toy",
+    "task=toy_alignment",
+    "sampler.num_steps=2",
+    "train.samples_per_epoch=8",
+    "train.sample_batch_size=8",
+    "train.train_batch_size=4",
+    "train.samples_per_step=8",
+    "train.save_images=0",
+    "logger=none",
+]
 KEYS = {
     "epoch",
     "reward_mean",
@@ -184,19 +196,11 @@ def test_toy_alignment_logs_each_detector_part(tmp_path, capsys) -> None:  # noq
     closing line, and average to the reward they make up: which attribute RL moved is on record."""
     records = run_in_process(
         [
-            "model=toy",
-            "task=toy_alignment",
-            "sampler.num_steps=2",
+            *TOY_SMALL,
             "train.epochs=1",
-            "train.samples_per_epoch=8",
-            "train.sample_batch_size=8",
-            "train.train_batch_size=4",
-            "train.samples_per_step=8",
             "train.eval_every=1",
             "train.eval_seeds=1",
-            "train.save_images=0",
             "train.checkpoint_every=0",
-            "logger=none",
         ],
         tmp_path,
     )

@@ -235,6 +235,7 @@ def shipped_options(group: str) -> set[str]:
                 "algo",
                 "task",
                 "reward",
+                "reward_normalisation",
                 "sampler",
                 "optimizer",
                 "logger",

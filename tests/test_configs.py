@@ -13,7 +13,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rlcm_exp.configs import is_building_block
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["algo", "model", "sampler", "task", "reward", "optimizer", "logger", "experiment"]
+GROUPS = [
+    "algo",
+    "model",
+    "sampler",
+    "task",
+    "reward",
+    "reward_normalisation",
+    "optimizer",
+    "logger",
+    "experiment",
+]
 RESERVED = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 

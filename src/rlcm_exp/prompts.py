@@ -1,4 +1,4 @@
-"""Prompt sets of the paper's tasks and of the toy world, by name.
+"""Prompt sets of the paper's tasks, and those shipped as data files (assets/prompts/), by name.
 
 A task names its training prompts and its held-out evaluation prompts with `prompt_set(name=...)`;
 a user's own come from a file, one prompt per line (`task.prompts.file=my_prompts.txt`), or from a
@@ -22,6 +22,18 @@ UNSEEN = ["bike", "fridge", "waterfall", "tractor"]  # the paper's generalisatio
 
 
 IMAGENET_ANIMALS_FILE = Path(__file__).parent / "assets" / "imagenet_animals.txt"
+# prompt sets shipped as data files, one prompt per line, each listed with its source and licence in
+# the folder's README.md: usable by file name (without .txt) wherever a set is named
+PROMPT_FILES_DIR = Path(__file__).parent / "assets" / "prompts"
+# standard benchmark sets this project does not ship (assets/prompts/README.md says why): where to get them
+NOT_SHIPPED = {
+    "drawbench": "DrawBench (Imagen, arXiv 2205.11487): a Google Sheet linked from the Imagen project page, "
+    "mirrored as the hub dataset shunk031/DrawBench; no licence stated",
+    "geneval": "GenEval (arXiv 2310.11513): prompts/evaluation_metadata.jsonl (field prompt) of the GitHub "
+    "repository djghosh13/geneval",
+    "partiprompts": "PartiPrompts (Parti, arXiv 2206.10789): PartiPrompts.tsv (column Prompt) of the GitHub "
+    "repository google-research/parti, mirrored as the hub dataset nateraw/parti-prompts (Apache-2.0)",
+}
 
 
 def imagenet_animals() -> list[str]:
@@ -54,13 +66,45 @@ def unseen() -> list[str]:
     return list(UNSEEN)
 
 
+def read_prompt_file(path: Path, what: str) -> list[str]:
+    """The non-empty lines of a prompt file, stripped; `what` names the setting in the errors."""
+    if not path.is_file():
+        raise ConfigError(f"prompt file {path} ({what}) does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompt file {path} ({what}) has no prompts")
+    return lines
+
+
+def shipped_prompt_files() -> dict[str, Path]:
+    """The prompt sets shipped as data files (assets/prompts/NAME.txt), by NAME."""
+    return {p.stem: p for p in sorted(PROMPT_FILES_DIR.glob("*.txt"))}
+
+
+def _shipped(path: Path) -> Callable[[], list[str]]:
+    return lambda: read_prompt_file(path, f"the shipped prompt set {path.stem}")
+
+
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "imagenet_animals": imagenet_animals,
     "imagenet_animals_short": imagenet_animals_short,
     "simple_animals": simple_animals,
     "animal_activities": animal_activities,
     "unseen": unseen,
+    **{name: _shipped(path) for name, path in shipped_prompt_files().items()},
 }
+
+
+def unknown_set_hint(name: str | None) -> str:
+    """Where a standard set this project does not ship comes from, for an unknown set's error."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    source = NOT_SHIPPED.get(key)
+    if source is None:
+        return ""
+    return (
+        f" {name} is not shipped (src/rlcm_exp/assets/prompts/README.md says why): get it from {source}, "
+        "check its licence, and give it as a text file, one prompt per line."
+    )
 
 
 def prompt_set(
@@ -85,21 +129,11 @@ def prompt_set(
             )
         return [str(p).strip() for p in prompts]
     if file is not None:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"prompt file {file} (task.prompts.file / task.eval_prompts.file) does not exist"
-            )
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise ConfigError(
-                f"prompt file {file} (task.prompts.file / task.eval_prompts.file) has no prompts"
-            )
-        return lines
+        return read_prompt_file(Path(file).expanduser(), "task.prompts.file / task.eval_prompts.file")
     if name is None or name not in sets:
         raise ConfigError(
             f"unknown prompt set {name!r} (task.prompts.name / task.eval_prompts.name); valid: "
             f"{sorted(sets)}; or your own: task.prompts.file=path/to/prompts.txt (one per line) "
-            "or task.prompts.prompts='[a cat,a red fox]'"
+            "or task.prompts.prompts='[a cat,a red fox]'." + unknown_set_hint(name)
         )
     return sets[name]()

@@ -43,9 +43,13 @@ def evaluate_policy(
             parts.setdefault(key, []).append(value)
         kept = sum(int(i.shape[0]) for i in images)
         images.append(traj.images[: max(0, GRID_IMAGES - kept)].cpu())
-    r = torch.cat(parts.pop("reward")).numpy().astype(np.float64)
+    values = {k: torch.cat(v).float().numpy().astype(np.float64) for k, v in parts.items()}
+    r = values["reward"]
+    parts.pop("reward")
     per_prompt = {p: float(r[i :: len(prompts)].mean()) for i, p in enumerate(prompts)}
     return {
+        # every reward output per image, seeds x prompts (row j: seed j), for tables (evaluation/tables.py)
+        "eval_values": {k: v.reshape(len(seeds), len(prompts)) for k, v in values.items()},
         "eval_reward_mean": float(np.nanmean(r)),
         "eval_reward_std": float(np.nanstd(r)),
         "eval_components": {k: float(torch.cat(v).nanmean()) for k, v in parts.items()},

@@ -1,6 +1,7 @@
 """The evaluation of one checkpoint (or the base model), as `python -m rlcm_exp.evaluate` runs it:
 held-out reward, seconds per image of full rollouts at each step count, and reward under each
-inference-time budget (Fig. 6); printed and written to OUT/eval.json."""
+inference-time budget (Fig. 6); printed and written to OUT/eval.json (OUT/eval_<set>.json for a
+named prompt set), with the standard reward table OUT/rewards_<set>.{json,md,csv} (tables.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from rlcm_exp.evaluation.budget import (
 )
 from rlcm_exp.evaluation.heldout import evaluate_policy
 from rlcm_exp.evaluation.runs import SharedFamily, config_for_checkpoint, load_lora, pick_device
+from rlcm_exp.evaluation.tables import reward_rows, write_reward_table
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.build import build_policy
+from rlcm_exp.prompts import PROMPT_SETS, read_prompt_file, unknown_set_hint
 from rlcm_exp.provenance import software_versions
 from rlcm_exp.rewards.base import RewardFn, build_reward
 
@@ -41,6 +44,7 @@ class Subject:
     seeds: list[int]
     device: torch.device
     lora: Path | None
+    prompt_label: str  # heldout | train | the prompt set's name | the prompt file's stem
 
     @property
     def n(self) -> int:
@@ -49,8 +53,7 @@ class Subject:
 
 def load_subject(cfg: DictConfig) -> Subject:
     """Build the policy, load the checkpoint's LoRA into it, build the reward and the prompts."""
-    if cfg.prompts not in ("heldout", "train"):
-        raise ConfigError(f"prompts={cfg.prompts}: use heldout (task.eval_prompts) or train (task.prompts)")
+    label, prompts = evaluation_prompts(cfg)
     device = pick_device(cfg.device)
     family = SharedFamily(instantiate(cfg.model))
 
@@ -59,11 +62,26 @@ def load_subject(cfg: DictConfig) -> Subject:
 
     policy = build(int(cfg.sampler.num_steps))
     lora = load_lora(policy, cfg.checkpoint, cfg.get("ema", False)) if cfg.checkpoint else None
-    prompts = list(
-        instantiate(cfg.task.eval_prompts) if cfg.prompts == "heldout" else instantiate(cfg.task.prompts)
-    )
     seeds = [cfg.seed + i for i in range(cfg.eval_seeds)]
-    return Subject(policy, build, build_reward(cfg.reward, device), prompts, seeds, device, lora)
+    return Subject(policy, build, build_reward(cfg.reward, device), prompts, seeds, device, lora, label)
+
+
+def evaluation_prompts(cfg: DictConfig) -> tuple[str, list[str]]:
+    """(label, prompts) of `prompts=`: heldout (task.eval_prompts), train (task.prompts), a named set
+    (rlcm_exp.prompts.PROMPT_SETS, the shipped files of assets/prompts/ among them) or a text file."""
+    choice = str(cfg.prompts)
+    if choice in ("heldout", "train"):
+        node = cfg.task.eval_prompts if choice == "heldout" else cfg.task.prompts
+        return choice, list(instantiate(node))
+    if choice in PROMPT_SETS:
+        return choice, PROMPT_SETS[choice]()
+    path = Path(choice).expanduser()
+    if path.suffix or path.is_file():
+        return path.stem, read_prompt_file(path, "prompts=")
+    raise ConfigError(
+        f"prompts={choice}: use heldout (task.eval_prompts), train (task.prompts), a prompt set "
+        f"({', '.join(sorted(PROMPT_SETS))}) or a text file, one prompt per line." + unknown_set_hint(choice)
+    )
 
 
 def step_rows(cfg: DictConfig, s: Subject, held: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,10 +157,29 @@ def run_evaluation(cfg: DictConfig, overrides: list[str] | None = None) -> dict[
     }
     out = Path(cfg.out) if cfg.out else (run_dir / "eval" if run_dir else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    # heldout/train keep eval.json; another prompt set gets its own, next to its reward table
+    name = "eval.json" if s.prompt_label in ("heldout", "train") else f"eval_{s.prompt_label}.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    table = write_reward_table(out, reward_table(cfg, s, result, held))
     print(describe(result))
-    print(f"wrote {out / 'eval.json'}")
+    print(f"wrote {out / name}, {', '.join(str(p) for p in table)}")
     return result
+
+
+def reward_table(cfg: DictConfig, s: Subject, result: dict[str, Any], held: dict[str, Any]) -> dict[str, Any]:
+    """The standard table of this evaluation: every reward output at the fixed seeds (evaluation/tables.py)."""
+    return {
+        "prompts": s.prompt_label,
+        "n_prompts": len(s.prompts),
+        "seeds": s.seeds,
+        "checkpoint": result["checkpoint"],
+        "run_dir": result["run_dir"],
+        "ema": bool(cfg.get("ema", False)),
+        "algo": result["algo"],
+        "task": result["task"],
+        "num_steps": result["num_steps"],
+        "rows": reward_rows(held["eval_values"]),
+    }
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -14,16 +14,21 @@ component outcomes to the same advantage ("advantage collapse": in a group of tw
 
 A sample with any non-finite component gets advantage 0 and takes no part in any normalisation
 (its weighted total is non-finite too, so the trainer's own count and policy apply unchanged).
+
+The trainer picks the normalisation by config (reward_normalisation=sum | per_component, conf/
+reward_normalisation/): `SumOfRewards` (algo.advantage of the total, the default) or `PerComponent`
+(the above, with the weighted reward's own weights and one tracker per component, checkpointed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from rlcm_exp.errors import ConfigError
 from rlcm_exp.rl.stat_tracker import PerPromptStatTracker
 
 AdvantageFn = Callable[[np.ndarray, list[str], np.ndarray, Any], np.ndarray]
@@ -110,3 +115,122 @@ def components_from(rewards: Mapping[str, Any], weights: Mapping[str, float]) ->
 
 def _numpy(value: Any) -> Any:
     return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+
+
+# ---------------------------------------------------------------- the trainer's choice (reward_normalisation=)
+
+
+@dataclass
+class RoundRewards:
+    """What a reward normalisation gets: the gathered round's finite rows, rewards by key (its `keys`),
+    their prompts and group ids, and the configured algo.advantage with the algo's own tracker."""
+
+    rewards: Mapping[str, np.ndarray]
+    prompts: list[str]
+    groups: np.ndarray
+    advantage_fn: AdvantageFn
+    tracker: Any
+
+
+class SumOfRewards:
+    """reward_normalisation=sum (the default): the configured algo.advantage of the reward's total
+    rewards["reward"], as for a single reward. Stateless beyond the algo's own tracker."""
+
+    keys: tuple[str, ...] = ("reward",)  # the reward outputs the round gathers for it
+
+    def bind(self, reward_fn: Any, template: PerPromptStatTracker) -> SumOfRewards:
+        return self
+
+    def __call__(self, batch: RoundRewards) -> tuple[np.ndarray, dict[str, float]]:
+        """Advantages of the round's finite rows (every array holds only those) and no extra metrics."""
+        return np.asarray(
+            batch.advantage_fn(batch.rewards["reward"], batch.prompts, batch.groups, batch.tracker)
+        ), {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore (a checkpoint of a per-component run has trackers this run does not use)."""
+
+
+class PerComponent:
+    """reward_normalisation=per_component (GDPO): each weighted component normalised on its own by
+    algo.advantage (per-prompt advantages: one tracker per component, checkpointed), then summed with
+    the weights and standardised over the round (`decoupled_advantages`). The weights are the reward's
+    own (`reward_fn.weights`, as reward=weighted exposes them) unless given here."""
+
+    def __init__(
+        self, weights: Mapping[str, float] | None = None, batch_normalise: bool = True, eps: float = 1e-6
+    ) -> None:
+        self.weights = None if weights is None else {str(k): float(v) for k, v in weights.items()}
+        self.batch_normalise, self.eps = batch_normalise, eps
+        self.trackers: dict[str, PerPromptStatTracker] = {}
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("reward", *sorted(self.weights or {}))
+
+    def bind(self, reward_fn: Any, template: PerPromptStatTracker) -> PerComponent:
+        """Take the reward's weights (unless configured) and make one tracker per component like `template`."""
+        if self.weights is None:
+            weights = getattr(reward_fn, "weights", None)
+            if not isinstance(weights, Mapping) or not weights:
+                raise ConfigError(
+                    "reward_normalisation=per_component normalises each weighted component of the reward, "
+                    "but this reward exposes no component weights: use a weighted reward (reward=weighted, "
+                    "_target_: rlcm_exp.rewards.combine.weighted) or set reward_normalisation.weights"
+                )
+            self.weights = {str(k): float(v) for k, v in weights.items()}
+        self.trackers = component_trackers(template, sorted(self.weights))
+        return self
+
+    def __call__(self, batch: RoundRewards) -> tuple[np.ndarray, dict[str, float]]:
+        """GDPO advantages of the round's finite rows, and adv/<name>_mean, adv/<name>_std of each
+        component's own normalised advantage (before weighting)."""
+        if self.weights is None:
+            raise RuntimeError("PerComponent.bind(reward_fn, tracker) must run before the first round")
+        out = decoupled_advantages(
+            components_from(batch.rewards, self.weights),
+            self.weights,
+            batch.prompts,
+            batch.groups,
+            batch.advantage_fn,
+            self.trackers,
+            self.batch_normalise,
+            self.eps,
+        )
+        stats: dict[str, float] = {}
+        for name, adv in out.components.items():
+            stats[f"adv/{name}_mean"] = float(adv.mean()) if len(adv) else float("nan")
+            stats[f"adv/{name}_std"] = float(adv.std()) if len(adv) else float("nan")
+        return out.advantage, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: t.state_dict() for name, t in self.trackers.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Each component's tracker exactly as checkpointed; a checkpoint of other components is refused."""
+        if set(state) != set(self.trackers):
+            raise ConfigError(
+                f"the checkpoint holds per-component trackers for {sorted(state)}, this run's reward has "
+                f"components {sorted(self.trackers)}: resume with the reward the run was started with"
+            )
+        for name, tracker in self.trackers.items():
+            tracker.load_state_dict(state[name])
+
+
+class RewardNormalisation(Protocol):
+    """What the round's advantages call (config group reward_normalisation): rewards of the round's
+    finite rows by key (`keys`, gathered from every process) -> advantages and extra metrics."""
+
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+
+    def bind(self, reward_fn: Any, template: PerPromptStatTracker) -> RewardNormalisation: ...
+
+    def __call__(self, batch: RoundRewards) -> tuple[np.ndarray, dict[str, float]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...

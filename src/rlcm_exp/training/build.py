@@ -25,6 +25,7 @@ from rlcm_exp.policies.build import build_policy
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.provenance import git_commit
 from rlcm_exp.rewards.base import build_reward
+from rlcm_exp.rl.multi_reward import RewardNormalisation, SumOfRewards
 from rlcm_exp.secrets import redact, redact_run_dir
 from rlcm_exp.tracking import Logger, NullLogger
 from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
@@ -99,6 +100,7 @@ def build_trainer(
     lr_scheduler = algo.lr_schedule(optimizer, settings.epochs * plan.optimizer_steps_per_epoch)
     ema = EMA(params, settings.ema_decay) if settings.ema_decay is not None else None
     gold = cfg.get("gold_reward")
+    normalisation = reward_normalisation(cfg, reward_fn, algo)
     policy.denoiser, optimizer = accelerator.prepare(policy.denoiser, optimizer)
     optimization = Optimization(accelerator, optimizer, lr_scheduler, params, settings.max_grad_norm, ema)
     # Trainer(policy, algo, reward, prompts, optimization, plan, settings, accelerator, run_dir, seed, ...)
@@ -108,7 +110,16 @@ def build_trainer(
         eval_prompts=instantiate(cfg.task.eval_prompts),
         callbacks=callbacks,
         gold_reward_fn=build_reward(gold, accelerator.device) if gold is not None else None,
+        normalisation=normalisation,
     )
+
+
+def reward_normalisation(cfg: DictConfig, reward_fn: Any, algo: AlgoSettings) -> RewardNormalisation:
+    """The config's reward_normalisation (sum when absent, e.g. a config saved before it existed),
+    bound to the reward (its weights) and the algo's tracker settings."""
+    spec = cfg.get("reward_normalisation")
+    chosen: RewardNormalisation = SumOfRewards() if spec is None else instantiate(spec)
+    return chosen.bind(reward_fn, algo.stat_tracker)
 
 
 def build_logger(cfg: DictConfig, accelerator: Accelerator) -> Logger:

@@ -5,6 +5,7 @@ advantages of the gathered round. The update (update.py) is the second half.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
+from rlcm_exp.rl.multi_reward import RewardNormalisation, RoundRewards, SumOfRewards
 from rlcm_exp.rl.ppo import clip_advantages
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.settings import AlgoSettings
@@ -98,34 +100,58 @@ class RoundSampler:
 
 
 class RoundAdvantages:
-    """Gathers a round's rewards from every process, normalises them (algo.advantage: per prompt or
-    per group) and returns this process's share, clipped; counts non-finite rewards in a row."""
+    """Gathers a round's rewards from every process, turns them into advantages (the configured
+    reward normalisation: algo.advantage of the total, or of each weighted component on its own) and
+    returns this process's share, clipped; counts non-finite rewards in a row."""
 
     def __init__(
-        self, algo: AlgoSettings, accelerator: Accelerator, max_nonfinite_in_a_row: int, metrics_path: Path
+        self,
+        algo: AlgoSettings,
+        accelerator: Accelerator,
+        max_nonfinite_in_a_row: int,
+        metrics_path: Path,
+        normalisation: RewardNormalisation | None = None,
     ) -> None:
         self.algo, self.accelerator = algo, accelerator
         self.max_nonfinite_in_a_row, self.metrics_path = max_nonfinite_in_a_row, metrics_path
+        self.normalisation: RewardNormalisation = (
+            normalisation if normalisation is not None else SumOfRewards()
+        )
         self.nonfinite_in_a_row = 0  # checkpointed
 
-    def __call__(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Groups are consecutive in the gathered round (each lives in one sampling batch), so group i
+    def _gather(self, rewards: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        acc = self.accelerator
+        return {
+            k: acc.gather(rewards[k].to(acc.device)).cpu().numpy().astype(np.float64)
+            for k in self.normalisation.keys
+        }
+
+    def __call__(
+        self, prompts: list[str], rewards: torch.Tensor | Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`rewards`: the reward's dict output (or its total alone, with reward_normalisation=sum).
+        Groups are consecutive in the gathered round (each lives in one sampling batch), so group i
         is rows [i k, (i + 1) k) whatever the number of processes."""
         acc, algo = self.accelerator, self.algo
-        all_rewards = acc.gather(rewards.to(acc.device)).cpu().numpy().astype(np.float64)
+        gathered = self._gather({"reward": rewards} if isinstance(rewards, torch.Tensor) else rewards)
+        all_rewards = gathered["reward"]
         all_prompts = gather_object(prompts) if acc.num_processes > 1 else list(prompts)
         finite = np.isfinite(all_rewards)
         stats = self._count_nonfinite(all_rewards)
         adv = np.zeros_like(all_rewards)
-        # non-finite rewards never reach the tracker; their samples get zero advantage, i.e. no gradient
+        # non-finite rewards never reach a tracker; their samples get zero advantage, i.e. no gradient
         if finite.any():
             groups = np.arange(len(all_rewards)) // algo.group_size
-            adv[finite] = algo.advantage(
-                all_rewards[finite],
-                [p for p, f in zip(all_prompts, finite, strict=True) if f],
-                groups[finite],
-                algo.stat_tracker,
+            adv[finite], extra = self.normalisation(
+                RoundRewards(
+                    {k: v[finite] for k, v in gathered.items()},
+                    [p for p, f in zip(all_prompts, finite, strict=True) if f],
+                    groups[finite],
+                    algo.advantage,
+                    algo.stat_tracker,
+                )
             )
+            stats.update(extra)
         n, rank = len(prompts), acc.process_index
         local = torch.as_tensor(adv[rank * n : (rank + 1) * n], dtype=torch.float32)
         stats.update(

@@ -30,6 +30,7 @@ from rlcm_exp.models.lora import load_lora_into, save_lora
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
+from rlcm_exp.rl.multi_reward import RewardNormalisation
 from rlcm_exp.tracking import Logger, MetricsFile
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
@@ -78,6 +79,7 @@ class Trainer:
         eval_prompts: list[str] | None = None,
         callbacks: Sequence[Callback] = (),
         gold_reward_fn: RewardFn | None = None,
+        normalisation: RewardNormalisation | None = None,
     ) -> None:
         self.policy, self.algo, self.reward_fn, self.prompts = policy, algo, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
@@ -89,8 +91,8 @@ class Trainer:
         self.sampler = RoundSampler(
             policy, reward_fn, prompts, accelerator, plan, seed, algo.group_size, settings.reward_workers
         )
-        self.advantage = RoundAdvantages(
-            algo, accelerator, settings.max_nonfinite_in_a_row, run_dir / "metrics.jsonl"
+        self.advantage = RoundAdvantages(  # normalisation: reward_normalisation=, bound to the reward
+            algo, accelerator, settings.max_nonfinite_in_a_row, run_dir / "metrics.jsonl", normalisation
         )
         self.epoch = 0
         self.reward_queries = 0
@@ -117,7 +119,9 @@ class Trainer:
     def sample_round(self, epoch: int) -> tuple[Trajectory, dict[str, torch.Tensor], dict[str, float]]:
         return self.sampler(epoch)
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def advantages(
+        self, prompts: list[str], rewards: torch.Tensor | dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return self.advantage(prompts, rewards)
 
     def update(self, epoch: int, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
@@ -207,7 +211,7 @@ class Trainer:
         acc = self.accelerator
         start = time.perf_counter()
         traj, rewards, timing = self.sample_round(epoch)
-        advantages, reward_stats = self.advantages(traj.prompts, rewards["reward"])
+        advantages, reward_stats = self.advantages(traj.prompts, rewards)
         if self.settings.dump_rollouts:
             self.dump_rollouts(epoch, traj, rewards["reward"], advantages)
         t_train = time.perf_counter()
@@ -367,6 +371,7 @@ class Trainer:
             "gpu_hours": self.gpu_hours(),
             "nonfinite_in_a_row": self.advantage.nonfinite_in_a_row,
             "stat_tracker": self.algo.stat_tracker.state_dict(),
+            "reward_normalisation": self.advantage.normalisation.state_dict(),  # per-component trackers
             "logger_run_id": self.logger_run_id,
             "world_size": self.accelerator.num_processes,
         }
@@ -424,6 +429,7 @@ class Trainer:
                 raise ConfigError(f"{folder} holds no EMA weights (ema.pt) but train.ema_decay is set")
             self.ema.load_state_dict(ckpt["ema"])
         self.algo.stat_tracker.load_state_dict(state["stat_tracker"])
+        self.advantage.normalisation.load_state_dict(state.get("reward_normalisation", {}))
         self.epoch, self.optimization.steps = state["epoch"], state["optimizer_steps"]
         self.reward_queries, self.elapsed_s = state["reward_queries"], state["elapsed_s"]
         self.budget_spent = self._budget_reached()
