@@ -129,6 +129,14 @@ def test_the_yaml_names_the_real_checkpoint_and_builds_offline(tiny_arch, hps_fo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"set reward\.hps_local_path="):
         hpsv2(model_name=tiny_arch)
-    cfg.model_name, cfg.hps_local_path = tiny_arch, str(hps_folder)
+    assert (cfg.hps_revision, cfg.hps_sha256) == (  # pins quoted from the hub (see the YAML comments)
+        "697403c78157020a1ae59d23f111aa58ced35b0a",
+        "c57a38fb4a2f7e7c15bf00da2ea377cdf165448b4dd1052a484c215a998c9837",
+    )
+    # the tiny file is not the pinned one: refused
+    tiny = OmegaConf.merge(cfg, {"model_name": tiny_arch, "hps_local_path": str(hps_folder)})
+    with pytest.raises(ConfigError, match=r"reward\.hps_sha256=c57a38fb"):
+        build_reward(tiny, "cpu")
+    cfg.model_name, cfg.hps_local_path, cfg.hps_sha256 = tiny_arch, str(hps_folder), None
     reward = build_reward(cfg, "cpu")
     assert reward(images(1, 32, 32), ["a cat"]).shape == (1,)

@@ -279,5 +279,12 @@ def test_the_yaml_names_the_real_weights_and_builds_offline(repo, tokenizer_dir,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"set reward\.local_path="):
         imagereward()
+    assert (cfg.revision, cfg.checkpoint_sha256) == (  # pins quoted from the hub (see the YAML comments)
+        "c63dec8373b5c3728b1d250865c402c9546be210",
+        "d71dc8d4912bc633c06ab8ef1ef6a81e8199d4369f14b47b29baf1d19de561f6",
+    )
     cfg.local_path, cfg.tokenizer_local_path, cfg.vision = str(repo), str(tokenizer_dir), VIT
+    with pytest.raises(ConfigError, match=r"sha256=d71dc8d4"):  # the tiny file is not the real one
+        build_reward(cfg, "cpu")
+    cfg.checkpoint_sha256 = None
     assert build_reward(cfg, "cpu")(torch.rand(1, 3, 32, 32), ["a cat"]).shape == (1,)

@@ -9,6 +9,8 @@ One request per image: a user message holding the image (a PNG data URL of the 8
   token, compared case-insensitively with surrounding spaces stripped,
       reward = P(yes) / (P(yes) + P(no)),   P(x) = sum of exp(logprob) of the alternatives reading x
   in [0, 1]. A server that sends no logprobs, or neither yes nor no among the alternatives, is an error.
+  vLLM, SGLang, llama.cpp's server and OpenAI's API send logprobs; `transformers serve` (5.x) ignores
+  `logprobs`/`top_logprobs` and answers `"logprobs": null`, so with it use `rubric`.
 - `rubric`: rubric_template asks for a number from rubric_min to rubric_max; the first number in
   the answer is read and mapped linearly to [0, 1]. An answer with no number, or one outside the
   range, is an error naming the answer.
@@ -198,7 +200,8 @@ class VlmJudge:
         if not tokens or not tokens[0].top_logprobs:
             raise VlmJudgeError(
                 f"{self._where} sent no top logprobs for the answer to prompt {prompt!r}; mode yes_no needs "
-                "a server that supports logprobs=True and top_logprobs (else use reward.mode=rubric)"
+                "a server that supports logprobs=True and top_logprobs (transformers serve ignores them; "
+                "else use reward.mode=rubric)"
             )
         alternatives = [(t.token, t.logprob) for t in tokens[0].top_logprobs]
         p_yes = yes_probability(alternatives)
