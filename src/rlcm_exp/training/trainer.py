@@ -32,6 +32,7 @@ from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
 from rlcm_exp.rl.multi_reward import RewardNormalisation
 from rlcm_exp.tracking import Logger, MetricsFile
+from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import checkpoint_dir, read_checkpoint, set_rng_state, write_checkpoint
@@ -213,7 +214,7 @@ class Trainer:
         traj, rewards, timing = self.sample_round(epoch)
         advantages, reward_stats = self.advantages(traj.prompts, rewards)
         if self.settings.dump_rollouts:
-            self.dump_rollouts(epoch, traj, rewards["reward"], advantages)
+            dump_rollouts(self.run_dir / "rollouts", epoch, self.rank, traj, rewards["reward"], advantages)
         t_train = time.perf_counter()
         update_stats = self.update(epoch, traj, advantages)
         timing["time_train_s"] = time.perf_counter() - t_train
@@ -325,37 +326,14 @@ class Trainer:
         """Device-hours so far: training wall-clock x (processes + reward-server GPUs)."""
         return self.elapsed_s * (self.accelerator.num_processes + self.settings.reward_server_gpus) / 3600.0
 
-    def dump_rollouts(
-        self, epoch: int, traj: Trajectory, rewards: torch.Tensor, advantages: torch.Tensor
-    ) -> None:
-        """Per-process record of a round, for debugging and for checking the multi-process arithmetic."""
-        folder = self.run_dir / "rollouts"
-        folder.mkdir(exist_ok=True)
-        torch.save(
-            {
-                "prompts": traj.prompts,
-                "rewards": rewards.cpu(),
-                "advantages": advantages.cpu(),
-                "initial_noise_sum": traj.latents[:, 0].float().flatten(1).sum(1).cpu(),
-            },
-            folder / f"epoch{epoch:04d}_rank{self.rank}.pt",
-        )
-
     def maybe_save_images(self, epoch: int, traj: Trajectory, rewards: torch.Tensor) -> None:
+        """A grid of the round's images on the first and last epoch and every train.save_images_every."""
         s = self.settings
         last = epoch == s.epochs - 1 or self.budget_spent
         periodic = s.save_images_every > 0 and epoch % s.save_images_every == 0
         if not self.accelerator.is_main_process or s.save_images <= 0 or not (epoch == 0 or last or periodic):
             return
-        from torchvision.utils import save_image
-
-        folder = self.run_dir / "samples"
-        folder.mkdir(exist_ok=True)
-        k = min(s.save_images, len(traj))
-        images = traj.images[:k].float().cpu()
-        save_image(images, folder / f"epoch_{epoch:04d}.png", nrow=int(math.ceil(math.sqrt(k))))
-        captions = [f"{p} | {r:.3f}" for p, r in zip(traj.prompts[:k], rewards[:k].tolist(), strict=True)]
-        (folder / f"epoch_{epoch:04d}.txt").write_text("\n".join(captions) + "\n")
+        images, captions = save_sample_grid(self.run_dir / "samples", epoch, traj, rewards, s.save_images)
         self.logger.log_images("samples", images, captions, step=epoch)
 
     # ------------------------------------------------------------------ checkpoints
