@@ -133,6 +133,19 @@ def markdown_table(columns: Sequence[str], cells: Sequence[Sequence[Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
+_WHO = (("task", "task"), ("algo", "algo"), ("H", "num_steps"))  # (header, row key): what a row is about
+
+
+def keyed_markdown(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], optional: dict[str, Any] | None = None
+) -> str:
+    """A GitHub table of one row per dict; column (header, key) holds row[key]. Only the keys of
+    `optional` may be missing from a row (their cell is then the default given there)."""
+    optional = optional or {}
+    cells = [[r.get(k, optional[k]) if k in optional else r[k] for _, k in columns] for r in rows]
+    return markdown_table([header for header, _ in columns], cells)
+
+
 def threshold_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
     ratio = ratio_label(compare)
     columns = [
@@ -200,24 +213,15 @@ def _per_trajectory(row: dict[str, Any]) -> float | None:
 
 
 def phase_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
+    over = over_key(compare)
     columns = [
-        *("task", "algo", "H", "epochs (all seeds)", "samples/epoch", "sampling (s)", "reward (s)"),
-        *("training (s)", "epoch wall-clock (s)", f"{ratio_label(compare)} time per trajectory"),
+        *_WHO,
+        *(("epochs (all seeds)", "epochs"), ("samples/epoch", "samples_per_epoch")),
+        *(("sampling (s)", "time_sample_s"), ("reward (s)", "time_reward_s")),
+        *(("training (s)", "time_train_s"), ("epoch wall-clock (s)", "epoch_s")),
+        (f"{ratio_label(compare)} time per trajectory", over),
     ]
-    cells = [
-        [
-            *(r["task"], r["algo"], r["num_steps"], r["epochs"], r["samples_per_epoch"]),
-            *(
-                r["time_sample_s"],
-                r["time_reward_s"],
-                r["time_train_s"],
-                r["epoch_s"],
-                r.get(over_key(compare)),
-            ),
-        ]
-        for r in rows
-    ]
-    return markdown_table(columns, cells)
+    return keyed_markdown(rows, columns, {over: None})
 
 
 def rollout_table(
@@ -249,16 +253,11 @@ def rollout_table(
 
 
 def rollout_markdown(rows: Sequence[dict[str, Any]], compare: Compare | None = None) -> str:
-    columns = ["task", "algo", "H", "s/image (full rollout)", ratio_label(compare, " / "), "paper"]
-    cells = [
-        [
-            r["task"],
-            r["algo"],
-            r["num_steps"],
-            r["seconds_per_image"],
-            r.get(over_key(compare)),
-            r.get("paper", ""),
-        ]
-        for r in rows
+    over = over_key(compare)
+    columns = [
+        *_WHO,
+        ("s/image (full rollout)", "seconds_per_image"),
+        (ratio_label(compare, " / "), over),
+        ("paper", "paper"),
     ]
-    return markdown_table(columns, cells)
+    return keyed_markdown(rows, columns, {over: None, "paper": ""})

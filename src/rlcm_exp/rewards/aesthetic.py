@@ -18,17 +18,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 import urllib.request
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.base import check_images, score_in_chunks
 from rlcm_exp.rewards.clip import ClipEmbedder, load_clip_embedder
-from rlcm_exp.rewards.hub import describe_source, existing_path
+from rlcm_exp.rewards.hub import describe_download, describe_source, existing_path
+from rlcm_exp.rewards.scorer import EmbeddingHeadReward
+from rlcm_exp.rewards.weights import file_sha256, load_state_into
 
 # LAION's repository pinned at a commit, so the URL cannot move to another file under us
 LAION_HEAD_URL = (
@@ -65,14 +64,6 @@ def default_cache_dir() -> Path:
     if "RLCM_EXP_CACHE" in os.environ:
         return Path(os.environ["RLCM_EXP_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlcm_exp"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, folder: Path, timeout_s: float) -> tuple[Path, str]:
@@ -113,7 +104,7 @@ def fetch_head_weights(
             "to null to fetch reward.head_url."
         )
         path = existing_path(local_path, "reward.head_local_path", False, advice)
-        if sha256 is not None and (actual := _sha256(path)) != sha256.lower():
+        if sha256 is not None and (actual := file_sha256(path)) != sha256.lower():
             raise ConfigError(
                 f"reward.head_local_path={local_path} has sha256 {actual}, but reward.head_sha256={sha256}. "
                 "It is not the pinned file; replace it, or set reward.head_sha256=null to use your own head."
@@ -132,7 +123,7 @@ def fetch_head_weights(
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "aesthetic"
     suffix = ".safetensors" if url.endswith(".safetensors") else ".pth"
     cached = folder / f"{sha256}{suffix}"
-    if cached.is_file() and _sha256(cached) == sha256:
+    if cached.is_file() and file_sha256(cached) == sha256:
         return cached
     try:
         tmp, actual = _download(url, folder, timeout_s)
@@ -154,56 +145,19 @@ def fetch_head_weights(
 
 def load_head(path: Path, embed_dim: int = 768) -> AestheticHead:
     """Build the MLP and load a state dict saved by torch.save (tensors only) or as safetensors."""
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            # weights_only: a .pth from the internet is a pickle; only tensors may come out of it
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(
-            f"the aesthetic head {path} is not a tensors-only torch file or safetensors file: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    head = AestheticHead(embed_dim)
-    try:
-        head.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        expected = ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.state_dict().items())
-        raise ConfigError(
-            f"the aesthetic head {path} does not fit the LAION MLP (expected {expected}): {err}"
-        ) from err
-    return head.eval().requires_grad_(False)
+    return load_state_into(AestheticHead(embed_dim), path, "the LAION aesthetic head")
 
 
-class AestheticReward:
+class AestheticReward(EmbeddingHeadReward):
     """reward(images, prompts) -> (B,) LAION aesthetic scores; prompts are ignored.
 
     `scorer(images)` is the differentiable form (gradients reach the images). Calls are serialised
     by a lock: thread-safe, and one forward at a time bounds accelerator memory.
     """
 
-    def __init__(
-        self, embedder: ClipEmbedder, head: AestheticHead, batch_size: int, models: dict[str, str]
-    ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
-        self.embedder = embedder
-        # the head stays float32 whatever the CLIP dtype: it is tiny and was trained in float32
-        self.head = head.to(embedder.device, torch.float32)
-        self.batch_size = batch_size
-        self.models = models
-        self._lock = threading.Lock()
-
-    def scorer(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B,) float32 scores on the model's device."""
-        return self.head(self.embedder.embed_images(images))  # embed_images returns unit-norm rows
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, "aesthetic")
-        return score_in_chunks(
-            lambda part: self.scorer(images[part]), len(images), self.batch_size, self._lock
-        )
+    name = "aesthetic"
+    embedder: ClipEmbedder
+    head: AestheticHead
 
 
 def aesthetic(
@@ -239,8 +193,6 @@ def aesthetic(
     head = load_head(path, embed_dim)
     models = {
         "clip": describe_source(clip_model_id, clip_revision, clip_local_path),
-        "aesthetic_head": f"{head_local_path} (local)"
-        if head_local_path
-        else f"{head_url} sha256={head_sha256}",
+        "aesthetic_head": describe_download(head_url, head_sha256, head_local_path),
     }
     return AestheticReward(embedder, head, batch_size, models)

@@ -16,7 +16,6 @@ Preprocessing is SiglipImageProcessor's, as torch ops: resize to the model's squ
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from transformers import AutoImageProcessor, SiglipVisionModel
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.aesthetic import fetch_head_weights
-from rlcm_exp.rewards.base import check_images, score_in_chunks
-from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
+from rlcm_exp.rewards.hub import HoldsModel, describe_download, load_with_processor
+from rlcm_exp.rewards.scorer import EmbeddingHeadReward
 from rlcm_exp.rewards.weights import load_state_into
 
 # the authors' repository pinned at a commit, so the URL cannot move to another file under us
@@ -103,34 +102,16 @@ class SiglipImageEmbedder(HoldsModel, torch.nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
 
-class AestheticV25Reward:
+class AestheticV25Reward(EmbeddingHeadReward):
     """reward(images, prompts) -> (B,) Aesthetic Predictor V2.5 scores; prompts are ignored.
 
     `scorer(images)` is the differentiable form. Calls are serialised by a lock: thread-safe, and
     one forward at a time bounds accelerator memory.
     """
 
-    def __init__(
-        self, embedder: SiglipImageEmbedder, head: AestheticV25Head, batch_size: int, models: dict[str, str]
-    ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
-        self.embedder = embedder
-        # the head stays float32 whatever the SigLIP dtype: it is tiny (its file holds bfloat16 values)
-        self.head = head.to(embedder.device, torch.float32)
-        self.batch_size = batch_size
-        self.models = models
-        self._lock = threading.Lock()
-
-    def scorer(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B,) float32 scores on the model's device."""
-        return self.head(self.embedder.embed_images(images))
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, "aesthetic_v25")
-        return score_in_chunks(
-            lambda part: self.scorer(images[part]), len(images), self.batch_size, self._lock
-        )
+    name = "aesthetic_v25"
+    embedder: SiglipImageEmbedder
+    head: AestheticV25Head
 
 
 def load_v25_head(path: Path, embed_dim: int) -> AestheticV25Head:
@@ -166,8 +147,6 @@ def aesthetic_v25(
     head = load_v25_head(path, int(model.config.hidden_size))
     models = {
         "siglip": siglip,
-        "aesthetic_head": f"{head_local_path} (local)"
-        if head_local_path
-        else f"{head_url} sha256={head_sha256}",
+        "aesthetic_head": describe_download(head_url, head_sha256, head_local_path),
     }
     return AestheticV25Reward(embedder, head, batch_size, models)

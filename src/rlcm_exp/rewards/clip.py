@@ -14,7 +14,6 @@ reward loads through rewards/hub.py.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.base import check_images, check_prompts, score_in_chunks
 from rlcm_exp.rewards.hub import HoldsModel, describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 
 
 def _side(size: Any, name: str) -> int | None:
@@ -154,23 +153,21 @@ def load_clip_embedder(
     return ClipEmbedder(model, image_processor, tokenizer).to(device)
 
 
-class ClipAlignmentReward:
+class ClipAlignmentReward(ChunkedPromptImageReward):
     """reward(images, prompts) = scale * cosine(image, prompt) per image, in `batch_size` chunks.
 
     A lock serialises calls: the trainer scores in a worker thread, and one model forward at a
     time bounds accelerator memory. `scorer(images, prompts)` is the differentiable form.
     """
 
+    name = "ClipAlignmentReward"
+
     def __init__(
         self, embedder: ClipEmbedder, scale: float | None, batch_size: int, models: dict[str, str]
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"reward.batch_size={batch_size} must be >= 1 (images per model forward)")
+        super().__init__(batch_size, models)
         self.embedder = embedder
         self.scale = scale
-        self.batch_size = batch_size
-        self.models = models
-        self._lock = threading.Lock()
 
     def scorer(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Differentiable scores (B,) float32 on the model's device."""
@@ -180,16 +177,6 @@ class ClipAlignmentReward:
         # None = the model's own learned temperature (PickScore's definition)
         scale = self.embedder.model.logit_scale.exp().float() if self.scale is None else self.scale
         return cosine * scale
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, type(self).__name__)
-        check_prompts(images, prompts)
-        return score_in_chunks(
-            lambda part: self.scorer(images[part], list(prompts[part])),
-            len(images),
-            self.batch_size,
-            self._lock,
-        )
 
 
 def clip_score(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import HoldsModel, describe_source, torch_dtype
+from rlcm_exp.rewards.hub import HoldsModel, describe_hub_file, torch_dtype
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 from rlcm_exp.rewards.weights import hub_file, load_state_into
 
@@ -123,6 +123,6 @@ def hpsv2(
     """The HPSv2.1 reward: scale * cosine(image, prompt) of OpenCLIP ViT-H/14 with the HPS v2.1 weights."""
     path = hub_file(hps_model_id, hps_revision, hps_local_path, hps_file, hps_sha256, key="reward.hps_")
     model, tokenizer = load_open_clip(model_name, path, dtype, device)
-    source = describe_source(hps_model_id, hps_revision, hps_local_path)
-    models = {"hps": f"{model_name} + {source}/{hps_file}" + (f" sha256={hps_sha256}" if hps_sha256 else "")}
+    source = describe_hub_file(hps_model_id, hps_revision, hps_local_path, hps_file, hps_sha256)
+    models = {"hps": f"{model_name} + {source}"}
     return HpsReward(model, tokenizer, scale, batch_size, models)

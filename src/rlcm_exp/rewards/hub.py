@@ -110,6 +110,19 @@ def describe_source(model_id: str | None, revision: str, local_path: str | None)
     return f"{local_path} (local)" if local_path else f"{model_id}@{revision}"
 
 
+def describe_hub_file(
+    model_id: str | None, revision: str, local_path: str | None, filename: str, sha256: str | None
+) -> str:
+    """What /health and logs report for one file of a hub repo (rewards/weights.py's `hub_file`)."""
+    pin = f" sha256={sha256}" if sha256 else ""
+    return f"{describe_source(model_id, revision, local_path)}/{filename}{pin}"
+
+
+def describe_download(url: str | None, sha256: str | None, local_path: str | None) -> str:
+    """What /health and logs report for one file fetched from a pinned URL (or a local copy)."""
+    return f"{local_path} (local)" if local_path else f"{url} sha256={sha256}"
+
+
 class HoldsModel:
     """`device` and `dtype` of a scorer: those of its model's (first) parameters."""
 

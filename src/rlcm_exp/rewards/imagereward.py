@@ -37,7 +37,7 @@ from transformers import (
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.aesthetic import AestheticHead
 from rlcm_exp.rewards.clip import ClipImagePreprocess
-from rlcm_exp.rewards.hub import HoldsModel, describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.hub import HoldsModel, describe_hub_file, describe_source, load_pretrained, torch_dtype
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 from rlcm_exp.rewards.weights import hub_file, load_state_into
 
@@ -217,8 +217,7 @@ def imagereward(
         )
     model = model.to(device, torch_dtype(dtype))
     models = {
-        "imagereward": f"{describe_source(model_id, revision, local_path)}/{checkpoint_file}"
-        + (f" sha256={checkpoint_sha256}" if checkpoint_sha256 else ""),
+        "imagereward": describe_hub_file(model_id, revision, local_path, checkpoint_file, checkpoint_sha256),
         "tokenizer": describe_source(tokenizer_model_id, tokenizer_revision, tokenizer_local_path),
     }
     return ImageRewardScorer(model, tokenizer, batch_size, models)

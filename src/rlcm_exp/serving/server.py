@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,17 @@ def bind(options: ServerOptions) -> CappedServer:
         (options.host, options.port), make_handler({}, options, {}), bind_and_activate=False
     )
     server.max_connections = options.max_connections
+    _bind_step(server, options, server.server_bind)
+    return server
+
+
+def _bind_step(server: CappedServer, options: ServerOptions, step: Callable[[], None]) -> None:
+    """Run `server_bind` or `server_activate`; on failure close the socket and raise a ConfigError."""
     try:
-        server.server_bind()
+        step()
     except OSError as err:
         server.server_close()
         raise _bind_error(options, err) from err
-    return server
 
 
 def _bind_error(options: ServerOptions, err: OSError) -> ConfigError:
@@ -159,11 +164,7 @@ def serve(
     server.max_connections = options.max_connections
     server.RequestHandlerClass = make_handler(served, options, info)
     return_freed_memory_to_os()
-    try:
-        server.server_activate()
-    except OSError as err:
-        server.server_close()
-        raise _bind_error(options, err) from err
+    _bind_step(server, options, server.server_activate)
     return server
 
 
