@@ -19,6 +19,7 @@ from rlcm_exp.models.family import check_vae_resolution
 from rlcm_exp.models.hub import vae_scale
 from rlcm_exp.policies.base import DenoiserInputs, Generators, Policy
 from rlcm_exp.policies.conditioning import Conditioning
+from rlcm_exp.rl.gaussian import gaussian_log_prob
 
 P = TypeVar("P", bound=Policy)
 
@@ -120,6 +121,20 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     vae_dtype = next(vae.parameters()).dtype
     image = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
     return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def gaussian_step_log_prob(
+    policy: Any,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    step_index: torch.Tensor,
+    cond: Conditioning,
+) -> torch.Tensor:
+    """`Policy.log_prob` of both samplers (their `log_prob` is this function): log pi_theta of the
+    recorded actions under the policy's Gaussian step, at per-sample step indices (B,), with grad;
+    (B,) float32, element-averaged (rl/gaussian.py)."""
+    mean, std = policy.action_mean_std(latents, step_index, cond)
+    return gaussian_log_prob(next_latents, mean, std)
 
 
 def step_indices(step_index: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:

@@ -296,19 +296,9 @@ class DDIMPolicy:
         for k, step in enumerate(self._rollout(cond, generator)):
             yield step.x_prev if k == self.num_steps - 1 else step.x0_hat
 
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        step_index: torch.Tensor,
-        cond: Conditioning,
-    ) -> torch.Tensor:
-        """log pi_theta(next | latents) at per-sample step indices (B,), with grad; (B,) float32.
-
-        CFG (one doubled batch) is applied when sampling used it and `train_cfg` is set.
-        """
-        mean, sigma = self.action_mean_std(latents, step_index, cond)
-        return gaussian_log_prob(next_latents, mean, sigma)
+    # log pi_theta(next | latents), (B,) float32 with grad: the Gaussian of `action_mean_std` (CFG, one
+    # doubled batch, when sampling used it and `train_cfg` is set)
+    log_prob = _sd.gaussian_step_log_prob
 
     def action_mean_std(
         self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning

@@ -316,16 +316,8 @@ class LCMPolicy:
         for step in self._rollout(cond, generator):
             yield step.denoised
 
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        step_index: torch.Tensor,
-        cond: Conditioning,
-    ) -> torch.Tensor:
-        """log pi_theta(next | latents) at per-sample transition indices (B,), with grad; (B,) float32."""
-        mean, std = self.action_mean_std(latents, step_index, cond)
-        return gaussian_log_prob(next_latents, mean, std)
+    # log pi_theta(next | latents), (B,) float32 with grad: the Gaussian of `action_mean_std`
+    log_prob = _sd.gaussian_step_log_prob
 
     def action_mean_std(
         self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning
