@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"rlcm_exp": ROOT / "src" / "rlcm_exp", "benchmarks": ROOT / "benchmarks"}
 MAX_FUNCTION_LINES = 80
@@ -116,6 +118,7 @@ def test_configs_are_found_through_the_package() -> None:
     assert compose(overrides=["model=tiny"]).train.samples_per_epoch == 8
 
 
+@pytest.mark.subprocess
 def test_non_editable_install_runs_from_any_directory(tmp_path: Path) -> None:
     """`pip install .` (a wheel, not editable) into a fresh venv that borrows this environment's
     dependencies; then `rlcm-exp` and `python -m rlcm_exp` train a tiny run from another folder."""

@@ -20,7 +20,7 @@ from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
 from rlcm_exp.tracking import read_metrics
 
-from .test_cli import CONF, SMALL, run_in_process
+from .helpers import CONF, SMALL, run_in_process
 
 PROMPTS = ["a red cat", "a blue dog"]
 
@@ -54,6 +54,7 @@ def compose_eval(overrides: list[str]):
         return compose("evaluate", overrides=overrides)
 
 
+@pytest.mark.subprocess
 def test_evaluate_cli_reads_the_run_and_matches_its_heldout_eval(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     run_in_process([*SMALL, "train.epochs=1", "optimizer.lr=0.05", "train.eval_every=1"], run_dir)
@@ -155,6 +156,7 @@ def fake_run(folder: Path, algo: str, steps: int, rewards: list[float], seconds_
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+@pytest.mark.subprocess
 def test_compare_cli_draws_every_run_of_a_sweep(tmp_path, capsys) -> None:
     sweep = tmp_path / "multirun"
     fake_run(sweep / "0_algo=rlcm", "rlcm", 4, [-3.0, -2.0, -1.0], 1.0)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,8 @@ from rlcm_exp.models.hub import AdapterSource, MemberSource
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
+
+from .helpers import run_in_process
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird"]
 
@@ -309,7 +309,7 @@ def lora_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.epochs=2",
         "sampler.guidance_scale=1.5",
     ]
-    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={run}"], check=True)
+    run_in_process(overrides, run)
     return run
 
 
@@ -358,7 +358,7 @@ def test_export_round_trip_reproduces_the_trained_policy(lora_run: Path, lora_fa
 def sdxl_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("sdxl_run") / "run"
     overrides = ["model=tiny_sdxl", "task=compression", "train.epochs=2"]
-    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={run}"], check=True)
+    run_in_process(overrides, run)
     return run
 
 
@@ -402,7 +402,7 @@ def test_sdxl_export_round_trip_reproduces_the_trained_policy(sdxl_run: Path, sd
 def test_ddpo_runs_on_each_new_tiny_family(tiny_cache: str, tmp_path: Path, model: str) -> None:
     """The RLCM runs are the export fixtures above; DDPO (DDIM, CFG 5) on the same families here."""
     overrides = ["algo=ddpo", f"model={model}", "task=compression", "train.epochs=2"]
-    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={tmp_path}"], check=True)
+    run_in_process(overrides, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["ratio_first"] == pytest.approx(1.0, abs=1e-5)
 

@@ -191,6 +191,7 @@ def assert_bounded(stats: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------- attacks
 
 
+@pytest.mark.subprocess
 def test_a_request_of_many_small_images_is_refused_by_its_pixels(server):
     assert_serves(server)  # warm: the first request's allocations are not counted as growth
     body = score_body([png(SIDE, SIDE)] * 200)  # each image at max_pixels, the body ~0.2 MB
@@ -202,6 +203,7 @@ def test_a_request_of_many_small_images_is_refused_by_its_pixels(server):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 def test_the_queue_of_decoded_images_is_bounded(server):
     """Many concurrent requests within every per-request limit: they wait for room in
     max_queue_pixels instead of all being decoded at once, and all are scored."""
@@ -218,6 +220,7 @@ def test_the_queue_of_decoded_images_is_bounded(server):
     assert_bounded(stats)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
@@ -236,6 +239,7 @@ def test_a_bad_or_missing_content_length_is_refused_before_reading(server, heade
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("side", [100_000, 20_000])  # over PIL's bomb limit; under it, over max_pixels
 def test_a_png_decompression_bomb_gets_413_and_the_server_goes_on(server, side):
     bomb = bomb_png(side, side)
@@ -247,6 +251,7 @@ def test_a_png_decompression_bomb_gets_413_and_the_server_goes_on(server, side):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "body",
     [
@@ -265,6 +270,7 @@ def test_hostile_json_gets_400_and_the_server_goes_on(server, body):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 def test_the_token_comes_from_the_environment_and_is_not_on_the_command_line(server, tmp_path, monkeypatch):
     cmdline = " ".join(psutil.Process(server.proc.pid).cmdline())
     assert TOKEN not in cmdline  # what `ps` shows
@@ -282,6 +288,7 @@ def test_the_token_comes_from_the_environment_and_is_not_on_the_command_line(ser
         remote(server.url, token_env="NO_SUCH_VARIABLE_SET", max_retries=0)(x, ["a", "b"])
 
 
+@pytest.mark.subprocess
 def test_an_inline_token_still_works_with_a_warning(tmp_path):
     started = start_server(tmp_path, f"token={TOKEN}", env={"RLCM_REWARD_TOKEN": ""})
     try:
@@ -302,6 +309,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_a_non_loopback_host_without_a_token_is_refused(tmp_path):
     proc = run_cli("host=0.0.0.0", "port=0")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -312,6 +320,7 @@ def test_a_non_loopback_host_without_a_token_is_refused(tmp_path):
     stop(started)
 
 
+@pytest.mark.subprocess
 def test_a_port_in_use_is_one_line_naming_port():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
