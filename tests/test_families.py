@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -309,10 +311,13 @@ def lora_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.epochs=2",
         "sampler.guidance_scale=1.5",
     ]
-    run_in_process(overrides, run)
+    # through the command line: the export's model card reads what Hydra wrote (.hydra/), which an
+    # in-process run does not write
+    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={run}"], check=True)
     return run
 
 
+@pytest.mark.subprocess
 def test_export_round_trip_reproduces_the_trained_policy(lora_run: Path, lora_family, tmp_path) -> None:
     from rlcm_exp.evaluation.export import export
 
@@ -358,10 +363,11 @@ def test_export_round_trip_reproduces_the_trained_policy(lora_run: Path, lora_fa
 def sdxl_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("sdxl_run") / "run"
     overrides = ["model=tiny_sdxl", "task=compression", "train.epochs=2"]
-    run_in_process(overrides, run)
+    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={run}"], check=True)
     return run
 
 
+@pytest.mark.subprocess
 def test_sdxl_export_round_trip_reproduces_the_trained_policy(sdxl_run: Path, sdxl_family, tmp_path) -> None:
     from rlcm_exp.evaluation.export import export
 

@@ -115,13 +115,13 @@ EMA = [
 ]
 
 
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, err: Path, timeout: float = 180) -> None:
     start = time.time()
     while time.time() - start < timeout:
         if path.is_file() and len(path.read_text().splitlines()) >= n:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(f"run ended early: {err.read_text()[-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting for metrics")
 
@@ -132,11 +132,13 @@ def killed_run(run_dir: Path, tiny_cache: str, point: str, *extra: str) -> None:
     name, n = point.split(":")
     argv = [*RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
     if name == "random":
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        wait_for_lines(run_dir / "metrics.jsonl", int(n), proc)
+        err = run_dir.parent / "killed_run.stderr"  # a file, not a pipe nobody reads while it runs
+        with err.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )  # fmt: skip
+        wait_for_lines(run_dir / "metrics.jsonl", int(n), proc, err)
         time.sleep(random.Random(int(n)).uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -213,17 +215,16 @@ def test_a_checkpoint_whose_files_do_not_load_falls_back_to_the_previous_one(
 def test_sigterm_checkpoints_and_exits_with_the_distinct_code(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     argv = [*RESUMABLE, "train.epochs=50", "train.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlcm_exp", *argv],
-        env=cli_env(tiny_cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_lines(run_dir / "metrics.jsonl", 1, proc)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+    wait_for_lines(run_dir / "metrics.jsonl", 1, proc, err)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-2000:]
+    proc.wait(timeout=120)
+    assert proc.returncode == 75, err.read_text()[-2000:]
     ckpt = latest_checkpoint(run_dir, world_size=1)
     assert ckpt is not None and is_complete(ckpt, 1)
     epochs_done = read_checkpoint(ckpt, 0, torch.device("cpu"))["state"]["epoch"]
