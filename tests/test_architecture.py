@@ -152,16 +152,20 @@ def test_non_editable_install_runs_from_any_directory(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     wheel = next(build.glob("rlcm_exp-*.whl"))
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "RLCM_EXP_CACHE": str(tmp_path / "cache"),
     }
+    # without PYTHONPATH, pip too: with PYTHONPATH=src it saw the wheel build's src/rlcm_exp.egg-info
+    # as an installed rlcm_exp and skipped the install
     env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path, env=env
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     where = subprocess.run(
         [str(py), "-c", "import rlcm_exp; print(rlcm_exp.__file__)"],
         check=True,
