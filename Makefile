@@ -7,8 +7,12 @@ SCALE   ?= full
 # training runs at once in reproduce-paper: 1 at full scale (use --launcher for GPUs), 2 on CPU scales
 JOBS    ?= $(if $(filter full,$(SCALE)),1,2)
 export HF_HUB_OFFLINE ?= 1
+# the tests' xdist workers: one intra-op thread each (tests/conftest.py); loadgroup keeps an xdist_group
+# (a module, or a named group) on one worker; units start in collection order (slow tests first)
+WORKERS ?= 2
+XDIST   := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: help install demo test test-all lint format toy-model bench gpu-check reproduce-paper clean
+.PHONY: help install demo test test-fast lint format toy-model bench gpu-check reproduce-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -26,11 +30,11 @@ install: $(STAMP)  ## create .venv and install the package (torch pinned first)
 demo: $(STAMP)  ## the quickstart: RLCM on the toy world, a few minutes on a CPU
 	$(BIN)/python -m rlcm_exp experiment=quickstart
 
-test: $(STAMP)  ## the test suite (CPU; gpu/slow/hub markers skipped)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the whole CPU suite, learning tests included (not gpu/hub/long): CI's command, 2 workers, < 20 min
+	$(BIN)/python -m pytest -q -m "not gpu and not hub and not long" $(XDIST) --durations=25
 
-test-all: $(STAMP)  ## also the slow tests (gpu and hub still need -m)
-	$(BIN)/python -m pytest -q -m "not gpu and not hub"
+test-fast: $(STAMP)  ## the inner loop: unit, hand-worked, tiny-model tests in process (not slow/subprocess/gpu/hub), < 5 min
+	$(BIN)/python -m pytest -q -m "not slow and not subprocess and not gpu and not hub" $(XDIST)
 
 lint: $(STAMP)  ## ruff lint + format check, mypy on src/
 	$(BIN)/ruff check src tests

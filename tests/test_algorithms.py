@@ -23,7 +23,7 @@ from rlcm_exp.training.batching import check_groups
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.update import group_order
 
-from .test_cli import SMALL, run_in_process
+from .helpers import SMALL, run_in_process
 
 
 def test_group_advantages_normalise_within_each_group() -> None:

@@ -12,7 +12,7 @@ import torch
 
 import rlcm_exp
 
-from .test_cli import SMALL
+from .helpers import SMALL
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_model_card_is_a_hugging_face_card(api_run, tmp_path) -> None:
     assert "jpeg" in card.text.lower()  # the reward
 
 
+@pytest.mark.subprocess
 def test_importing_the_package_loads_no_torch() -> None:
     code = "import sys, rlcm_exp; assert callable(rlcm_exp.run); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"rlcm_exp": ROOT / "src" / "rlcm_exp", "benchmarks": ROOT / "benchmarks"}
 MAX_FUNCTION_LINES = 80
@@ -184,6 +186,7 @@ def test_configs_are_found_through_the_package() -> None:
     assert compose(overrides=["model=tiny"]).train.samples_per_epoch == 8
 
 
+@pytest.mark.subprocess
 def test_non_editable_install_runs_from_any_directory(tmp_path: Path) -> None:
     """`pip install .` (a wheel, not editable) into a fresh venv that borrows this environment's
     dependencies; then `rlcm-exp` and `python -m rlcm_exp` train a tiny run from another folder."""
@@ -217,16 +220,20 @@ def test_non_editable_install_runs_from_any_directory(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     wheel = next(build.glob("rlcm_exp-*.whl"))
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "RLCM_EXP_CACHE": str(tmp_path / "cache"),
     }
+    # without PYTHONPATH, pip too: with PYTHONPATH=src it saw the wheel build's src/rlcm_exp.egg-info
+    # as an installed rlcm_exp and skipped the install
     env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path, env=env
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     where = subprocess.run(
         [str(py), "-c", "import rlcm_exp; print(rlcm_exp.__file__)"],
         check=True,

@@ -73,6 +73,7 @@ def _is_spread(s: dict) -> bool:
     return {"median", "min", "max", "n"} <= set(s) and s["min"] <= s["median"] <= s["max"]
 
 
+@pytest.mark.subprocess
 def test_report_has_every_field(report: tuple[dict, Path]) -> None:
     data, _ = report
     assert data["scale"] == "tiny" and data["repeats"] == 1
@@ -99,6 +100,7 @@ def test_report_has_every_field(report: tuple[dict, Path]) -> None:
     assert data["comparison"]["rollout_ratio_rlcm_to_ddpo"] > 0
 
 
+@pytest.mark.subprocess
 def test_transitions_per_forward_comparison(report: tuple[dict, Path]) -> None:
     """The training phase replayed with 1 and all transitions per UNet call; DDPO's CFG doubles its batches."""
     data, out = report
@@ -120,6 +122,7 @@ def test_transitions_per_forward_comparison(report: tuple[dict, Path]) -> None:
     assert "DDPO CFG path: classifier-free guidance" in table
 
 
+@pytest.mark.subprocess
 def test_table_and_readme_block(report: tuple[dict, Path]) -> None:
     _, out = report
     table = (out / "tiny-cpu.md").read_text()

@@ -9,35 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rlcm_exp.toy.detector import PARTS
 from rlcm_exp.tracking import read_metrics
-from rlcm_exp.training.build import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-SMALL = [
-    "model=tiny",
-    "task=compression",
-    "sampler.num_steps=4",
-    "train.samples_per_epoch=16",
-    "train.sample_batch_size=8",
-    "train.train_batch_size=4",
-    "train.samples_per_step=8",
-    "train.save_images=4",
-]
-# the toy world at its smallest (one 8-image round per epoch, 2 steps): seconds per epoch on a CPU
-TOY_SMALL = [
-    "model=toy",
-    "task=toy_alignment",
-    "sampler.num_steps=2",
-    "train.samples_per_epoch=8",
-    "train.sample_batch_size=8",
-    "train.train_batch_size=4",
-    "train.samples_per_step=8",
-    "train.save_images=0",
-    "logger=none",
-]
+from .helpers import SMALL, TOY_SMALL, run_in_process
+
 KEYS = {
     "epoch",
     "reward_mean",
@@ -55,12 +32,6 @@ KEYS = {
     "time_reward_s",
     "time_train_s",
 }
-
-
-def run_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return train(cfg, run_dir)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +55,7 @@ def test_first_ratio_is_one_whatever_the_batching(tiny_cache, tmp_path, extra, t
     assert plan["transitions_per_trajectory"] == transitions
 
 
+@pytest.mark.subprocess
 def test_smoke_run_writes_the_run_dir(tiny_cache, tmp_path) -> None:
     """The README's command, through the real entry point (python -m rlcm_exp)."""
     run_dir = tmp_path / "run"
@@ -114,6 +86,7 @@ def run_cli(args: list[str], tmp_path: Path, tiny_cache: str) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -149,6 +122,7 @@ def test_a_user_reward_function_plugs_in_by_target(tiny_cache, tmp_path) -> None
     assert 0.0 <= records[0]["reward_mean"] <= 2.0
 
 
+@pytest.mark.subprocess
 def test_side_by_side_sweep_shares_prompts_seeds_and_wandb_group(tiny_cache, tmp_path) -> None:
     """`-m algo=rlcm,ddpo`: one sweep folder, identical prompts and seeds, one wandb group."""
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}

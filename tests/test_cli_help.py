@@ -40,6 +40,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_answers_help(command: str, tmp_path: Path) -> None:
     # an empty model cache and no hub: a command that built or fetched a model would leave files here

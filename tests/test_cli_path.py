@@ -28,7 +28,7 @@ from rlcm_exp.policies.build import build_policy
 from rlcm_exp.prompts import prompt_set
 from rlcm_exp.validation import check_before_loading, check_targets
 
-from .test_cli import SMALL, run_in_process
+from .helpers import SMALL, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,6 +189,7 @@ def test_sample_from_a_run_dir_uses_the_run_model_and_lora(tiny_cache, tmp_path:
     assert sample_images(compose("sample", overrides), overrides)[0]["steps"] == 2
 
 
+@pytest.mark.subprocess
 def test_a_lora_that_does_not_fit_the_model_is_exit_2_naming_the_checkpoint(
     tiny_cache, tmp_path: Path
 ) -> None:
@@ -225,6 +226,7 @@ def shipped_options(group: str) -> set[str]:
     }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("module", "groups"),
     [
@@ -278,6 +280,7 @@ def test_a_typo_in_a_target_is_one_line_naming_the_key(tmp_path: Path) -> None:
     check_targets(compose(overrides=["reward=custom", "reward._target_=tests.user_reward.mean_red"]))
 
 
+@pytest.mark.subprocess
 def test_a_run_that_never_started_leaves_no_folder(tiny_cache, tmp_path: Path) -> None:
     bad = ["model=tiny", "task=compression", "reward=custom", "reward._target_=my_rewardz.redness"]
     proc = run_command("rlcm_exp", bad, tmp_path, tiny_cache)  # the default timestamped run dir

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlcm_exp.evaluation.budget import budgeted_sample
@@ -20,7 +19,7 @@ from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
 from rlcm_exp.tracking import read_metrics
 
-from .test_cli import CONF, SMALL, run_in_process
+from .helpers import SMALL, compose_eval, run_in_process
 
 PROMPTS = ["a red cat", "a blue dog"]
 
@@ -49,11 +48,7 @@ def test_budgeted_sample_without_budget_is_sample(tiny_family, kind) -> None:
     assert budgeted_sample(policy, PROMPTS, gens([3, 4]), max_seconds=1e9).steps_taken == policy.num_steps
 
 
-def compose_eval(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("evaluate", overrides=overrides)
-
-
+@pytest.mark.subprocess
 def test_evaluate_cli_reads_the_run_and_matches_its_heldout_eval(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     run_in_process([*SMALL, "train.epochs=1", "optimizer.lr=0.05", "train.eval_every=1"], run_dir)
@@ -155,6 +150,7 @@ def fake_run(folder: Path, algo: str, steps: int, rewards: list[float], seconds_
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+@pytest.mark.subprocess
 def test_compare_cli_draws_every_run_of_a_sweep(tmp_path, capsys) -> None:
     sweep = tmp_path / "multirun"
     fake_run(sweep / "0_algo=rlcm", "rlcm", 4, [-3.0, -2.0, -1.0], 1.0)

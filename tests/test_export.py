@@ -11,7 +11,7 @@ from rlcm_exp.models import attach_lora
 from rlcm_exp.models.lora import load_lora_into
 from rlcm_exp.policies.lcm import build_lcm_policy
 
-from .test_cli import SMALL, run_in_process
+from .helpers import SMALL, run_in_process
 
 PROMPTS = ["a red cat", "a blue dog"]
 

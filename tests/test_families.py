@@ -25,6 +25,8 @@ from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
 
+from .helpers import run_in_process
+
 PROMPTS = ["a red cat", "a blue dog", "a green bird"]
 
 
@@ -309,10 +311,13 @@ def lora_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.epochs=2",
         "sampler.guidance_scale=1.5",
     ]
+    # through the command line: the export's model card reads what Hydra wrote (.hydra/), which an
+    # in-process run does not write
     subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={run}"], check=True)
     return run
 
 
+@pytest.mark.subprocess
 def test_export_round_trip_reproduces_the_trained_policy(lora_run: Path, lora_family, tmp_path) -> None:
     from rlcm_exp.evaluation.export import export
 
@@ -362,6 +367,7 @@ def sdxl_run(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.subprocess
 def test_sdxl_export_round_trip_reproduces_the_trained_policy(sdxl_run: Path, sdxl_family, tmp_path) -> None:
     from rlcm_exp.evaluation.export import export
 
@@ -402,7 +408,7 @@ def test_sdxl_export_round_trip_reproduces_the_trained_policy(sdxl_run: Path, sd
 def test_ddpo_runs_on_each_new_tiny_family(tiny_cache: str, tmp_path: Path, model: str) -> None:
     """The RLCM runs are the export fixtures above; DDPO (DDIM, CFG 5) on the same families here."""
     overrides = ["algo=ddpo", f"model={model}", "task=compression", "train.epochs=2"]
-    subprocess.run([sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={tmp_path}"], check=True)
+    run_in_process(overrides, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["ratio_first"] == pytest.approx(1.0, abs=1e-5)
 

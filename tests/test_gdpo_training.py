@@ -27,8 +27,7 @@ from rlcm_exp.tracking import read_metrics
 from rlcm_exp.training.rounds import RoundAdvantages
 from rlcm_exp.training.settings import AlgoSettings, linear_lr
 
-from .test_cli import TOY_SMALL, run_in_process
-from .test_resume import without_timings
+from .helpers import TOY_SMALL, run_in_process, without_timings
 
 EPS = 1e-9
 TRACKER = PerPromptStatTracker(buffer_size=16, min_count=2, eps=EPS)

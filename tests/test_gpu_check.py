@@ -44,6 +44,7 @@ def test_paper_settings_per_gpu() -> None:
     assert paper_settings("ddpo", "aesthetic").per_gpu_samples == 32
 
 
+@pytest.mark.subprocess
 def test_report_fields(report: tuple[dict, Path]) -> None:
     data, _ = report
     assert data["scale"] == "cpu-scale" and data["device_slug"] == "cpu"
@@ -69,6 +70,7 @@ def test_report_fields(report: tuple[dict, Path]) -> None:
         assert q["rollout_ratio_rlcm_to_ddpo"] > 0 and q["round_ratio_rlcm_to_ddpo"] > 0
 
 
+@pytest.mark.subprocess
 def test_markdown_table(report: tuple[dict, Path]) -> None:
     _, out = report
     table = (out / "gpu-cpu.md").read_text()

@@ -9,14 +9,20 @@ Measured on this 2-core CPU (one core per run, seed 42, the recipe-2 toy weights
 compression -16.6% JPEG size in 105 s; RLCM alignment (192 trajectories per epoch) +0.058
 detector score in 229 s; DDPO alignment (6 DDIM steps, CFG 3) +0.074 in 265 s; DDPO compression (10 DDIM
 steps, CFG off, first half of each trajectory trained) -22.2% in 147 s.
+All are marked slow: `make test` runs them (each a unit of its own on the xdist workers), `make
+test-fast` and a bare `pytest` do not.
 """
 
 from __future__ import annotations
 
+import pytest
+
 from rlcm_exp.toy.detector import PARTS
 from rlcm_exp.tracking import read_metrics
 
-from .test_cli import run_in_process
+from .helpers import run_in_process
+
+pytestmark = pytest.mark.slow
 
 EVAL = [
     "train.eval_every=1000",  # before and after only

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlcm_exp.tracking import read_metrics
 
-from .test_cli import SMALL
+from .helpers import SMALL
 
 RUN = [*SMALL, "train.sample_batch_size=4", "train.epochs=2", "train.dump_rollouts=true"]
 
@@ -43,6 +44,7 @@ def launch(tiny_cache: str, run_dir: Path, processes: int, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.subprocess
 def test_two_gloo_processes_match_one_process(tiny_cache, tmp_path) -> None:
     launch(tiny_cache, tmp_path / "single", 1, tmp_path)
     launch(tiny_cache, tmp_path / "multi", 2, tmp_path)

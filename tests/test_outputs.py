@@ -22,7 +22,7 @@ from rlcm_exp.tracking import read_metrics
 from rlcm_exp.training.build import train
 from rlcm_exp.training.callbacks import Callback
 
-from .test_cli import SMALL
+from .helpers import SMALL
 
 
 def fake_run(folder: Path, lr: float, seed: int, rewards: list[float], evals: list[float]) -> None:

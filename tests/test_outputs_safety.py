@@ -26,7 +26,7 @@ from rlcm_exp.models.hub import MemberSource
 from rlcm_exp.policies.build import build_policy
 from rlcm_exp.toy.family import toy_family
 
-from .test_cli import CONF, SMALL
+from .helpers import CONF, SMALL
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -302,6 +302,7 @@ def test_overwrite_replaces_only_the_earlier_samples(tiny_cache, tmp_path: Path)
     assert (out / "mine.png").read_bytes() == b"user image"
 
 
+@pytest.mark.subprocess
 def test_sample_cli_refuses_an_empty_prompt_list_with_one_line(tiny_cache, tmp_path: Path) -> None:
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "rlcm_exp.sample", "model=tiny", "prompts=[]", f"out={tmp_path / 'out'}"]
@@ -350,6 +351,7 @@ def test_sampling_refuses_the_resolution_before_loading(tiny_cache, tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_training_cli_refuses_the_resolution_quickly(tiny_cache, tmp_path: Path) -> None:
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
     overrides = ["model=tiny", "task=compression", "sampler.resolution=33", "train.epochs=1"]

@@ -21,8 +21,7 @@ from rlcm_exp.evaluation.tables import reward_rows
 from rlcm_exp.prompts import PROMPT_FILES_DIR, PROMPT_SETS, prompt_set, shipped_prompt_files
 from rlcm_exp.rewards.ocr import quoted_text
 
-from .test_cli import TOY_SMALL, run_in_process
-from .test_evaluate import compose_eval
+from .helpers import TOY_SMALL, compose_eval, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,9 @@
 (issue 19): run through the real entry point, in a fresh folder, with only the run dir added.
 
 The commands are read from the README's bash blocks, so a command added there is tested here. Tiny
-runs take seconds and run by default; toy runs with their default epochs, and sweeps, are marked
-slow (minutes on a 2-core CPU; `pytest -m slow tests/test_readme_commands.py`). Wall-clock times
+runs take seconds and run by default; toy runs with their default epochs are marked slow (a minute
+or two on one core: `make test` runs them), sweeps slow and long (the 6-run toy sweep is 10+ minutes
+on one core, so only `pytest -m long tests/test_readme_commands.py` runs it). Wall-clock times
 are printed and, when RLCM_README_TIMES names a file, appended to it as JSON lines: the README's
 figures are measured this way, never asserted (a benchmark measures speed, a test behaviour).
 """
@@ -60,6 +61,13 @@ def is_quick(command: str) -> bool:
     return "model=tiny" in args and "-m" not in args
 
 
+def tier(command: str) -> tuple[pytest.MarkDecorator, ...]:
+    """No marker for a quick command, `slow` for a single toy run, `slow` and `long` for a sweep."""
+    if is_quick(command):
+        return ()
+    return (pytest.mark.slow, pytest.mark.long) if "-m" in shlex.split(command)[3:] else (pytest.mark.slow,)
+
+
 COMMANDS = training_commands(README.read_text())
 
 
@@ -67,12 +75,10 @@ def test_the_readme_has_training_commands_for_the_toy_and_tiny_families() -> Non
     assert any(is_quick(c) for c in COMMANDS) and any("model=toy" in c for c in COMMANDS), COMMANDS
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "command",
-    [
-        pytest.param(c, marks=() if is_quick(c) else pytest.mark.slow, id=re.sub(r"[^\w=,./-]+", "_", c[19:]))
-        for c in COMMANDS
-    ],
+    [pytest.param(c, marks=tier(c), id=re.sub(r"[^\w=,./-]+", "_", c[19:])) for c in COMMANDS],
 )
 def test_a_readme_training_command_finishes(command: str, tmp_path: Path, tiny_cache: str) -> None:
     readme = README.read_text()

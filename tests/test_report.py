@@ -36,6 +36,7 @@ def first_reach(xs: list[float], ys: list[float], threshold: float) -> float:
     return next(x for x, y in zip(xs, ys, strict=True) if y >= threshold)
 
 
+@pytest.mark.subprocess  # each training run a `python -m rlcm_exp` process, two at once
 def test_smoke_reproduction_end_to_end(tiny_cache, tmp_path) -> None:
     # two runs at once: the parallel path is the one `make reproduce-paper` takes on a CPU
     args = ["--scale", "smoke", "--seeds", "0", "--figures", "4,5,6", "--out", str(tmp_path), "--jobs", "2"]

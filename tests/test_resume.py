@@ -1,8 +1,14 @@
-"""Fault tolerance: SIGKILL + resume=auto reproduces the uninterrupted run; SIGTERM checkpoints and exits 75;
-a checkpoint that cannot be written (full or read-only folder) fails clearly and keeps the previous one."""
+"""Fault tolerance: a run killed (SIGKILL) at any moment, then resumed with resume=auto, writes what an
+uninterrupted run does (metrics, evaluations and the EMA weights); SIGTERM checkpoints and exits 75; a
+checkpoint that cannot be written (full or read-only folder) fails clearly and keeps the previous one;
+a checkpoint that is torn or whose files do not load is skipped.
+
+The kill-and-resume runs share one module-scoped reference run, so they stay on one xdist worker.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -23,70 +29,83 @@ from rlcm_exp.training.checkpoint import (
     write_checkpoint,
 )
 
-from .test_cli import SMALL
+from .helpers import RESUMABLE, cli_env, train_subprocess, without_timings
 
-RUN = [*SMALL, "train.epochs=4", "train.checkpoint_every=1", "optimizer.lr=0.01"]
-TIMING = {
-    "wallclock_s",
-    "gpu_hours",
-    "time_sample_s",
-    "time_reward_s",
-    "time_reward_wait_s",
-    "time_train_s",
-    "time_eval_s",
-}
+pytestmark = pytest.mark.xdist_group("kill_resume")
 
+# Runs the real entry point in a process that SIGKILLs itself at a chosen moment: KILL_AT=point:n
+# kills at the n-th time the point is reached (a torn metrics line, mid-checkpoint, ...).
+DRIVER = r"""
+import json, os, signal, sys
+import rlcm_exp.tracking as tracking
+import rlcm_exp.training.checkpoint as checkpoint
+import rlcm_exp.training.trainer as trainer
 
-def cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlcm_exp", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+point, n = os.environ["KILL_AT"].split(":")
+n, seen = int(n), {"count": 0}
 
+def reached() -> bool:
+    seen["count"] += 1
+    return seen["count"] == n
 
-def env(tiny_cache: str) -> dict[str, str]:
-    return {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
+def patch_write(name: str, torn: bool):
+    original = tracking.MetricsFile.write
+    def write(self, record):
+        if self.path.name == name and self.enabled and reached():
+            if torn:  # half a line on disk, then the kill
+                with self.path.open("a") as f:
+                    line = json.dumps(record)
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                original(self, record)
+            die()
+        original(self, record)
+    tracking.MetricsFile.write = write
 
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if path.is_file() and len(path.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for metrics")
+def after(module, name: str):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if reached():
+            die()
+        return out
+    setattr(module, name, wrapped)
 
+if point == "metrics_torn": patch_write("metrics.jsonl", torn=True)
+if point == "metrics_after": patch_write("metrics.jsonl", torn=False)
+if point == "eval_torn": patch_write("eval.jsonl", torn=True)
+if point == "checkpoint_mid": after(checkpoint, "write_lora_weights")  # LoRA in the .tmp, no COMPLETE
+if point == "checkpoint_prune":  # renamed into place, older ones not yet pruned
+    original_prune = checkpoint._prune
+    def prune(*args):
+        if reached():
+            die()
+        original_prune(*args)
+    checkpoint._prune = prune
+if point == "final_lora": after(trainer, "save_lora")
 
-def without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+import rlcm_exp.__main__ as entry
+sys.argv = ["rlcm_exp", *json.loads(sys.argv[1])]
+entry.main()
+"""
 
-
-@pytest.fixture(scope="module")
-def reference(tiny_cache, tmp_path_factory) -> list[dict]:
-    run_dir = tmp_path_factory.mktemp("reference")
-    subprocess.run(cmd(run_dir), env=env(tiny_cache), check=True, capture_output=True, timeout=600)
-    return read_metrics(run_dir / "metrics.jsonl")
-
-
-@pytest.mark.parametrize("kill_after", [1, 2])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(
-    tiny_cache, tmp_path, reference, kill_after
-) -> None:
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        cmd(run_dir), env=env(tiny_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_lines(run_dir / "metrics.jsonl", kill_after, proc)
-    time.sleep(random.Random(kill_after).uniform(0.0, 1.5))  # somewhere in the next epoch or its checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(
-        cmd(run_dir, "resume=auto"), env=env(tiny_cache), check=True, capture_output=True, timeout=600
-    )
-    resumed = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
-    assert without_timings(resumed) == without_timings(reference)
-
-
+KILL_POINTS = [
+    "metrics_torn:1",  # the first epoch's metrics line half written
+    "metrics_torn:3",
+    "metrics_after:1",  # after epoch 0, before the first checkpoint
+    "eval_torn:2",  # the held-out evaluation after epoch 2, half written
+    "checkpoint_mid:1",  # during the first checkpoint write
+    "checkpoint_mid:2",
+    "checkpoint_prune:1",
+    "final_lora:1",  # during the final LoRA save
+    "random:1",  # the parent kills at a random moment of epoch 1 (or later)
+    "random:2",  # ... of the checkpoint after epoch 2, or epoch 2 (or later)
+]
 # EMA weights (train.ema_decay) evaluated every epoch: each record's eval_reward_mean is the EMA's
 EMA = [
     "train.ema_decay=0.7",
@@ -96,11 +115,40 @@ EMA = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ema_reference(tiny_cache, tmp_path_factory) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    run_dir = tmp_path_factory.mktemp("ema_reference")
-    subprocess.run(cmd(run_dir, *EMA), env=env(tiny_cache), check=True, capture_output=True, timeout=600)
-    return read_metrics(run_dir / "metrics.jsonl"), final_ema(run_dir)
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, err: Path, timeout: float = 180) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {err.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for metrics")
+
+
+def killed_run(run_dir: Path, tiny_cache: str, point: str, *extra: str) -> None:
+    """The run killed at `point`: a driver that SIGKILLs itself there, or (random:n) the parent
+    killing it a random 0-1.5 s after the n-th metrics line."""
+    name, n = point.split(":")
+    argv = [*RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
+    if name == "random":
+        err = run_dir.parent / "killed_run.stderr"  # a file, not a pipe nobody reads while it runs
+        with err.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )  # fmt: skip
+        wait_for_lines(run_dir / "metrics.jsonl", int(n), proc, err)
+        time.sleep(random.Random(int(n)).uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({point})"
+        return
+    proc2 = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(argv)], env={**cli_env(tiny_cache), "KILL_AT": point},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc2.returncode == -signal.SIGKILL, f"{point} was never reached: {proc2.stderr[-2000:]}"
 
 
 def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -109,41 +157,74 @@ def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / "final_ema" / "pytorch_lora_weights.safetensors")
 
 
-def test_sigkill_then_resume_restores_the_ema_exactly(tiny_cache, tmp_path, ema_reference) -> None:
+@pytest.fixture(scope="module")
+def reference(tiny_cache, tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    run_dir = tmp_path_factory.mktemp("reference")
+    train_subprocess(run_dir, tiny_cache)
+    return read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / "eval.jsonl")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(
+    tiny_cache, tmp_path, reference, point
+) -> None:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        cmd(run_dir, *EMA), env=env(tiny_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(
-        cmd(run_dir, *EMA, "resume=auto"), env=env(tiny_cache), check=True, capture_output=True, timeout=600
-    )
-    records, reference_ema = ema_reference
-    resumed = read_metrics(run_dir / "metrics.jsonl")
+    killed_run(run_dir, tiny_cache, point)
+    train_subprocess(run_dir, tiny_cache, "resume=auto")
+    metrics, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / "eval.jsonl")
+    assert [r["epoch"] for r in metrics] == [0, 1, 2, 3]
+    assert without_timings(metrics) == without_timings(reference[0])
+    assert without_timings(evals) == without_timings(reference[1])
+
+
+@pytest.mark.subprocess
+def test_killed_then_resumed_restores_the_ema_exactly(tiny_cache, tmp_path_factory) -> None:
+    """Killed after epoch 2's metrics line: the resume restores the EMA from the epoch-2 checkpoint."""
+    ref_dir, run_dir = tmp_path_factory.mktemp("ema_reference"), tmp_path_factory.mktemp("ema") / "run"
+    train_subprocess(ref_dir, tiny_cache, *EMA)
+    killed_run(run_dir, tiny_cache, "metrics_after:3", *EMA)
+    train_subprocess(run_dir, tiny_cache, *EMA, "resume=auto")
+    records, resumed = read_metrics(ref_dir / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
     assert all("eval_reward_mean" in r for r in resumed)  # scored with the EMA weights every epoch
     assert without_timings(resumed) == without_timings(records)
-    resumed_ema = final_ema(run_dir)
+    resumed_ema, reference_ema = final_ema(run_dir), final_ema(ref_dir)
     assert resumed_ema.keys() == reference_ema.keys()
     assert all(torch.equal(resumed_ema[k], reference_ema[k]) for k in resumed_ema)
 
 
+@pytest.mark.subprocess
+def test_a_checkpoint_whose_files_do_not_load_falls_back_to_the_previous_one(
+    tiny_cache, tmp_path, reference
+) -> None:
+    run_dir = tmp_path / "run"
+    train_subprocess(run_dir, tiny_cache)  # checkpoints after epochs 2 and 4
+    newest = run_dir / "checkpoints" / "epoch_000004"
+    for name in ("optimizer.pt", "pytorch_lora_weights.safetensors"):
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[: len(data) // 2])  # truncated, COMPLETE still there
+    res = train_subprocess(run_dir, tiny_cache, "train.epochs=5", "resume=auto")
+    assert "does not load" in res.stderr and "epoch_000004" in res.stderr
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == [0, 1, 2, 3, 4]
+    assert without_timings(metrics[:4]) == without_timings(reference[0])
+
+
+@pytest.mark.subprocess
 def test_sigterm_checkpoints_and_exits_with_the_distinct_code(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        cmd(run_dir, "train.epochs=50", "train.checkpoint_every=0"),
-        env=env(tiny_cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_lines(run_dir / "metrics.jsonl", 1, proc)
+    argv = [*RESUMABLE, "train.epochs=50", "train.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+    wait_for_lines(run_dir / "metrics.jsonl", 1, proc, err)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-2000:]
+    proc.wait(timeout=120)
+    assert proc.returncode == 75, err.read_text()[-2000:]
     ckpt = latest_checkpoint(run_dir, world_size=1)
     assert ckpt is not None and is_complete(ckpt, 1)
     epochs_done = read_checkpoint(ckpt, 0, torch.device("cpu"))["state"]["epoch"]

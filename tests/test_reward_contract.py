@@ -117,6 +117,7 @@ def server() -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.mark.subprocess
 def test_a_plain_function_is_served_and_scored_through_the_client(server):
     client = remote(server, max_retries=0, wait_for_server_s=30)
     assert client.health()["target"] == TARGET
@@ -155,6 +156,7 @@ def test_a_plain_function_is_a_weighted_component():
 # ----------------------------------------------------------------------------- (d) training
 
 
+@pytest.mark.subprocess
 def test_a_plain_function_trains_through_the_entry_point(tiny_cache, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "rlcm_exp", "model=tiny", "task=compression", "train.epochs=1"]

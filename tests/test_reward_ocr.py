@@ -5,37 +5,18 @@ conf/reward/ocr.yaml the way the trainer builds it."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import matplotlib
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from rlcm_exp.configs import compose
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.base import build_reward
 from rlcm_exp.rewards.ocr import OcrReward, levenshtein, normalise, ocr_score, quoted_text
 
+from .helpers import WORDS, render
+
 pytest.importorskip("rapidocr_onnxruntime")
-
-FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-WORDS = ["hello", "quartz", "Vinyl"]  # pairwise far apart: each misread as another scores below 0.3
-
-
-def render(words: list[str | None], size: tuple[int, int] = (256, 96)) -> torch.Tensor:
-    """Black words, 48 px DejaVu Sans, centred on white; None = a blank image. -> (B, 3, H, W) in [0, 1]."""
-    font = ImageFont.truetype(str(FONT), 48)
-    out = []
-    for word in words:
-        image = Image.new("RGB", size, "white")
-        if word:
-            ImageDraw.Draw(image).text(
-                (size[0] // 2, size[1] // 2), word, fill="black", font=font, anchor="mm"
-            )
-        out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,7 @@ def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the real server
 
 
+@pytest.mark.subprocess
 def test_health_reports_the_loaded_models(server, tiny_models):
     reward = remote(server, token=TOKEN, wait_for_server_s=30)
     info = reward.health()
@@ -190,6 +191,7 @@ def test_health_reports_the_loaded_models(server, tiny_models):
     assert TOKEN not in repr(reward)
 
 
+@pytest.mark.subprocess
 def test_concurrent_clients_are_batched_and_match_in_process_scores(server, tiny_models):
     reward = client(server)
     calls_before = reward.health()["reward_calls"]
@@ -226,6 +228,7 @@ def test_concurrent_clients_are_batched_and_match_in_process_scores(server, tiny
         torch.testing.assert_close(results[i], local(x, prompts), atol=1e-4, rtol=0)
 
 
+@pytest.mark.subprocess
 def test_missing_or_wrong_token_is_refused_with_401(server):
     for token in (None, "wrong"):
         with pytest.raises(RewardServerError, match=r"HTTP 401.*reward\.token"):
@@ -235,6 +238,7 @@ def test_missing_or_wrong_token_is_refused_with_401(server):
     assert conn.getresponse().status == 401
 
 
+@pytest.mark.subprocess
 def test_requests_over_the_size_limit_get_413(server):
     noisy = torch.rand(4, 3, 160, 160)  # incompressible PNGs: about 0.4 MB of base64, over 0.25 MB
     with pytest.raises(RewardServerError, match=r"HTTP 413.*max_request_mb"):
@@ -244,6 +248,7 @@ def test_requests_over_the_size_limit_get_413(server):
     assert scores.shape == (4,) and torch.isfinite(scores).all()
 
 
+@pytest.mark.subprocess
 def test_jpeg_transport_and_the_pixel_limit(server):
     scores = client(server, image_format="jpeg")(images(2), PROMPTS[:2])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
@@ -261,6 +266,7 @@ def _post(url: str, body: bytes, token: str = TOKEN) -> tuple[int, dict]:
     return response.status, json.loads(response.read())
 
 
+@pytest.mark.subprocess
 def test_bad_requests_get_400_and_nothing_is_unpickled(server):
     status, answer = _post(server, b"not json")
     assert status == 400 and "not JSON" in answer["error"]
@@ -405,6 +411,7 @@ def test_cli_errors_are_one_paragraph(capsys):
     assert err.startswith("error: reward.local_path=/no/such: no such folder") and "Traceback" not in err
 
 
+@pytest.mark.subprocess
 def test_help_prints_the_usage_and_exits_0():
     proc = subprocess.run(
         [sys.executable, "-m", "rlcm_exp.reward_server", "--help"],

@@ -20,7 +20,8 @@ from rlcm_exp.errors import ConfigError
 from rlcm_exp.reward_server import parse_args
 from rlcm_exp.rewards.base import build_reward
 from rlcm_exp.rewards.remote import RewardServerError, remote
-from tests.test_reward_ocr import WORDS, render
+
+from .helpers import WORDS, render
 
 pytest.importorskip("rapidocr_onnxruntime")
 

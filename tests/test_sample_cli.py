@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rlcm_exp.evaluation.sampling import sample_images
 
-from .test_cli import CONF, SMALL, run_in_process
+from .helpers import CONF, SMALL, run_in_process
 
 
 def run_sample(overrides: list[str]) -> list[dict]:

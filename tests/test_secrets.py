@@ -166,6 +166,7 @@ def token_server(tmp_path) -> Iterator[tuple[str, subprocess.Popen]]:
     proc.wait(timeout=30)
 
 
+@pytest.mark.subprocess
 def test_a_training_run_writes_no_secret_into_its_run_dir(token_server, tmp_path):
     """Needs rlcm_exp/training/build.py to call `redact` on RUN_DIR/config.yaml and the tracker's
     config and `redact_run_dir(run_dir)` at run start (record_run / resolved_config there)."""

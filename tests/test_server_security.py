@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import resource
 import socket
 import struct
 import subprocess
@@ -31,6 +32,8 @@ import torch
 from PIL import Image
 
 from rlcm_exp.rewards.remote import RewardServerError, remote
+
+from .helpers import read_all
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "security-test-token-9876"
@@ -201,6 +204,7 @@ def assert_bounded(stats: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------- attacks
 
 
+@pytest.mark.subprocess
 def test_a_request_of_many_small_images_is_refused_by_its_pixels(server):
     assert_serves(server)  # warm: the first request's allocations are not counted as growth
     body = score_body([png(SIDE, SIDE)] * 200)  # each image at max_pixels, the body ~0.2 MB
@@ -212,6 +216,7 @@ def test_a_request_of_many_small_images_is_refused_by_its_pixels(server):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 def test_the_queue_of_decoded_images_is_bounded(server):
     """Many concurrent requests within every per-request limit: they wait for room in
     max_queue_pixels instead of all being decoded at once, and all are scored."""
@@ -228,6 +233,7 @@ def test_the_queue_of_decoded_images_is_bounded(server):
     assert_bounded(stats)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
@@ -246,6 +252,7 @@ def test_a_bad_or_missing_content_length_is_refused_before_reading(server, heade
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("side", [100_000, 20_000])  # over PIL's bomb limit; under it, over max_pixels
 def test_a_png_decompression_bomb_gets_413_and_the_server_goes_on(server, side):
     bomb = bomb_png(side, side)
@@ -257,6 +264,7 @@ def test_a_png_decompression_bomb_gets_413_and_the_server_goes_on(server, side):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "body",
     [
@@ -275,6 +283,7 @@ def test_hostile_json_gets_400_and_the_server_goes_on(server, body):
     assert_serves(server)
 
 
+@pytest.mark.subprocess
 def test_the_token_comes_from_the_environment_and_is_not_on_the_command_line(server, tmp_path, monkeypatch):
     cmdline = " ".join(psutil.Process(server.proc.pid).cmdline())
     assert TOKEN not in cmdline  # what `ps` shows
@@ -292,6 +301,7 @@ def test_the_token_comes_from_the_environment_and_is_not_on_the_command_line(ser
         remote(server.url, token_env="NO_SUCH_VARIABLE_SET", max_retries=0)(x, ["a", "b"])
 
 
+@pytest.mark.subprocess
 def test_an_inline_token_still_works_with_a_warning(tmp_path):
     started = start_server(tmp_path, f"token={TOKEN}", env={"RLCM_REWARD_TOKEN": ""})
     try:
@@ -312,6 +322,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_a_non_loopback_host_without_a_token_is_refused(tmp_path):
     proc = run_cli("host=0.0.0.0", "port=0")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -322,6 +333,7 @@ def test_a_non_loopback_host_without_a_token_is_refused(tmp_path):
     stop(started)
 
 
+@pytest.mark.subprocess
 def test_a_port_in_use_is_one_line_naming_port():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -348,3 +360,27 @@ def test_bad_server_options_are_one_line_errors(arg, key, capsys):
     assert reward_server.main(["reward=jpeg_compressibility", arg]) == 2
     err = capsys.readouterr().err
     assert key in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_process_with_few_open_files_is_not_locked_out_by_many_idle_connections(tmp_path):
+    """The reported attack: more idle connections than the process may open files. A real server
+    process with a limit of 160 open files and max_connections=48 faces 200 idle connections."""
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    srv = start_server(
+        tmp_path, "max_connections=48", "request_timeout_s=1.5", "max_wait_ms=1", preexec_fn=few_files
+    )
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(200)]
+        refused = [s for s in idle[48:] if read_all(s, 1).startswith(b"HTTP/1.1 503 ")]
+        assert len(refused) >= 150  # the excess is answered at once, nothing else breaks
+        time.sleep(1.6)  # the idle ones reach request_timeout_s
+        assert_serves(srv)
+        assert srv.proc.poll() is None and "Traceback" not in srv.stderr.read_text()
+    finally:
+        for sock in idle:
+            sock.close()
+        stop(srv)

@@ -4,8 +4,6 @@ statistics by hand, the wall-clock budget end to end, and the report on fabricat
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ from rlcm_exp.reproduction import study, study_report, study_stats
 from rlcm_exp.reproduction.plan import Outcome
 from rlcm_exp.training.build import check_batches
 from rlcm_exp.validation import check_before_loading
+
+from .helpers import run_in_process
 
 
 def fake_selection(s: study.Study) -> dict:
@@ -226,10 +226,7 @@ def test_wallclock_budget_ends_a_run_and_counts_as_finished(tiny_cache: str, tmp
     """train.max_wallclock_s: the first epoch reaching it is the last; the final LoRA is written and
     the run is finished although train.epochs was not reached."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlcm_exp",
+    overrides = [
         "model=tiny",
         "task=compression",
         "train.epochs=50",
@@ -239,9 +236,8 @@ def test_wallclock_budget_ends_a_run_and_counts_as_finished(tiny_cache: str, tmp
         "train.samples_per_step=8",
         "sampler.num_steps=2",
         "train.max_wallclock_s=1e-6",
-        f"hydra.run.dir={run_dir}",
     ]
-    subprocess.run(cmd, check=True, capture_output=True)
+    run_in_process(overrides, run_dir)
     run = load_run(run_dir)
     assert len(run.records) == 1 and run.finished
     assert (run_dir / "checkpoints" / "final").is_dir()

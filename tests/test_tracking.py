@@ -19,7 +19,7 @@ from PIL import Image
 
 from rlcm_exp.tracking import TIME_AXES, read_metrics, resolve_wandb_mode, to_uint8_hwc, wandb_has_credentials
 
-from .test_cli import CONF, SMALL, run_in_process
+from .helpers import CONF, SMALL, run_in_process
 
 
 def wandb_records(path: Path) -> Iterator[object]:
@@ -105,6 +105,7 @@ def test_wandb_offline_run_folder_has_config_axes_and_images(
         assert rec["gpu_hours"] == pytest.approx(rec["wallclock_s"] * (1 + 2) / 3600, rel=1e-9)
 
 
+@pytest.mark.subprocess
 def test_logger_none_touches_no_wandb(tiny_cache, tmp_path) -> None:
     """In a fresh interpreter: a whole run with logger=none neither imports wandb nor writes a wandb folder."""
     run_dir = tmp_path / "run"

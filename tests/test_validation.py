@@ -147,6 +147,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.subprocess
 def test_fuzz_bad_overrides_exit_cleanly_naming_the_key(tmp_path: Path) -> None:
     all_cases = cases()
     assert len(all_cases) >= 100

@@ -1,0 +1,135 @@
+"""What several test modules share: the tiny run's overrides, an in-process run, the CLI's environment.
+
+Test modules import from here, never from one another; fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image, ImageDraw, ImageFont
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# a two-epoch-capable run on the random tiny family: seconds on one CPU core
+SMALL = [
+    "model=tiny",
+    "task=compression",
+    "sampler.num_steps=4",
+    "train.samples_per_epoch=16",
+    "train.sample_batch_size=8",
+    "train.train_batch_size=4",
+    "train.samples_per_step=8",
+    "train.save_images=4",
+]
+# a 4-epoch tiny run that checkpoints and evaluates every 2 epochs: what resume and run-dir tests kill,
+# refuse and resume
+RESUMABLE = [
+    "model=tiny", "task=compression", "sampler.num_steps=4", "train.samples_per_epoch=8",
+    "train.sample_batch_size=8", "train.train_batch_size=4", "train.samples_per_step=8",
+    "train.save_images=0", "train.epochs=4", "train.checkpoint_every=2", "train.eval_every=2",
+    "train.eval_seeds=1", "optimizer.lr=0.01",
+]  # fmt: skip
+# metrics that differ between two runs of the same config (wall clock), left out when runs are compared
+TIMING = {
+    "wallclock_s",
+    "gpu_hours",
+    "time_sample_s",
+    "time_reward_s",
+    "time_reward_wait_s",
+    "time_train_s",
+    "time_eval_s",
+}
+
+
+def run_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
+    """A training run through the library (rlcm_exp.training.build.train), without the CLI, with the
+    callback the commands attach (RunSummary: held-out grids, summary figures, the before -> after line)."""
+    from rlcm_exp.analysis.summary import RunSummary
+    from rlcm_exp.training.build import train
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return train(cfg, run_dir, callbacks=[RunSummary()])
+
+
+def compose_eval(overrides: list[str]):  # noqa: ANN201
+    """The `evaluate` command's config composed from conf/evaluate.yaml."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("evaluate", overrides=overrides)
+
+
+def cli_env(tiny_cache: str) -> dict[str, str]:
+    """The environment of a `python -m rlcm_exp...` subprocess: offline, the session's tiny models,
+    one intra-op thread (as the test process itself)."""
+    return {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def train_subprocess(
+    run_dir: Path, tiny_cache: str, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """The RESUMABLE run through the real entry point (`python -m rlcm_exp`), `extra` overrides last."""
+    argv = [sys.executable, "-m", "rlcm_exp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(
+        argv, env=cli_env(tiny_cache), check=check, capture_output=True, text=True, timeout=600
+    )
+
+
+# the toy world at its smallest (one 8-image round per epoch, 2 steps): seconds per epoch on a CPU
+TOY_SMALL = [
+    "model=toy",
+    "task=toy_alignment",
+    "sampler.num_steps=2",
+    "train.samples_per_epoch=8",
+    "train.sample_batch_size=8",
+    "train.train_batch_size=4",
+    "train.samples_per_step=8",
+    "train.save_images=0",
+    "logger=none",
+]
+
+
+def read_all(sock: socket.socket, within_s: float) -> bytes:
+    """What the server sends until it closes the connection (at most within_s seconds)."""
+    sock.settimeout(within_s)
+    data = b""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+WORDS = ["hello", "quartz", "Vinyl"]  # pairwise far apart: each misread as another scores below 0.3
+
+
+def render(words: list[str | None], size: tuple[int, int] = (256, 96)) -> torch.Tensor:
+    """Black words, 48 px DejaVu Sans, centred on white; None = a blank image. -> (B, 3, H, W) in [0, 1]."""
+    font = ImageFont.truetype(str(FONT), 48)
+    out = []
+    for word in words:
+        image = Image.new("RGB", size, "white")
+        if word:
+            ImageDraw.Draw(image).text(
+                (size[0] // 2, size[1] // 2), word, fill="black", font=font, anchor="mm"
+            )
+        out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
