@@ -23,6 +23,8 @@ from rlcm_exp.rewards.remote import RewardServerError, remote
 
 from .helpers import WORDS, render
 
+pytestmark = pytest.mark.subprocess  # every test here talks to a server process
+
 pytest.importorskip("rapidocr_onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,6 +46,8 @@ from rlcm_exp.rewards.vlm_judge import (
     yes_probability,
 )
 
+pytestmark = pytest.mark.subprocess  # every test here talks to a server process
+
 pytest.importorskip("openai")
 pytest.importorskip("fastapi", reason="transformers serve needs pip install 'transformers[serving]'")
 pytest.importorskip("uvicorn", reason="transformers serve needs pip install 'transformers[serving]'")

@@ -362,6 +362,7 @@ def test_bad_server_options_are_one_line_errors(arg, key, capsys):
     assert key in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.subprocess
 def test_a_process_with_few_open_files_is_not_locked_out_by_many_idle_connections(tmp_path):
     """The reported attack: more idle connections than the process may open files. A real server
     process with a limit of 160 open files and max_connections=48 faces 200 idle connections."""
