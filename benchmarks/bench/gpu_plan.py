@@ -13,9 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from rlcm_exp.configs import conf_dir
+from rlcm_exp.configs import compose
 
 # GPUs of the reference runs (the comments of conf/paper/*.yaml): RLCM 4 (prompt alignment 3 + 1
 # reward server), DDPO 8 (prompt alignment 6 + 2 reward servers)
@@ -65,10 +63,11 @@ class TaskSettings:
 
 
 def paper_settings(algo: str, task: str, cpu_scale: bool = False) -> TaskSettings:
-    """Per-GPU settings of the paper's (algo, task) run, read from conf/paper/{algo}_{task}.yaml.
+    """Per-GPU settings of the paper's (algo, task) run: `algo=ALGO task=TASK` composed, so the root
+    config's values count where conf/paper/{algo}_{task}.yaml does not restate them.
 
     `cpu_scale`: batches of 2 and 1, 3 steps, 32 px: the same path in seconds on a CPU."""
-    cfg: Any = OmegaConf.load(Path(conf_dir()) / "paper" / f"{algo}_{task}.yaml")
+    cfg: Any = compose("config", [f"algo={algo}", f"task={task}"])
     gpus = REFERENCE_GPUS[algo][task]
     train, sampler = cfg.train, cfg.sampler
     for key in ("samples_per_epoch", "samples_per_step"):
