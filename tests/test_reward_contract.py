@@ -166,3 +166,17 @@ def test_a_plain_function_trains_through_the_entry_point(tiny_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all(0.0 <= r["reward_mean"] <= 2.0 for r in records)
+
+
+def test_model_rewards_share_their_runtime_keys_and_name_a_typo() -> None:
+    """reward.dtype / device / batch_size are declared once (rewards.hub.ModelRuntime): a builder taking
+    them as **runtime still gets the trainer's device, and a misspelt key is named, not ignored."""
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.rewards.base import keywords
+    from rlcm_exp.rewards.clip import clip_score
+    from rlcm_exp.rewards.hub import runtime_settings
+
+    assert {"dtype", "device", "batch_size", "model_id"} <= keywords(clip_score)
+    assert runtime_settings({"device": "cuda:1"}, batch_size=16) == ("float32", "cuda:1", 16)
+    with pytest.raises(ConfigError, match=r"reward\.devcie is not a setting"):
+        runtime_settings({"devcie": "cpu"})  # type: ignore[typeddict-unknown-key]

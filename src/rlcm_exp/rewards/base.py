@@ -17,6 +17,7 @@ import functools
 import inspect
 import io
 import threading
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -71,7 +72,7 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
         return functools.partial(target, **_options(reward_cfg))
     extra = (
         {"device": str(device)}
-        if device is not None and "device" in params and "device" not in reward_cfg
+        if device is not None and "device" in keywords(target) and "device" not in reward_cfg
         else {}
     )
     from hydra.utils import instantiate
@@ -89,6 +90,18 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
             "(images, prompts) -> rewards"
         )
     return reward
+
+
+def keywords(target: Callable[..., Any]) -> set[str]:
+    """The keyword names `target` takes: its parameters, and the keys of a TypedDict it takes as
+    `**kwargs: Unpack[...]` (the model rewards' shared runtime settings, rewards.hub.ModelRuntime)."""
+    params = inspect.signature(target).parameters
+    names = {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    for name, p in params.items():
+        hint = typing.get_type_hints(target).get(name) if p.kind is p.VAR_KEYWORD else None
+        if typing.get_origin(hint) is typing.Unpack:
+            names |= set(typing.get_args(hint)[0].__annotations__)
+    return names
 
 
 def _options(reward_cfg: Any) -> dict[str, Any]:
