@@ -202,3 +202,14 @@ def test_every_shipped_reward_config_pins_hub_revisions_and_downloaded_files():
     # hpsv2, imagereward (+ its tokenizer), aesthetic_v25, aesthetic, clip_score, pickscore (+ processor),
     # llava_bertscore (VLM + BERTScore), weighted (its two CLIPs); sha256: two heads and two checkpoints
     assert len(found) >= 16, found
+
+
+def test_the_readme_rewards_table_gives_every_shipped_reward_its_meaning_range_licence_and_place():
+    text = (ROOT / "README.md").read_text()
+    header = "| reward | what it measures | range (higher is better) | licence | runs on |"
+    lines = text[text.index(header) :].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[: lines.index("")]]
+    assert all(len(r) == 5 and all(r) for r in rows), [r for r in rows if len(r) != 5 or not all(r)]
+    named = {name for r in rows for name in re.findall(r"`([a-z0-9_]+)`", r[0])}
+    shipped = {p.stem for p in (ROOT / "conf" / "reward").glob("*.yaml")}
+    assert shipped <= named, sorted(shipped - named)
