@@ -189,3 +189,45 @@ def test_training_heldout_and_evaluate_score_a_reward_in_one_precision(tiny_fami
     assert not any(autocast_seen)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what held-out scored before
         assert not torch.equal(reward(images, captions).float(), command)
+
+
+# ---------------------------------------------------------------- 5: reduced precision and the clip range
+
+
+@pytest.mark.slow  # ~15 s: a tiny round, trained twice
+def test_recomputed_old_log_probs_make_the_first_ratios_exactly_one(tmp_path) -> None:
+    """Old log-probs from a sampling forward that computes differently from the training forward (here
+    fp32 sampling, bf16 training: on a GPU, bf16 calls of different batch sizes, ~1e-2 apart for a
+    full-size UNet) make the first ratios leave the 1e-4 clip range; a warning says so. Recomputed in
+    the training calls' layout and precision, they are exactly 1."""
+    from rlcm_exp.configs import compose
+    from rlcm_exp.training.build import build_trainer, make_accelerator
+    from rlcm_exp.training.update import PolicyGradientUpdate, UpdateContext
+
+    cfg = compose(
+        overrides=[
+            "model=tiny", "task=compression", "algo=ddpo", "sampler.num_steps=4", "sampler.guidance_scale=5.0",
+            "train.samples_per_epoch=8", "train.sample_batch_size=8", "train.train_batch_size=8",
+            "train.samples_per_step=8", "train.reward_workers=0", "device=cpu",
+        ]
+    )  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, make_accelerator(cfg))
+    ctx = UpdateContext(
+        trainer.policy, trainer.accelerator, trainer.plan, trainer.algo, trainer.optimization, 0
+    )
+    assert not trainer.algo.update.recomputes(ctx)  # auto: off in fp32, so fixed-seed fp32 runs are unchanged
+    traj, rewards, _ = trainer.sample_round(0)
+    advantages, _ = trainer.advantages(traj.prompts, rewards["reward"])
+    start = [p.detach().clone() for p in trainer.params]
+    trainer.algo.update = PolicyGradientUpdate(recompute_old_log_probs=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="exceeds algo.ppo"):
+        sampled = trainer.update(0, traj, advantages)
+    assert sampled["ratio_first_max_dev"] > trainer.algo.ppo.clip_range
+    with torch.no_grad():
+        for p, p0 in zip(trainer.params, start, strict=True):
+            p.copy_(p0)
+    trainer.algo.update = PolicyGradientUpdate(recompute_old_log_probs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recomputed = trainer.update(0, traj, advantages)
+    assert recomputed["ratio_first_max_dev"] == 0.0 and recomputed["ratio_first"] == 1.0
+    trainer.close()

@@ -33,9 +33,10 @@ from rlcm_exp.tracking import Logger, NullLogger
 from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.ema import EMA
+from rlcm_exp.training.failures import RankFailures
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
-from rlcm_exp.training.trainer import Trainer
+from rlcm_exp.training.trainer import Preempted, Trainer
 from rlcm_exp.training.update import Optimization
 from rlcm_exp.validation import check_before_loading, locate
 
@@ -164,6 +165,28 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create the run dir {run_dir} (hydra.run.dir): {err}") from err
+    failures = RankFailures(run_dir, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            failures.clear()  # an earlier attempt's lines
+        accelerator.wait_for_everyone()
+        failures.watch()  # another rank's failure ends this process with its one line
+    try:
+        return _train(cfg, run_dir, accelerator, callbacks)
+    except Preempted:
+        raise  # every rank stops together (the stop request is gathered)
+    except Exception as err:
+        if accelerator.num_processes > 1:
+            failures.report(err)
+        raise
+    finally:
+        failures.stop()
+
+
+def _train(
+    cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback]
+) -> list[dict[str, Any]]:
+    """`train` once the accelerator and the shared run dir exist."""
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
     # the image size against the VAE's factor, read from the member's config: no weights load
     check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))
