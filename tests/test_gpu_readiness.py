@@ -231,3 +231,31 @@ def test_recomputed_old_log_probs_make_the_first_ratios_exactly_one(tmp_path) ->
         recomputed = trainer.update(0, traj, advantages)
     assert recomputed["ratio_first_max_dev"] == 0.0 and recomputed["ratio_first"] == 1.0
     trainer.close()
+
+
+@pytest.mark.parametrize("model", ["dreamshaper_v7", "sd15_lcm_lora", "sdxl_lcm"])
+def test_paper_runs_keep_frozen_weights_in_the_mixed_precision_dtype_on_cuda(model) -> None:
+    """What `make gpu-check` measures (fp16 weights, fp16 autocast) is what a paper run uses on CUDA."""
+    from rlcm_exp.configs import compose
+
+    cfg = compose(overrides=[f"model={model}"])
+    assert cfg.model.dtype == "auto"
+    on_cuda = resolve_precision(cfg.mixed_precision, cfg.model.dtype, cuda=True, env={})
+    assert (on_cuda.mixed_precision, on_cuda.model_dtype) == ("fp16", "float16")
+    assert (
+        resolve_precision(cfg.mixed_precision, cfg.model.dtype, cuda=False, env={}).model_dtype == "float32"
+    )
+
+
+def test_apply_tf32_sets_the_cuda_flags() -> None:
+    from rlcm_exp.models.precision import apply_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        apply_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        apply_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        torch.set_float32_matmul_precision("highest")
