@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from rlcm_exp.models.precision import LAUNCHER_ENV, load_dtype, resolve_precisio
 from rlcm_exp.policies.lcm import build_lcm_policy
 from rlcm_exp.rewards.base import score_images
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 LORA = dict(rank=2, alpha=2, init="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -259,3 +261,16 @@ def test_apply_tf32_sets_the_cuda_flags() -> None:
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         torch.set_float32_matmul_precision("highest")
+
+
+def test_the_llava_reward_loads_in_float16_on_cuda_by_default() -> None:
+    """15: a 13B VLM in float32 (~52 GB of weights) does not fit the paper's 48 GB reward GPU."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from rlcm_exp.rewards.llava import llava_bertscore
+
+    conf = OmegaConf.load(CONF / "reward" / "llava_bertscore.yaml")
+    assert conf.dtype == "auto" == inspect.signature(llava_bertscore).parameters["dtype"].default
+    assert load_dtype(conf.dtype, "cuda") == "float16" and load_dtype(conf.dtype, "cpu") == "float32"

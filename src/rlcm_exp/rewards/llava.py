@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
 from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
@@ -170,13 +171,15 @@ def llava_bertscore(
     bertscore_local_path: str | None = None,
     bertscore_num_layers: int = 40,
     reference_template: str = REFERENCE_TEMPLATE,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     batch_size: int = 16,
     image_transport: str = "raw",
     jpeg_quality: int = 80,
 ) -> LlavaBertscoreReward:
-    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this)."""
+    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this).
+    dtype "auto": float16 on CUDA (a 13B VLM in float32 does not fit the paper's 48 GB), else float32."""
+    dtype = load_dtype(dtype, device)
     # the query is checked before the (large) models load, so a config mistake fails at once
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
     model, processor, vlm_source = load_with_processor(
