@@ -94,6 +94,7 @@ def test_no_gpu_without_cpu_scale_is_one_clear_line(capsys: pytest.CaptureFixtur
     assert "--cpu-scale" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess  # a child process, and the benchmark's imports
 def test_a_child_run_past_its_timeout_is_killed_and_recorded(tmp_path) -> None:
     from benchmarks.bench.gpu_check import _run_one
 

@@ -33,7 +33,7 @@ def lora_unet(family: ModelFamily):  # noqa: ANN201
 # ---------------------------------------------------------------- 1: memory.compile_unet's LoRA
 
 
-@pytest.mark.slow  # ~15 s: importing torch.compile's machinery (nothing compiles)
+@pytest.mark.slow  # 12-15 s: importing torch.compile's machinery (nothing compiles)
 def test_a_compiled_unets_lora_loads_into_an_uncompiled_unet(tiny_family, tmp_path) -> None:
     unet, params = lora_unet(tiny_family)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_tf32_is_configurable_and_off_on_a_cpu() -> None:
     assert not resolve_precision("auto", None, cuda=False, tf32=True, env={}).tf32
 
 
-@pytest.mark.slow  # two tiny runs, ~20 s
+@pytest.mark.slow  # two tiny in-process runs (48 s on the loaded 2-core machine)
 def test_two_in_process_runs_with_different_precisions(tiny_cache, tmp_path, monkeypatch) -> None:
     """accelerate keeps one AcceleratorState per process; each run starts its own."""
     from accelerate.state import AcceleratorState
@@ -196,7 +196,7 @@ def test_training_heldout_and_evaluate_score_a_reward_in_one_precision(tiny_fami
 # ---------------------------------------------------------------- 5: reduced precision and the clip range
 
 
-@pytest.mark.slow  # ~15 s: a tiny round, trained twice
+@pytest.mark.slow  # a tiny round, trained twice (30 s on the loaded 2-core machine)
 def test_recomputed_old_log_probs_make_the_first_ratios_exactly_one(tmp_path) -> None:
     """Old log-probs from a sampling forward that computes differently from the training forward (here
     fp32 sampling, bf16 training: on a GPU, bf16 calls of different batch sizes, ~1e-2 apart for a
