@@ -135,9 +135,12 @@ def step_noise(
 
 @torch.no_grad()
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> float32 images in [0, 1], (B, 3, H, W); the VAE runs in its own dtype."""
+    """Latents -> float32 images in [0, 1], (B, 3, H, W); the VAE runs in its own dtype, also when
+    called under autocast (training samples inside `accelerator.autocast()`): autocast would run its
+    convolutions in fp16 and undo SDXL's fp32 upcast (`prepare_vae`), overflowing to NaN images."""
     vae_dtype = next(vae.parameters()).dtype
-    image = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
+    with torch.autocast(latents.device.type, enabled=False):
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 

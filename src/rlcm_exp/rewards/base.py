@@ -13,6 +13,7 @@ thread while the next batch samples, and the reward server scores on its own thr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
@@ -131,6 +132,16 @@ def as_reward_dict(result: Any, n: int) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in out.items()}
         raise RuntimeError(f"the reward returned {shapes} for {n} images; expected 'reward' of shape ({n},)")
     return out
+
+
+def score_images(reward_fn: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The reward of `images` as `as_reward_dict` gives it, computed the same way wherever it is called
+    (training's worker thread, held-out evaluation inside the run's autocast, the evaluate command):
+    with autocast off, so the reward runs in its own dtype (reward.dtype), never in the run's."""
+    with contextlib.ExitStack() as stack:
+        for device_type in {"cpu", images.device.type}:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        return as_reward_dict(reward_fn(images, prompts), len(prompts))
 
 
 def check_images(images: torch.Tensor, what: str) -> None:

@@ -44,9 +44,11 @@ class ModelRuntime(TypedDict, total=False):
     batch_size: int  # reward.batch_size: images per reward forward, PER PROCESS
 
 
-def runtime_settings(runtime: ModelRuntime, batch_size: int = 32) -> tuple[str, str, int]:
-    """(dtype, device, batch_size) from a builder's runtime keywords, `batch_size` being the builder's
-    default. A keyword that is not a ModelRuntime key is the user's typo: a ConfigError naming it."""
+def runtime_settings(
+    runtime: ModelRuntime, batch_size: int = 32, dtype: str = "float32"
+) -> tuple[str, str, int]:
+    """(dtype, device, batch_size) from a builder's runtime keywords, `batch_size` and `dtype` being the
+    builder's defaults. A keyword that is not a ModelRuntime key is the user's typo: a ConfigError naming it."""
     unknown = sorted(set(runtime) - set(ModelRuntime.__annotations__))
     if unknown:
         raise ConfigError(
@@ -54,7 +56,7 @@ def runtime_settings(runtime: ModelRuntime, batch_size: int = 32) -> tuple[str, 
             f"{sorted(ModelRuntime.__annotations__)} (see the reward's YAML in conf/reward/ for the others)"
         )
     return (
-        runtime.get("dtype", "float32"),
+        runtime.get("dtype", dtype),
         runtime.get("device", "cpu"),
         runtime.get("batch_size", batch_size),
     )

@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
 from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, load_with_processor, runtime_settings
@@ -174,8 +175,10 @@ def llava_bertscore(
     jpeg_quality: int = 80,
     **runtime: Unpack[ModelRuntime],
 ) -> LlavaBertscoreReward:
-    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this)."""
-    dtype, device, batch_size = runtime_settings(runtime, batch_size=16)
+    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this).
+    dtype "auto": float16 on CUDA (a 13B VLM in float32 does not fit the paper's 48 GB), else float32."""
+    dtype, device, batch_size = runtime_settings(runtime, batch_size=16, dtype="auto")
+    dtype = load_dtype(dtype, device)
     # the query is checked before the (large) models load, so a config mistake fails at once
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
     model, processor, vlm_source = load_with_processor(
