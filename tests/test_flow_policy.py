@@ -177,3 +177,19 @@ def test_guidance_a_member_does_not_support(families) -> None:
 def test_a_resolution_patching_cannot_divide(families) -> None:
     with pytest.raises(ConfigError, match=r"sampler\.resolution=34"):
         build_flow_sde_policy(families["tiny_flux1"], resolution=34)
+
+
+# ------------------------------------------------------------------------------ the smoke runs
+
+
+@pytest.mark.slow  # ~15-25 s of one core each (two epochs, held-out evaluation before and after)
+@pytest.mark.parametrize("model", ["tiny_sd35", "tiny_flux1"])
+@pytest.mark.parametrize(("algo", "sampler"), [("grpo", "flow_sde"), ("rlcm", "flow_consistency")])
+def test_flow_grpo_and_rlcm_smoke_runs(tiny_cache, tmp_path, model, algo, sampler) -> None:
+    """`python -m rlcm_exp model=M algo=A sampler=S task=compression train.epochs=2`, in process."""
+    from .helpers import run_in_process
+
+    overrides = [f"model={model}", f"algo={algo}", f"sampler={sampler}", "task=compression", "train.epochs=2"]
+    records = run_in_process(overrides, tmp_path)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in records)
