@@ -233,3 +233,9 @@ def test_estimates_are_the_flow_identities() -> None:
     x0_hat, eps_hat = estimates((1 - s) * x0 + s * eps, eps - x0, s)
     torch.testing.assert_close(x0_hat, x0)
     torch.testing.assert_close(eps_hat, eps)
+
+
+@pytest.mark.parametrize("steps", [3, "0", [0.5], [True]])
+def test_stochastic_steps_that_are_not_a_list_of_ints_are_one_line(steps) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=.*give a non-empty list"):
+        step_table("flow_sde", flow_sigmas(4), stochastic_steps=steps)

@@ -261,9 +261,32 @@ def check_prompt_sources(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.file={file}: no such file (a text file, one prompt per line)")
 
 
+def check_sampler_options(cfg: DictConfig) -> None:
+    """Every key of `sampler` is an option of the builder it names: the paper layer
+    (conf/paper/ALGO_TASK.yaml) sets its own sampler's options (DDPO's eta), which another sampler
+    (sampler=lcm or a flow sampler under algo=ddpo) does not take."""
+    import inspect
+
+    node = cfg.get("sampler")
+    if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+        return
+    params = inspect.signature(locate(node._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    options = [name for name in params if name not in ("family", "device")]
+    for key in node:
+        if str(key) not in INTERNAL and str(key) not in params:
+            name = node._target_.rsplit(".", 1)[-1]
+            raise ConfigError(
+                f"sampler.{key}={node.get(key)!r} is not an option of {name} (its options: {options}); "
+                "the paper layer sets its own sampler's options, so with another sampler add ~paper"
+            )
+
+
 def check_before_loading(cfg: DictConfig) -> None:
     """Everything about a training config that needs no model: types and ranges, `_target_`s,
-    the user's prompt files."""
+    the sampler's options, the user's prompt files."""
     check_config(cfg)
     check_targets(cfg)
+    check_sampler_options(cfg)
     check_prompt_sources(cfg)

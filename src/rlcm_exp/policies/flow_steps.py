@@ -135,11 +135,13 @@ def check_stochastic_steps(steps: list[int] | None, stochastic: torch.Tensor, sa
     if steps is None:
         return stochastic.clone()
     possible = stochastic.nonzero().flatten().tolist()
-    chosen = sorted({int(k) for k in steps})
+    listed = list(steps) if isinstance(steps, list | tuple) or hasattr(steps, "__len__") else None
+    valid = listed is not None and all(isinstance(k, int) and not isinstance(k, bool) for k in listed)
+    chosen = sorted({int(k) for k in listed}) if valid and listed is not None else []
     bad = [k for k in chosen if k not in possible]
     if bad or not chosen:
         raise ConfigError(
-            f"sampler.stochastic_steps={list(steps)} is outside the schedule of sampler={sampler} with "
+            f"sampler.stochastic_steps={listed if valid else steps} is outside the schedule of sampler={sampler} with "
             f"sampler.num_steps={num_steps}: give a non-empty list of 0-based step indices from {possible} "
             "(the steps this sampler can make stochastic), or null for all of them."
         )
