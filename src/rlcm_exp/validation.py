@@ -274,9 +274,9 @@ def check_sampler_options(cfg: DictConfig) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     options = [name for name in params if name not in ("family", "device")]
-    for key in node:
-        if str(key) not in INTERNAL and str(key) not in params:
-            name = node._target_.rsplit(".", 1)[-1]
+    for key in (str(k) for k in node):
+        if key not in INTERNAL and key not in params:
+            name = str(node._target_).rsplit(".", 1)[-1]
             raise ConfigError(
                 f"sampler.{key}={node.get(key)!r} is not an option of {name} (its options: {options}); "
                 "the paper layer sets its own sampler's options, so with another sampler add ~paper"
