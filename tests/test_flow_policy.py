@@ -193,3 +193,19 @@ def test_flow_grpo_and_rlcm_smoke_runs(tiny_cache, tmp_path, model, algo, sample
     records = run_in_process(overrides, tmp_path)
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in records)
+
+
+def test_a_few_step_sampler_on_a_family_without_a_few_step_member() -> None:
+    """model=sd35_medium (the real config; nothing is loaded) has no few-step member."""
+    from hydra.utils import instantiate
+
+    from rlcm_exp.configs import compose
+
+    family = instantiate(compose(overrides=["model=sd35_medium"]).model)
+    assert family.process == "rectified_flow"
+    with pytest.raises(ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"):
+        build_flow_consistency_policy(family)
+    with pytest.raises(ConfigError, match=r"sampler=ddim samples VP"):
+        from rlcm_exp.policies.ddim import build_ddim_policy
+
+        build_ddim_policy(family)
