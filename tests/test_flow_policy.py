@@ -203,7 +203,9 @@ def test_a_few_step_sampler_on_a_family_without_a_few_step_member() -> None:
 
     family = instantiate(compose(overrides=["model=sd35_medium"]).model)
     assert family.process == "rectified_flow"
-    with pytest.raises(ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"):
+    with pytest.raises(
+        ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"
+    ):
         build_flow_consistency_policy(family)
     with pytest.raises(ConfigError, match=r"sampler=ddim samples VP"):
         from rlcm_exp.policies.ddim import build_ddim_policy
