@@ -170,3 +170,21 @@ def test_fuzz_bad_overrides_exit_cleanly_naming_the_key(tmp_path: Path) -> None:
         if res["code"] in (0, -1) or "Traceback" in text or needle not in text:
             failures.append(f"{overrides}: exit {res['code']}: {text.strip()[-300:]}")
     assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} of {len(all_cases)} failed)"
+
+
+def test_a_sampler_option_its_builder_does_not_take_is_one_line() -> None:
+    """The DDPO paper layer sets sampler.eta for DDIM; a flow sampler does not take it: one line
+    naming the key and the way out, before anything loads (not a TypeError from the builder)."""
+    from rlcm_exp.validation import check_sampler_options
+
+    cfg = compose(overrides=["model=tiny_flux1", "algo=ddpo", "sampler=flow_sde", "task=compression"])
+    with pytest.raises(
+        ConfigError, match=r"sampler\.eta=1\.0 is not an option of build_flow_sde_policy.*~paper"
+    ):
+        check_sampler_options(cfg)
+    check_sampler_options(
+        compose(overrides=["model=tiny_flux1", "algo=ddpo", "sampler=flow_sde", "task=compression", "~paper"])
+    )
+    check_sampler_options(
+        compose(overrides=["model=tiny", "algo=ddpo", "task=compression"])
+    )  # the paper's own sampler

@@ -89,3 +89,39 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str], model_max_len
         json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
     )
     return folder
+
+
+def write_t5_tokenizer(
+    folder: str | Path, sentences: Iterable[str], vocab_size: int = 400, model_max_length: int = 32
+) -> Path:
+    """Train a SentencePiece unigram model on `sentences` (offline, one thread, deterministic) and
+    write it as a T5 tokenizer (T5's ids: <pad> 0, </s> 1, <unk> 2; no extra ids) that
+    `T5Tokenizer.from_pretrained(folder)` loads; the trained spiece.model is kept beside it."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(sentences)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # no normaliser: the tokenizers Unigram sees the same text
+        hard_vocab_limit=False,  # a small corpus may not fill vocab_size
+        num_threads=1,
+        minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
+    return folder

@@ -104,9 +104,11 @@ RULES: dict[str, Rule] = {
     "model.dtype": Rule("choice", choices=("auto", "float32", "float16", "bfloat16")),
     "model.*.resolution": _int(8, 8192, "native side in px; null: from the weights", nullable=True),
     "model.seed": _int(0),
+    "model.process": Rule("choice", choices=("vp", "rectified_flow"), what="what the family's members are"),
     "sampler.num_steps": _int(1, 1000, "sampler steps"),
     "sampler.guidance_scale": _nonneg("guidance scale"),
-    "sampler.eta": _nonneg("DDIM eta"),
+    "sampler.eta": _nonneg("DDIM eta / CPS eta"),
+    "sampler.noise_level": _nonneg("Flow-SDE noise level"),
     "sampler.resolution": _int(8, 8192, "image side in px", nullable=True),
     "sampler.noisy_final_step": BOOL,
     "sampler.train_cfg": BOOL,
@@ -260,9 +262,32 @@ def check_prompt_sources(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.file={file}: no such file (a text file, one prompt per line)")
 
 
+def check_sampler_options(cfg: DictConfig) -> None:
+    """Every key of `sampler` is an option of the builder it names: the paper layer
+    (conf/paper/ALGO_TASK.yaml) sets its own sampler's options (DDPO's eta), which another sampler
+    (sampler=lcm or a flow sampler under algo=ddpo) does not take."""
+    import inspect
+
+    node = cfg.get("sampler")
+    if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+        return
+    params = inspect.signature(locate(node._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    options = [name for name in params if name not in ("family", "device")]
+    for key in (str(k) for k in node):
+        if key not in INTERNAL and key not in params:
+            name = str(node._target_).rsplit(".", 1)[-1]
+            raise ConfigError(
+                f"sampler.{key}={node.get(key)!r} is not an option of {name} (its options: {options}); "
+                "the paper layer sets its own sampler's options, so with another sampler add ~paper"
+            )
+
+
 def check_before_loading(cfg: DictConfig) -> None:
     """Everything about a training config that needs no model: types and ranges, `_target_`s,
-    the user's prompt files."""
+    the sampler's options, the user's prompt files."""
     check_config(cfg)
     check_targets(cfg)
+    check_sampler_options(cfg)
     check_prompt_sources(cfg)

@@ -30,7 +30,19 @@ from rlcm_exp.models.hub import (
     torch_dtype,
 )
 from rlcm_exp.models.precision import load_dtype
-from rlcm_exp.models.synthetic import build_tiny_family_folders, build_tiny_lcm_lora, build_tiny_sdxl_folders
+from rlcm_exp.models.synthetic import (
+    build_tiny_family_folders,
+    build_tiny_flux1_folders,
+    build_tiny_lcm_lora,
+    build_tiny_sd35_folders,
+    build_tiny_sdxl_folders,
+)
+
+# what a family's members are trained as, and the samplers that drive each process
+PROCESSES = {
+    "vp": "VP (epsilon) diffusion: sampler=lcm or ddim",
+    "rectified_flow": "rectified flow: sampler=flow_sde, cps or flow_consistency",
+}
 
 
 @dataclass(frozen=True)
@@ -41,19 +53,34 @@ class ModelFamily:
     # dtype of the frozen weights (fp16/bf16 halves memory on a GPU); "auto": training resolves it to the
     # mixed precision's dtype on CUDA (models/precision.py), other commands load float16 on CUDA, else float32
     dtype: str = "float32"
+    process: str = "vp"  # "vp" (SD 1.x/2.x, SDXL, LCM) | "rectified_flow" (SD3, FLUX): which samplers apply
 
     def member(self, kind: str) -> MemberSource:
         """The member's source, checked before loading and completed from its folder (native
         resolution when null; warnings when the configuration disagrees with the weights)."""
         source = getattr(self, kind) if kind in PIPELINES else None
         if source is None:
-            sampler = "ddim" if kind == "diffusion" else "lcm"
+            flow = self.process == "rectified_flow"
+            samplers = {
+                "diffusion": "flow_sde or cps" if flow else "ddim",
+                "lcm": "flow_consistency" if flow else "lcm",
+            }
             other = "lcm" if kind == "diffusion" else "diffusion"
             raise ConfigError(
-                f"model={self.name} has no {kind} member (model.{kind} is null), but sampler={sampler} needs "
-                f"one. Give the family a model.{kind} member, or use a sampler for the {other} member it has."
+                f"model={self.name} has no {kind} member (model.{kind} is null), but sampler={samplers[kind]} "
+                f"needs one. Give the family a model.{kind} member, or use sampler={samplers[other]} for the "
+                f"{other} member it has."
             )
         return resolve_member(kind, source)
+
+    def check_process(self, process: str, sampler: str) -> None:
+        """Refuse, before any weights load, a sampler made for another process than the family's
+        (a flow sampler on a VP family, or the reverse)."""
+        if process != self.process:
+            raise ConfigError(
+                f"sampler={sampler} samples {PROCESSES[process].split(':')[0]}, but model={self.name} is "
+                f"{PROCESSES[self.process]}."
+            )
 
     def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
         """Load the `kind` member ('lcm' or 'diffusion') as a diffusers pipeline on `device`."""
@@ -115,6 +142,32 @@ def tiny_sdxl_family(cache_dir: str, seed: int = 0) -> ModelFamily:
         name="tiny_sdxl",
         diffusion=MemberSource(local_path=str(root / "diffusion")),
         lcm=MemberSource(local_path=str(root / "lcm")),
+    )
+
+
+def tiny_sd35_family(cache_dir: str, seed: int = 0) -> ModelFamily:
+    """The tiny stand-in of model=sd35_large (32 px, random, built offline from configs): two CLIPs
+    and a T5 (offline SentencePiece tokenizer), an SD3 transformer; `diffusion` the many-step member,
+    `lcm` the few-step one (SD3.5-Large-Turbo's place)."""
+    root = build_tiny_sd35_folders(Path(cache_dir).expanduser(), seed)
+    return ModelFamily(
+        name="tiny_sd35",
+        diffusion=MemberSource(local_path=str(root / "diffusion")),
+        lcm=MemberSource(local_path=str(root / "lcm")),
+        process="rectified_flow",
+    )
+
+
+def tiny_flux1_family(cache_dir: str, seed: int = 0) -> ModelFamily:
+    """The tiny stand-in of model=flux1 (32 px, random, built offline from configs): CLIP pooled + T5
+    states, text ids, 2x2-packed latents; `diffusion` FLUX.1-dev's place (guidance embedding),
+    `lcm` FLUX.1-schnell's (no guidance)."""
+    root = build_tiny_flux1_folders(Path(cache_dir).expanduser(), seed)
+    return ModelFamily(
+        name="tiny_flux1",
+        diffusion=MemberSource(local_path=str(root / "diffusion"), resolution=32),
+        lcm=MemberSource(local_path=str(root / "lcm"), resolution=32),
+        process="rectified_flow",
     )
 
 

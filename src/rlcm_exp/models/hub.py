@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
     LatentConsistencyModelPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -30,6 +32,12 @@ diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
 
 PIPELINES = {"lcm": LatentConsistencyModelPipeline, "diffusion": StableDiffusionPipeline}
+# flow pipelines a member's model_index.json may name, loaded as themselves (no safety checker);
+# an SDXL one ("XL" in the name) loads as StableDiffusionXLPipeline
+NAMED_PIPELINES: dict[str, Any] = {
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+    "FluxPipeline": FluxPipeline,
+}
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 OFFLINE_HINT = (
     "No model hub is reachable from this machine (or HF_HUB_OFFLINE=1 is set) and the weights are not "
@@ -112,17 +120,21 @@ def load_pipeline(
 
 
 def _pipeline_class(kind: str, source: MemberSource) -> tuple[Any, dict[str, Any]]:
-    """The pipeline class that loads the member, and its options: SDXL when the folder's
-    model_index.json names an SDXL pipeline (no watermark: the policies decode themselves); an
-    LCM-LoRA member is its base as a StableDiffusionPipeline; else the kind's class."""
+    """The pipeline class that loads the member, and its options: SDXL, SD3 or FLUX when the folder's
+    model_index.json names that pipeline (SDXL without its watermark: the policies decode
+    themselves); an LCM-LoRA member is its base as a StableDiffusionPipeline; else the kind's class."""
     index = member_config(source, "model_index.json")
     if index is None and source.local_path is None and source.hub_id is not None:
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(source.hub_id, "model_index.json", revision=source.revision)
         index = json.loads(Path(path).read_text())
-    if "XL" in str((index or {}).get("_class_name", "")):
+    class_name = str((index or {}).get("_class_name", ""))
+    if "XL" in class_name:
         return StableDiffusionXLPipeline, {"add_watermarker": False}
+    named = NAMED_PIPELINES.get(class_name)
+    if named is not None:
+        return named, {}
     if source.lcm_lora is not None:
         return StableDiffusionPipeline, NO_SAFETY_CHECKER
     return PIPELINES[kind], NO_SAFETY_CHECKER
@@ -208,9 +220,11 @@ def member_config(source: MemberSource, rel: str) -> dict[str, Any] | None:
 
 
 def native_resolution(source: MemberSource) -> int | None:
-    """The image side the member's UNet was built for: its sample_size x the VAE factor (SD 1.5:
-    64 x 8 = 512, LCM-Dreamshaper: 96 x 8 = 768, SDXL: 128 x 8 = 1024); None when not on this machine."""
-    unet, vae = member_config(source, "unet/config.json"), member_config(source, "vae/config.json")
+    """The image side the member's UNet (or SD3 transformer) was built for: its sample_size x the VAE
+    factor (SD 1.5: 64 x 8 = 512, LCM-Dreamshaper: 96 x 8 = 768, SDXL and SD3: 128 x 8 = 1024); None
+    when not on this machine or not in the config (FLUX's transformer has no sample_size)."""
+    unet = member_config(source, "unet/config.json") or member_config(source, "transformer/config.json")
+    vae = member_config(source, "vae/config.json")
     if unet is None or vae is None or not isinstance(unet.get("sample_size"), int):
         return None
     try:

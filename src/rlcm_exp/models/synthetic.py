@@ -225,3 +225,162 @@ def build_tiny_sdxl_folders(root: str | Path, seed: int = 0) -> Path:
             _save_member(pipe, tmp / member, ("tokenizer", "tokenizer_2"))
 
     return _build_once(root, TINY_SDXL_VERSION, write)
+
+
+# ---------------------------------------------------------------- rectified-flow transformer families
+
+TINY_SD35_VERSION = "tiny-sd35-v1"
+TINY_FLUX1_VERSION = "tiny-flux1-v1"
+TINY_T5_LENGTH = 32  # T5 tokens the tiny pipelines encode (their tokenizer's model_max_length)
+
+
+def tiny_captions() -> list[str]:
+    """The few hundred captions the tiny T5 tokenizer is trained on: the tiny vocabulary's colour x
+    subject x background sentences and the prompts the smoke runs use (ImageNet animals, activities)."""
+    from rlcm_exp.prompts import animal_activities, imagenet_animals
+
+    colours = "red green blue yellow purple orange".split()
+    subjects = "cat dog bird fish circle square triangle".split()
+    made = [f"a {c} {s} on a {b} background" for c in colours for s in subjects for b in colours[:3]]
+    return made + imagenet_animals() + animal_activities()
+
+
+def _tiny_t5(tokenizer_dir: Path) -> tuple[Any, Any]:
+    """A 1-layer T5 encoder (d_model 64) and its offline SentencePiece tokenizer (written to tokenizer_dir)."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from rlcm_exp.tokenizer import write_t5_tokenizer
+
+    folder = write_t5_tokenizer(tokenizer_dir, tiny_captions(), model_max_length=TINY_T5_LENGTH)
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config), tokenizer
+
+
+def _flow_scheduler(dynamic: bool, shift: float) -> Any:
+    """FlowMatchEulerDiscreteScheduler as SD3 (static `shift`) or FLUX.1-dev (resolution-dependent
+    shift, FLUX's base/max shift and sequence lengths) configure it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(
+            shift=shift,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """The tiny VAE with 16 latent channels and the family's latent scaling and shift (SD3 / FLUX)."""
+    return AutoencoderKL(
+        **{**TINY_VAE, "latent_channels": 16},
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _save_flow_member(
+    pipe: Any, folder: Path, clip_tokenizers: tuple[str, ...], t5_dir: Path, t5: str
+) -> None:
+    _save_member(pipe, folder, clip_tokenizers)
+    shutil.copy(t5_dir / "spiece.model", folder / t5 / "spiece.model")  # the trained SentencePiece model
+
+
+def build_tiny_sd35_folders(root: str | Path, seed: int = 0) -> Path:
+    """A random tiny SD3.5 family (32 px) in the hub layout under root, both members
+    StableDiffusion3Pipeline folders: two CLIPs with projections (states + pooled) and a T5, an
+    SD3Transformer2DModel (patch 2), SD3's VAE scaling/shift and scheduler shift 3. `diffusion` is
+    the many-step member (SD3.5-Large's stand-in), `lcm` the few-step one (Large-Turbo's)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    def write(tmp: Path, tokenizer: CLIPTokenizer) -> None:
+        torch.manual_seed(seed)
+        text_config = _tiny_text_config(tokenizer, layers=2)  # SD3 conditions on the penultimate layer
+        clips = CLIPTextModelWithProjection(text_config), CLIPTextModelWithProjection(text_config)
+        t5, t5_tokenizer = _tiny_t5(tmp / "_t5")
+        vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+        transformer_kwargs = dict(
+            sample_size=16,  # latent side: 32 px / VAE factor 2
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=64,  # T5's width; both CLIPs' states (32 + 32) are padded to it
+            caption_projection_dim=16,
+            pooled_projection_dim=64,  # both CLIPs' pooled projections concatenated
+            pos_embed_max_size=16,
+        )
+        for member in ("diffusion", "lcm"):
+            pipe = StableDiffusion3Pipeline(
+                transformer=SD3Transformer2DModel(**transformer_kwargs),
+                scheduler=_flow_scheduler(dynamic=False, shift=3.0),
+                vae=vae,
+                text_encoder=clips[0],
+                tokenizer=tokenizer,
+                text_encoder_2=clips[1],
+                tokenizer_2=tokenizer,
+                text_encoder_3=t5,
+                tokenizer_3=t5_tokenizer,
+            )
+            _save_flow_member(pipe, tmp / member, ("tokenizer", "tokenizer_2"), tmp / "_t5", "tokenizer_3")
+        shutil.rmtree(tmp / "_t5")
+
+    return _build_once(root, TINY_SD35_VERSION, write)
+
+
+def build_tiny_flux1_folders(root: str | Path, seed: int = 0) -> Path:
+    """A random tiny FLUX.1 family (32 px) in the hub layout under root, both members FluxPipeline
+    folders: CLIP (pooled only) and T5 (states), a FluxTransformer2DModel on 2x2-packed latents with
+    text and image ids, FLUX's VAE scaling/shift. `diffusion` is FLUX.1-dev's stand-in (guidance
+    embedding, resolution-dependent shift), `lcm` FLUX.1-schnell's (no guidance, static shift 1)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    def write(tmp: Path, tokenizer: CLIPTokenizer) -> None:
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(_tiny_text_config(tokenizer, layers=1))
+        t5, t5_tokenizer = _tiny_t5(tmp / "_t5")
+        vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        for member, guidance in (("diffusion", True), ("lcm", False)):
+            transformer = FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels x a 2x2 patch
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=64,  # T5's width
+                pooled_projection_dim=32,  # CLIP's pooled output
+                guidance_embeds=guidance,
+                axes_dims_rope=(2, 2, 4),
+            )
+            pipe = FluxPipeline(
+                scheduler=_flow_scheduler(dynamic=guidance, shift=3.0 if guidance else 1.0),
+                vae=vae,
+                text_encoder=clip,
+                tokenizer=tokenizer,
+                text_encoder_2=t5,
+                tokenizer_2=t5_tokenizer,
+                transformer=transformer,
+            )
+            _save_flow_member(pipe, tmp / member, ("tokenizer",), tmp / "_t5", "tokenizer_2")
+        shutil.rmtree(tmp / "_t5")
+
+    return _build_once(root, TINY_FLUX1_VERSION, write)

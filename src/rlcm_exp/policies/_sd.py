@@ -65,6 +65,9 @@ def from_family(
     `resolution=None` uses the member's own. The builders named by conf/sampler/ call this.
     A resolution the member's VAE cannot produce is refused before its weights load."""
     member = policy_class.member
+    check_process = getattr(family, "check_process", None)  # a VP sampler on a flow family is refused
+    if check_process is not None:
+        check_process("vp", "lcm" if member == "lcm" else "ddim")
     check_member_resolution(family, member, resolution)
     build = cast(Callable[..., P], policy_class)  # a concrete policy class: its own __init__, not Policy's
     pipe = family.load(member, device)

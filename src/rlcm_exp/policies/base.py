@@ -4,7 +4,10 @@ A policy is a denoiser (the family's network: a UNet today, a transformer for fl
 per-step Gaussian: a sampler seen as a Gaussian policy over latent transitions (RLCM sec. 4, DDPO
 sec. 4.2). Its conditioning is an opaque row-indexable record (conditioning.py) that the family
 defines.
-LCMPolicy (lcm.py) and DDIMPolicy (ddim.py) satisfy it structurally; nothing inherits from it.
+LCMPolicy (lcm.py), DDIMPolicy (ddim.py) and FlowPolicy (flow.py: Flow-SDE, CPS and the consistency
+re-noise on rectified flow) satisfy it structurally; nothing inherits from it. `log_prob` and
+`action_mean_std` take the trained transition's index (0..T-1); a policy whose trained steps are
+not its first T (flow.py's sampler.stochastic_steps) maps it to its step.
 Code outside `rlcm_exp.policies` uses only these members: no private attribute, no isinstance fork
 on a concrete policy class.
 """
@@ -34,13 +37,13 @@ class Policy(Protocol):
     denoiser: Any
     vae: Any
     tokenizer: Any
-    member: str  # the model family's member it drives: "lcm" or "diffusion"
+    member: str  # the model family's member it drives: "lcm" (the few-step member) or "diffusion"
 
     resolution: int  # image side in pixels
     vae_scale: int  # pixels per latent cell: the latent side is resolution // vae_scale
     latent_channels: int
     num_steps: int  # H: denoiser calls (sampler steps) per image
-    timesteps: torch.Tensor  # (H,) long, CPU: the scheduler timestep of each step
+    timesteps: torch.Tensor  # (H,) CPU: the scheduler timestep of each step (long; flow: float, 1000 s)
 
     @property
     def num_transitions(self) -> int:
@@ -94,6 +97,7 @@ class Policy(Protocol):
         training: bool,
     ) -> DenoiserInputs:
         """The exact (x, t, kwargs) of the one denoiser call of step `step_index` at state `latents`:
-        `denoiser(x, t, **kwargs)` is what `sample` (training=False) or `log_prob` (training=True)
-        calls, classifier-free doubling and guidance embedding included."""
+        `denoiser(x, t, **kwargs)` (a UNet) or `denoiser(hidden_states=x, timestep=t, **kwargs)` (an
+        SD3 / FLUX transformer: x packed for FLUX) is what `sample` (training=False) or `log_prob`
+        (training=True) calls, classifier-free doubling and guidance embedding included."""
         ...

@@ -8,12 +8,16 @@ from typing import Any
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies.ddim import DDIMPolicy, build_ddim_policy
+from rlcm_exp.policies.flow import build_cps_policy, build_flow_consistency_policy, build_flow_sde_policy
 from rlcm_exp.policies.lcm import LCMPolicy, build_lcm_policy
 
-# each builder a sampler config may name -> the policy class it returns (which carries `member`)
-BUILDERS: dict[Callable[..., Any], type[LCMPolicy] | type[DDIMPolicy]] = {
-    build_lcm_policy: LCMPolicy,
-    build_ddim_policy: DDIMPolicy,
+# each builder a sampler config may name -> the family member it loads ("lcm": the few-step member)
+BUILDERS: dict[Callable[..., Any], str] = {
+    build_lcm_policy: LCMPolicy.member,
+    build_ddim_policy: DDIMPolicy.member,
+    build_flow_sde_policy: "diffusion",
+    build_cps_policy: "diffusion",
+    build_flow_consistency_policy: "lcm",
 }
 
 
@@ -26,8 +30,8 @@ def sampler_member(sampler_cfg: Mapping[str, Any]) -> str:
         builder = get_method(target)
     except Exception as err:  # ImportError, AttributeError, ValueError: all "no such builder"
         raise ConfigError(f"sampler._target_={target} cannot be imported: {err}") from err
-    policy_class = BUILDERS.get(builder)
-    if policy_class is None:
+    member = BUILDERS.get(builder)
+    if member is None:
         known = sorted(f"{b.__module__}.{b.__name__}" for b in BUILDERS)
         raise ConfigError(f"sampler._target_={target} is not a known policy builder (one of {known})")
-    return policy_class.member
+    return member

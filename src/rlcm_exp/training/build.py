@@ -113,6 +113,11 @@ def build_trainer(
     algo: AlgoSettings = instantiate(cfg.algo)
     params = algo.lora.attach(policy.denoiser)
     instantiate(cfg.memory).apply(policy)
+    if policy.num_transitions == 0:
+        raise ConfigError(
+            f"sampler={cfg.sampler._target_.rsplit('.', 1)[-1]} makes no step stochastic (a noise level or eta "
+            "of 0), so there is no transition to train: raise sampler.noise_level / sampler.eta"
+        )
     plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
     reward_fn = build_reward(cfg.reward, accelerator.device)
     prompts = instantiate(cfg.task.prompts)

@@ -1,0 +1,213 @@
+"""The rectified-flow policy (policies/flow.py) on the tiny SD3.5 and FLUX.1 families: images equal
+diffusers' StableDiffusion3Pipeline / FluxPipeline with stochasticity off, the first importance
+ratio is 1 for every (family, sampler) pair with guidance on and off, the training window, and the
+one-line errors that come before any weights load."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.family import ModelFamily, tiny_flux1_family, tiny_sd35_family
+from rlcm_exp.models.hub import MemberSource
+from rlcm_exp.policies.base import Policy
+from rlcm_exp.policies.flow import (
+    FlowPolicy,
+    build_cps_policy,
+    build_flow_consistency_policy,
+    build_flow_sde_policy,
+)
+from rlcm_exp.policies.lcm import build_lcm_policy
+
+PROMPTS = ["a red cat", "a blue dog on a green background"]
+BUILDERS = {
+    "flow_sde": build_flow_sde_policy,
+    "cps": build_cps_policy,
+    "flow_consistency": build_flow_consistency_policy,
+}
+
+
+@pytest.fixture(scope="module")
+def families(tiny_cache: str) -> dict[str, ModelFamily]:
+    return {"tiny_sd35": tiny_sd35_family(tiny_cache), "tiny_flux1": tiny_flux1_family(tiny_cache)}
+
+
+def reference_images(
+    family: ModelFamily, member: str, policy: FlowPolicy, guidance: float, seed: int
+) -> torch.Tensor:
+    """The stock diffusers pipeline of the member, loaded on its own, same prompts and seed."""
+    source = family.member(member)
+    assert source.local_path is not None
+    cls: Any = FluxPipeline if family.name == "tiny_flux1" else StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(source.local_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        PROMPTS,
+        num_inference_steps=policy.num_steps,
+        guidance_scale=guidance,
+        height=policy.resolution,
+        width=policy.resolution,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+@pytest.mark.parametrize(
+    ("family_name", "member", "guidance"),
+    [
+        ("tiny_sd35", "diffusion", 1.0),
+        ("tiny_sd35", "diffusion", 4.5),  # classifier-free guidance, batch doubled
+        ("tiny_sd35", "lcm", 1.0),
+        ("tiny_flux1", "diffusion", 3.5),  # FLUX.1-dev's guidance embedding
+        ("tiny_flux1", "lcm", 1.0),  # FLUX.1-schnell: no guidance
+    ],
+)
+def test_without_noise_images_equal_the_diffusers_pipeline(families, family_name, member, guidance) -> None:
+    family = families[family_name]
+    pipe = family.load(member)
+    policy = FlowPolicy(pipe, "cps", member, num_steps=4, guidance_scale=guidance, resolution=32, eta=0.0)
+    assert policy.num_transitions == 0  # eta 0: every step is the Euler step
+    images = policy.sample(PROMPTS, torch.Generator().manual_seed(3)).images
+    expected = reference_images(family, member, policy, guidance, seed=3)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    # the Flow-SDE with noise level 0 is the same sampler
+    sde = FlowPolicy(
+        pipe, "flow_sde", member, num_steps=4, guidance_scale=guidance, resolution=32, noise_level=0.0
+    )
+    torch.testing.assert_close(
+        sde.sample(PROMPTS, torch.Generator().manual_seed(3)).images, images, atol=1e-6, rtol=0
+    )
+
+
+PAIRS = [
+    ("tiny_sd35", "flow_sde", 1.0),
+    ("tiny_sd35", "flow_sde", 4.5),
+    ("tiny_sd35", "cps", 1.0),
+    ("tiny_sd35", "cps", 4.5),
+    ("tiny_sd35", "flow_consistency", 1.0),
+    ("tiny_sd35", "flow_consistency", 2.0),
+    ("tiny_flux1", "flow_sde", 1.0),
+    ("tiny_flux1", "flow_sde", 3.5),
+    ("tiny_flux1", "cps", 1.0),
+    ("tiny_flux1", "cps", 3.5),
+    ("tiny_flux1", "flow_consistency", 1.0),  # schnell has no guidance to switch on (see the errors)
+]
+
+
+@pytest.mark.parametrize(("family_name", "sampler", "guidance"), PAIRS)
+def test_first_ratio_is_one(families, family_name, sampler, guidance) -> None:
+    policy = BUILDERS[sampler](families[family_name], num_steps=3, guidance_scale=guidance)
+    assert isinstance(policy, Policy)
+    traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
+    t = policy.num_transitions
+    assert t == (3 if sampler == "flow_sde" else 2)  # cps and re-noise: the last step is deterministic
+    steps, rows = torch.arange(t).repeat(len(PROMPTS)), torch.arange(len(PROMPTS)).repeat_interleave(t)
+    new = policy.log_prob(
+        traj.latents[rows, steps], traj.next_latents[rows, steps], steps, traj.conditioning[rows]
+    )
+    assert (torch.exp(new - traj.log_probs[rows, steps]) - 1).abs().max().item() <= 1e-5
+    torch.testing.assert_close(policy.decode(traj.final_latents), traj.images, atol=0, rtol=0)
+
+
+def test_estimates_end_on_the_sampled_image(families) -> None:
+    policy = build_flow_consistency_policy(families["tiny_sd35"], num_steps=3)
+    estimates = list(policy.estimates(PROMPTS, torch.Generator().manual_seed(1)))
+    assert len(estimates) == 3
+    images = policy.sample(PROMPTS, torch.Generator().manual_seed(1)).images
+    torch.testing.assert_close(policy.decode(estimates[-1]), images, atol=0, rtol=0)
+
+
+def test_the_training_window_records_only_the_chosen_steps(families) -> None:
+    """sampler.stochastic_steps=[1]: one trained transition, from the state before step 1; the other
+    steps are Euler, so the rollout draws x_1 and one normal only."""
+    policy = build_flow_sde_policy(
+        families["tiny_flux1"], num_steps=4, guidance_scale=1.0, stochastic_steps=[1]
+    )
+    assert policy.num_transitions == 1 and policy.action_std().shape == (1,)
+    traj = policy.sample(PROMPTS, torch.Generator().manual_seed(2))
+    assert traj.latents.shape[1] == 1
+    new = policy.log_prob(
+        traj.latents[:, 0], traj.next_latents[:, 0], torch.zeros(2, dtype=torch.long), traj.conditioning
+    )
+    assert (torch.exp(new - traj.log_probs[:, 0]) - 1).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------- errors before loading
+
+
+def unloadable(family: ModelFamily) -> ModelFamily:
+    """The family with members that cannot load: an error raised anyway came before loading."""
+    nowhere = MemberSource(local_path="/nonexistent/member")
+    return dataclasses.replace(family, diffusion=nowhere, lcm=nowhere)
+
+
+def test_a_flow_sampler_on_a_vp_family_and_the_reverse(families, tiny_family) -> None:
+    with pytest.raises(
+        ConfigError, match=r"sampler=flow_sde samples rectified flow, but model=tiny is VP"
+    ) as err:
+        build_flow_sde_policy(unloadable(tiny_family))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"sampler=lcm samples VP .* model=tiny_sd35 is rectified flow"):
+        build_lcm_policy(unloadable(families["tiny_sd35"]))
+
+
+def test_stochastic_steps_outside_the_schedule(families) -> None:
+    family = unloadable(families["tiny_sd35"])
+    with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[4\]"):
+        build_flow_sde_policy(family, num_steps=4, stochastic_steps=[4])
+    with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[3\].*from \[0, 1, 2\]"):
+        build_flow_consistency_policy(
+            family, num_steps=4, stochastic_steps=[3]
+        )  # the last step is deterministic
+
+
+def test_guidance_a_member_does_not_support(families) -> None:
+    with pytest.raises(
+        ConfigError, match=r"sampler\.guidance_scale=3\.5: the lcm member .* no guidance embedding"
+    ):
+        build_flow_consistency_policy(families["tiny_flux1"], guidance_scale=3.5)
+
+
+def test_a_resolution_patching_cannot_divide(families) -> None:
+    with pytest.raises(ConfigError, match=r"sampler\.resolution=34"):
+        build_flow_sde_policy(families["tiny_flux1"], resolution=34)
+
+
+# ------------------------------------------------------------------------------ the smoke runs
+
+
+@pytest.mark.slow  # ~15-25 s of one core each (two epochs, held-out evaluation before and after)
+@pytest.mark.parametrize("model", ["tiny_sd35", "tiny_flux1"])
+@pytest.mark.parametrize(("algo", "sampler"), [("grpo", "flow_sde"), ("rlcm", "flow_consistency")])
+def test_flow_grpo_and_rlcm_smoke_runs(tiny_cache, tmp_path, model, algo, sampler) -> None:
+    """`python -m rlcm_exp model=M algo=A sampler=S task=compression train.epochs=2`, in process."""
+    from .helpers import run_in_process
+
+    overrides = [f"model={model}", f"algo={algo}", f"sampler={sampler}", "task=compression", "train.epochs=2"]
+    records = run_in_process(overrides, tmp_path)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in records)
+
+
+def test_a_few_step_sampler_on_a_family_without_a_few_step_member() -> None:
+    """model=sd35_medium (the real config; nothing is loaded) has no few-step member."""
+    from hydra.utils import instantiate
+
+    from rlcm_exp.configs import compose
+
+    family = instantiate(compose(overrides=["model=sd35_medium"]).model)
+    assert family.process == "rectified_flow"
+    with pytest.raises(
+        ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"
+    ):
+        build_flow_consistency_policy(family)
+    with pytest.raises(ConfigError, match=r"sampler=ddim samples VP"):
+        from rlcm_exp.policies.ddim import build_ddim_policy
+
+        build_ddim_policy(family)
