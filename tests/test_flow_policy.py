@@ -18,18 +18,22 @@ from rlcm_exp.models.hub import MemberSource
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.flow import (
     FlowPolicy,
-    build_cps_policy,
-    build_flow_consistency_policy,
-    build_flow_sde_policy,
+    build_flow_policy,
 )
 from rlcm_exp.policies.lcm import build_lcm_policy
 
 PROMPTS = ["a red cat", "a blue dog on a green background"]
-BUILDERS = {
-    "flow_sde": build_flow_sde_policy,
-    "cps": build_cps_policy,
-    "flow_consistency": build_flow_consistency_policy,
+# conf/sampler/<kind>.yaml's defaults, as the CLI composes them
+DEFAULTS = {
+    "flow_sde": {"num_steps": 10, "guidance_scale": 4.5, "noise_level": 0.7},
+    "cps": {"num_steps": 10, "guidance_scale": 4.5, "eta": 0.7},
+    "flow_consistency": {"num_steps": 4, "guidance_scale": 1.0},
 }
+
+
+def build(kind: str, family: ModelFamily, **options: Any) -> FlowPolicy:
+    """`build_flow_policy` for sampler `kind` with its config's defaults, `options` overriding them."""
+    return build_flow_policy(family, kind, **{**DEFAULTS[kind], **options})
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,7 @@ PAIRS = [
 
 @pytest.mark.parametrize(("family_name", "sampler", "guidance"), PAIRS)
 def test_first_ratio_is_one(families, family_name, sampler, guidance) -> None:
-    policy = BUILDERS[sampler](families[family_name], num_steps=3, guidance_scale=guidance)
+    policy = build(sampler, families[family_name], num_steps=3, guidance_scale=guidance)
     assert isinstance(policy, Policy)
     traj = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
     t = policy.num_transitions
@@ -116,7 +120,7 @@ def test_first_ratio_is_one(families, family_name, sampler, guidance) -> None:
 
 
 def test_estimates_end_on_the_sampled_image(families) -> None:
-    policy = build_flow_consistency_policy(families["tiny_sd35"], num_steps=3)
+    policy = build("flow_consistency", families["tiny_sd35"], num_steps=3)
     estimates = list(policy.estimates(PROMPTS, torch.Generator().manual_seed(1)))
     assert len(estimates) == 3
     images = policy.sample(PROMPTS, torch.Generator().manual_seed(1)).images
@@ -126,9 +130,7 @@ def test_estimates_end_on_the_sampled_image(families) -> None:
 def test_the_training_window_records_only_the_chosen_steps(families) -> None:
     """sampler.stochastic_steps=[1]: one trained transition, from the state before step 1; the other
     steps are Euler, so the rollout draws x_1 and one normal only."""
-    policy = build_flow_sde_policy(
-        families["tiny_flux1"], num_steps=4, guidance_scale=1.0, stochastic_steps=[1]
-    )
+    policy = build("flow_sde", families["tiny_flux1"], num_steps=4, guidance_scale=1.0, stochastic_steps=[1])
     assert policy.num_transitions == 1 and policy.action_std().shape == (1,)
     traj = policy.sample(PROMPTS, torch.Generator().manual_seed(2))
     assert traj.latents.shape[1] == 1
@@ -151,7 +153,7 @@ def test_a_flow_sampler_on_a_vp_family_and_the_reverse(families, tiny_family) ->
     with pytest.raises(
         ConfigError, match=r"sampler=flow_sde samples rectified flow, but model=tiny is VP"
     ) as err:
-        build_flow_sde_policy(unloadable(tiny_family))
+        build("flow_sde", unloadable(tiny_family))
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"sampler=lcm samples VP .* model=tiny_sd35 is rectified flow"):
         build_lcm_policy(unloadable(families["tiny_sd35"]))
@@ -160,23 +162,21 @@ def test_a_flow_sampler_on_a_vp_family_and_the_reverse(families, tiny_family) ->
 def test_stochastic_steps_outside_the_schedule(families) -> None:
     family = unloadable(families["tiny_sd35"])
     with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[4\]"):
-        build_flow_sde_policy(family, num_steps=4, stochastic_steps=[4])
+        build("flow_sde", family, num_steps=4, stochastic_steps=[4])
     with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[3\].*from \[0, 1, 2\]"):
-        build_flow_consistency_policy(
-            family, num_steps=4, stochastic_steps=[3]
-        )  # the last step is deterministic
+        build("flow_consistency", family, num_steps=4, stochastic_steps=[3])  # the last step is deterministic
 
 
 def test_guidance_a_member_does_not_support(families) -> None:
     with pytest.raises(
         ConfigError, match=r"sampler\.guidance_scale=3\.5: the lcm member .* no guidance embedding"
     ):
-        build_flow_consistency_policy(families["tiny_flux1"], guidance_scale=3.5)
+        build("flow_consistency", families["tiny_flux1"], guidance_scale=3.5)
 
 
 def test_a_resolution_patching_cannot_divide(families) -> None:
     with pytest.raises(ConfigError, match=r"sampler\.resolution=34"):
-        build_flow_sde_policy(families["tiny_flux1"], resolution=34)
+        build("flow_sde", families["tiny_flux1"], resolution=34)
 
 
 # ------------------------------------------------------------------------------ the smoke runs
@@ -206,7 +206,7 @@ def test_a_few_step_sampler_on_a_family_without_a_few_step_member() -> None:
     with pytest.raises(
         ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"
     ):
-        build_flow_consistency_policy(family)
+        build("flow_consistency", family)
     with pytest.raises(ConfigError, match=r"sampler=ddim samples VP"):
         from rlcm_exp.policies.ddim import build_ddim_policy
 

@@ -271,7 +271,10 @@ def check_sampler_options(cfg: DictConfig) -> None:
     node = cfg.get("sampler")
     if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
         return
-    params = inspect.signature(locate(node._target_)).parameters
+    builder = locate(node._target_)
+    if hasattr(builder, "check_options"):  # a builder of several samplers: which keys this one takes
+        builder.check_options(node)
+    params = inspect.signature(builder).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     options = [name for name in params if name not in ("family", "device")]

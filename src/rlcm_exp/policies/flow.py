@@ -406,68 +406,51 @@ def _from_family(
     return FlowPolicy(pipe, kind, member, resolution=resolution or native, **options)
 
 
-def build_flow_sde_policy(
+# each flow sampler (conf/sampler/<kind>.yaml) -> the family member it drives and its own option
+FLOW_SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "flow_sde": ("diffusion", "noise_level"),  # Flow-GRPO's SDE over the many-step member
+    "cps": ("diffusion", "eta"),  # coefficients-preserving sampling over the many-step member
+    "flow_consistency": ("lcm", None),  # RLCM's multistep consistency step over the few-step member
+}
+
+
+def flow_sampler(
+    kind: str, noise_level: float | None = None, eta: float | None = None
+) -> tuple[str, dict[str, float]]:
+    """The member sampler `kind` drives and its own option; an option of another flow sampler (the
+    DDPO paper layer's `sampler.eta` under sampler=flow_sde, say) is a ConfigError naming it."""
+    if kind not in FLOW_SAMPLERS:
+        raise ConfigError(f"sampler.kind={kind!r} is not a flow sampler (one of {sorted(FLOW_SAMPLERS)})")
+    member, own = FLOW_SAMPLERS[kind]
+    given = {name: value for name, value in (("noise_level", noise_level), ("eta", eta)) if value is not None}
+    for name, value in given.items():
+        if name != own:
+            raise ConfigError(
+                f"sampler.{name}={value!r} is not an option of sampler={kind} (its own: {own or 'none'}); "
+                "the paper layer sets its own sampler's options, so with another sampler add ~paper"
+            )
+    return member, given
+
+
+def build_flow_policy(
     family: Any,
-    num_steps: int = 10,
-    noise_level: float = 0.7,
-    guidance_scale: float = 4.5,
+    kind: str,
+    num_steps: int,
+    guidance_scale: float,
+    noise_level: float | None = None,
+    eta: float | None = None,
     stochastic_steps: list[int] | None = None,
     resolution: int | None = None,
     device: torch.device | str = "cpu",
 ) -> FlowPolicy:
-    """Flow-GRPO's SDE sampler over the family's many-step (`diffusion`) member."""
-    return _from_family(
-        "flow_sde",
-        "diffusion",
-        family,
-        device,
-        resolution,
-        num_steps=num_steps,
-        noise_level=noise_level,
-        guidance_scale=guidance_scale,
-        stochastic_steps=stochastic_steps,
-    )
+    """The flow sampler `kind` (FLOW_SAMPLERS; conf/sampler/{flow_sde,cps,flow_consistency}.yaml) over
+    the family member it drives; `noise_level` is flow_sde's, `eta` cps's."""
+    member, own = flow_sampler(kind, noise_level, eta)
+    options = {"num_steps": num_steps, "guidance_scale": guidance_scale, "stochastic_steps": stochastic_steps}
+    return _from_family(kind, member, family, device, resolution, **options, **own)
 
 
-def build_cps_policy(
-    family: Any,
-    num_steps: int = 10,
-    eta: float = 0.7,
-    guidance_scale: float = 4.5,
-    stochastic_steps: list[int] | None = None,
-    resolution: int | None = None,
-    device: torch.device | str = "cpu",
-) -> FlowPolicy:
-    """Coefficients-preserving sampling over the family's many-step (`diffusion`) member."""
-    return _from_family(
-        "cps",
-        "diffusion",
-        family,
-        device,
-        resolution,
-        num_steps=num_steps,
-        eta=eta,
-        guidance_scale=guidance_scale,
-        stochastic_steps=stochastic_steps,
-    )
-
-
-def build_flow_consistency_policy(
-    family: Any,
-    num_steps: int = 4,
-    guidance_scale: float = 1.0,
-    stochastic_steps: list[int] | None = None,
-    resolution: int | None = None,
-    device: torch.device | str = "cpu",
-) -> FlowPolicy:
-    """RLCM's multistep consistency sampler on rectified flow over the family's few-step (`lcm`) member."""
-    return _from_family(
-        "flow_consistency",
-        "lcm",
-        family,
-        device,
-        resolution,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        stochastic_steps=stochastic_steps,
-    )
+# validation.check_sampler_options asks the builder which of its keys a given `kind` takes
+build_flow_policy.check_options = lambda node: flow_sampler(  # type: ignore[attr-defined]
+    str(node.get("kind")), node.get("noise_level"), node.get("eta")
+)

@@ -8,16 +8,15 @@ from typing import Any
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies.ddim import DDIMPolicy, build_ddim_policy
-from rlcm_exp.policies.flow import build_cps_policy, build_flow_consistency_policy, build_flow_sde_policy
+from rlcm_exp.policies.flow import FLOW_SAMPLERS, build_flow_policy
 from rlcm_exp.policies.lcm import LCMPolicy, build_lcm_policy
 
-# each builder a sampler config may name -> the family member it loads ("lcm": the few-step member)
-BUILDERS: dict[Callable[..., Any], str] = {
+# each builder a sampler config may name -> the family member it loads ("lcm": the few-step member),
+# or, for the flow builder, that member read from the config's `kind`
+BUILDERS: dict[Callable[..., Any], str | Callable[[Mapping[str, Any]], str]] = {
     build_lcm_policy: LCMPolicy.member,
     build_ddim_policy: DDIMPolicy.member,
-    build_flow_sde_policy: "diffusion",
-    build_cps_policy: "diffusion",
-    build_flow_consistency_policy: "lcm",
+    build_flow_policy: lambda cfg: FLOW_SAMPLERS.get(str(cfg.get("kind")), ("diffusion", None))[0],
 }
 
 
@@ -34,4 +33,4 @@ def sampler_member(sampler_cfg: Mapping[str, Any]) -> str:
     if member is None:
         known = sorted(f"{b.__module__}.{b.__name__}" for b in BUILDERS)
         raise ConfigError(f"sampler._target_={target} is not a known policy builder (one of {known})")
-    return member
+    return member if isinstance(member, str) else member(sampler_cfg)
