@@ -1,7 +1,8 @@
 """Model families: a diffusion model and the LCM distilled from it, loaded the same way real or tiny.
 
-A family names up to two members. `sampler=lcm` drives the `lcm` member, `sampler=ddim` the
-`diffusion` member; a family without the member a sampler needs is refused with a clear error,
+A family names its members: `sampler=lcm` drives the `lcm` member, `sampler=ddim` the `diffusion`
+member; rectified-flow families (model=toy_flow) name `flow` (many-step) and `flow_few_step` (its
+distilled few-step model) instead. A family without the member a sampler needs is refused with a clear error,
 so LCM-only or diffusion-only models are fine. An LCM member may be a base with an LCM-LoRA fused
 (model=sd15_lcm_lora, sdxl_lcm): RLCM and DDPO then run on the same weights underneath. A member's
 native resolution and kind are read from its folder (see hub.resolve_member). Every member loads
@@ -31,6 +32,14 @@ from rlcm_exp.models.hub import (
 )
 from rlcm_exp.models.synthetic import build_tiny_family_folders, build_tiny_lcm_lora, build_tiny_sdxl_folders
 
+# which samplers drive each member (the error for a family without the member names them)
+MEMBER_SAMPLERS = {
+    "diffusion": "sampler=ddim",
+    "lcm": "sampler=lcm",
+    "flow": "a many-step rectified-flow sampler",
+    "flow_few_step": "a few-step rectified-flow sampler",
+}
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -38,22 +47,28 @@ class ModelFamily:
     diffusion: MemberSource | None = None
     lcm: MemberSource | None = None
     dtype: str = "float32"  # dtype of the frozen weights (fp16/bf16 halves memory on a GPU)
+    # rectified-flow members (x_s = (1 - s) x0 + s eps, velocity prediction): a many-step model and
+    # the few-step model distilled from it (model=toy_flow); the RL samplers for them are issue 28's
+    flow: MemberSource | None = None
+    flow_few_step: MemberSource | None = None
 
     def member(self, kind: str) -> MemberSource:
         """The member's source, checked before loading and completed from its folder (native
         resolution when null; warnings when the configuration disagrees with the weights)."""
         source = getattr(self, kind) if kind in PIPELINES else None
         if source is None:
-            sampler = "ddim" if kind == "diffusion" else "lcm"
-            other = "lcm" if kind == "diffusion" else "diffusion"
+            has = [k for k in PIPELINES if getattr(self, k) is not None]
             raise ConfigError(
-                f"model={self.name} has no {kind} member (model.{kind} is null), but sampler={sampler} needs "
-                f"one. Give the family a model.{kind} member, or use a sampler for the {other} member it has."
+                f"model={self.name} has no {kind} member (model.{kind} is null), but "
+                f"{MEMBER_SAMPLERS.get(kind, kind)} needs one. Give the family a model.{kind} member, or use "
+                f"a sampler for a member it has ({', '.join(has) or 'none'}: "
+                f"{'; '.join(MEMBER_SAMPLERS[k] for k in has) or '-'})."
             )
         return resolve_member(kind, source)
 
     def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
-        """Load the `kind` member ('lcm' or 'diffusion') as a diffusers pipeline on `device`."""
+        """Load the `kind` member (a key of PIPELINES: 'lcm', 'diffusion', 'flow', 'flow_few_step') as a
+        diffusers pipeline on `device`."""
         return load_pipeline(kind, self.member(kind), torch_dtype(self.dtype), device)
 
 
