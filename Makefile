@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 WORKERS ?= 2
 XDIST   := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: help install demo test test-fast lint format toy-model bench gpu-check reproduce-paper clean
+.PHONY: help install demo test test-fast lint format toy-model toy-flow-model bench gpu-check reproduce-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 toy-model: $(STAMP)  ## retrain the toy world's weights from seed 0 (~50 min on one CPU core)
 	# one thread, as the committed weights were made (recipe.json): same float reduction order
 	$(BIN)/python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0 --threads 1
+
+toy-flow-model: $(STAMP)  ## retrain the toy flow pair (model=toy_flow: rectified-flow teacher + few-step student) from seed 0 (~50 min on one busy CPU core)
+	$(BIN)/python -m rlcm_exp.toy.recipe --family flow --out src/rlcm_exp/toy/weights_flow --seed 0 --threads 1
 
 bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor, 1 vs all transitions/call (toy, < 10 min on a CPU)
 	# one intra-op thread: on the 2-core CPU two OpenMP threads ran these 1M-parameter models ~4x slower

@@ -1,7 +1,8 @@
 """Model families: a diffusion model and the LCM distilled from it, loaded the same way real or tiny.
 
-A family names up to two members. `sampler=lcm` drives the `lcm` member, `sampler=ddim` the
-`diffusion` member; a family without the member a sampler needs is refused with a clear error,
+A family names its members: `sampler=lcm` drives the `lcm` member, `sampler=ddim` the `diffusion`
+member; rectified-flow families (model=toy_flow) name `flow` (many-step) and `flow_few_step` (its
+distilled few-step model) instead. A family without the member a sampler needs is refused with a clear error,
 so LCM-only or diffusion-only models are fine. An LCM member may be a base with an LCM-LoRA fused
 (model=sd15_lcm_lora, sdxl_lcm): RLCM and DDPO then run on the same weights underneath. A member's
 native resolution and kind are read from its folder (see hub.resolve_member). Every member loads
@@ -44,6 +45,14 @@ PROCESSES = {
     "rectified_flow": "rectified flow: sampler=flow_sde, cps or flow_consistency",
 }
 
+# which samplers drive each member (the error for a family without the member names them)
+MEMBER_SAMPLERS = {
+    "diffusion": "sampler=ddim",
+    "lcm": "sampler=lcm",
+    "flow": "a many-step rectified-flow sampler",
+    "flow_few_step": "a few-step rectified-flow sampler",
+}
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -54,6 +63,10 @@ class ModelFamily:
     # mixed precision's dtype on CUDA (models/precision.py), other commands load float16 on CUDA, else float32
     dtype: str = "float32"
     process: str = "vp"  # "vp" (SD 1.x/2.x, SDXL, LCM) | "rectified_flow" (SD3, FLUX): which samplers apply
+    # the toy flow pair's members (x_s = (1 - s) x0 + s eps, velocity prediction): a many-step model and
+    # the few-step model distilled from it (model=toy_flow; UNets, which the flow samplers do not drive yet)
+    flow: MemberSource | None = None
+    flow_few_step: MemberSource | None = None
 
     def member(self, kind: str) -> MemberSource:
         """The member's source, checked before loading and completed from its folder (native
@@ -62,14 +75,16 @@ class ModelFamily:
         if source is None:
             flow = self.process == "rectified_flow"
             samplers = {
-                "diffusion": "flow_sde or cps" if flow else "ddim",
-                "lcm": "flow_consistency" if flow else "lcm",
+                **MEMBER_SAMPLERS,
+                "diffusion": "sampler=flow_sde or cps" if flow else "sampler=ddim",
+                "lcm": "sampler=flow_consistency" if flow else "sampler=lcm",
             }
-            other = "lcm" if kind == "diffusion" else "diffusion"
+            has = [k for k in PIPELINES if getattr(self, k) is not None]
             raise ConfigError(
-                f"model={self.name} has no {kind} member (model.{kind} is null), but sampler={samplers[kind]} "
-                f"needs one. Give the family a model.{kind} member, or use sampler={samplers[other]} for the "
-                f"{other} member it has."
+                f"model={self.name} has no {kind} member (model.{kind} is null), but "
+                f"{samplers.get(kind, kind)} needs one. Give the family a model.{kind} member, or use "
+                f"a sampler for a member it has ({', '.join(has) or 'none'}: "
+                f"{'; '.join(samplers[k] for k in has) or '-'})."
             )
         return resolve_member(kind, source)
 
@@ -83,7 +98,8 @@ class ModelFamily:
             )
 
     def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
-        """Load the `kind` member ('lcm' or 'diffusion') as a diffusers pipeline on `device`."""
+        """Load the `kind` member (a key of PIPELINES: 'lcm', 'diffusion', 'flow', 'flow_few_step') as a
+        diffusers pipeline on `device`."""
         return load_pipeline(kind, self.member(kind), torch_dtype(load_dtype(self.dtype, device)), device)
 
 

@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
 
-PIPELINES = {"lcm": LatentConsistencyModelPipeline, "diffusion": StableDiffusionPipeline}
+PIPELINES = {
+    "lcm": LatentConsistencyModelPipeline,
+    "diffusion": StableDiffusionPipeline,
+    # the toy flow pair's members load as the class their model_index.json names (StableDiffusionPipeline
+    # folders holding a FlowMatchEulerDiscreteScheduler)
+    "flow": DiffusionPipeline,
+    "flow_few_step": DiffusionPipeline,
+}
+FLOW_KINDS = ("flow", "flow_few_step")  # the members that are rectified-flow models (v ~ eps - x0)
 # flow pipelines a member's model_index.json may name, loaded as themselves (no safety checker);
 # an SDXL one ("XL" in the name) loads as StableDiffusionXLPipeline
 NAMED_PIPELINES: dict[str, Any] = {
@@ -137,7 +145,7 @@ def _pipeline_class(kind: str, source: MemberSource) -> tuple[Any, dict[str, Any
         return named, {}
     if source.lcm_lora is not None:
         return StableDiffusionPipeline, NO_SAFETY_CHECKER
-    return PIPELINES[kind], NO_SAFETY_CHECKER
+    return PIPELINES[kind], {} if kind in FLOW_KINDS else NO_SAFETY_CHECKER
 
 
 def adapter_location(adapter: AdapterSource, key: str) -> tuple[str, dict[str, Any]]:
@@ -234,19 +242,27 @@ def native_resolution(source: MemberSource) -> int | None:
 
 
 def folder_kind(source: MemberSource) -> str | None:
-    """The member kind its weights are: "lcm" when the UNet has a guidance embedding
-    (time_cond_proj_dim) or the scheduler is an LCMScheduler, else "diffusion"; an LCM-LoRA makes
-    any base an "lcm". None when the configs are not on this machine."""
+    """The member kind its weights are: "flow" when the scheduler is a rectified-flow one
+    (FlowMatch*Scheduler; many-step or few-step cannot be told from the configs), "lcm" when the UNet
+    has a guidance embedding (time_cond_proj_dim) or the scheduler is an LCMScheduler, else
+    "diffusion"; an LCM-LoRA makes any base an "lcm". None when the configs are not on this machine."""
     if source.lcm_lora is not None:
         return "lcm"
     unet, scheduler = (
         member_config(source, "unet/config.json"),
         member_config(source, "scheduler/scheduler_config.json"),
     )
+    if str((scheduler or {}).get("_class_name", "")).startswith("FlowMatch"):
+        return "flow"
     if unet is None:
         return None
     is_lcm = unet.get("time_cond_proj_dim") is not None
     return "lcm" if is_lcm or (scheduler or {}).get("_class_name") == "LCMScheduler" else "diffusion"
+
+
+def member_scheduler(source: MemberSource) -> str:
+    """The class name of the member's scheduler as its config says ("?" when not on this machine)."""
+    return str((member_config(source, "scheduler/scheduler_config.json") or {}).get("_class_name", "?"))
 
 
 def adapter_file(adapter: AdapterSource) -> Path | None:
@@ -304,8 +320,9 @@ def _warn_once(message: str) -> None:
 def resolve_member(kind: str, source: MemberSource) -> MemberSource:
     """Check member `kind` before any weights load and read what the folder says about itself: a
     local folder must be a pipeline, an LCM-LoRA belongs to the LCM member, and a null resolution is
-    the folder's native one. A configured resolution or member slot that disagrees with the weights
-    is kept, with a warning."""
+    the folder's native one. A rectified-flow folder in a VP slot (diffusion, lcm) or a VP folder in a
+    flow slot (flow, flow_few_step) is refused; a configured resolution or VP slot that otherwise
+    disagrees with the weights is kept, with a warning."""
     if source.local_path is not None:
         _pipeline_location(kind, source)  # refuses a folder that is not a pipeline
     if source.lcm_lora is not None:
@@ -317,7 +334,14 @@ def resolve_member(kind: str, source: MemberSource) -> MemberSource:
         adapter_location(source.lcm_lora, f"model.{kind}.lcm_lora")  # refuses a missing local LoRA
         check_adapter_fits(source, f"model.{kind}")
     found = folder_kind(source)
-    if found is not None and found != kind:
+    if found is not None and (found == "flow") != (kind in FLOW_KINDS):
+        where = source.local_path or source.hub_id
+        slots = "model.flow or model.flow_few_step" if found == "flow" else "model.diffusion or model.lcm"
+        raise ConfigError(
+            f"model.{kind} ({where}) is a {'rectified-flow' if found == 'flow' else 'VP diffusion'} model "
+            f"(scheduler {member_scheduler(source)}), which model.{kind} cannot hold: name it as {slots}"
+        )
+    if found is not None and found != kind and kind not in FLOW_KINDS:
         where = source.local_path or source.hub_id
         _warn_once(
             f"model.{kind} ({where}) looks like a {found} model (UNet time_cond_proj_dim / scheduler class), "

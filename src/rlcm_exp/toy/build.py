@@ -31,6 +31,7 @@ from rlcm_exp.models.hub import NO_SAFETY_CHECKER
 from rlcm_exp.policies._sd import tokenize as pipeline_tokens
 from rlcm_exp.tokenizer import write_clip_tokenizer
 from rlcm_exp.toy import data
+from rlcm_exp.toy.flow import flow_scheduler
 
 MAX_TOKENS = 16
 TEXT_DIM = 64
@@ -130,6 +131,14 @@ def diffusion_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPip
 def lcm_pipeline(vae, text_encoder, tokenizer, unet) -> LatentConsistencyModelPipeline:  # noqa: ANN001
     """The LCM member (RLCM's base): the components, the UNet with a guidance embedding."""
     return _pipeline(LatentConsistencyModelPipeline, lcm_scheduler(), vae, text_encoder, tokenizer, unet)
+
+
+def flow_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:  # noqa: ANN001
+    """A toy flow member (model=toy_flow): the components with a FlowMatchEulerDiscreteScheduler, held in
+    a StableDiffusionPipeline, whose folder layout and `from_pretrained` they share. No stock pipeline
+    runs a velocity UNet with CLIP states: its __call__ is for VP models and refuses the flow scheduler;
+    rlcm_exp.toy.flow samples it."""
+    return _pipeline(StableDiffusionPipeline, flow_scheduler(), vae, text_encoder, tokenizer, unet)
 
 
 def guidance_embedding(w: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,37 @@
 """Train the toy model family on a CPU: VAE -> text encoder + teacher UNet -> LCM distillation.
 
     python -m rlcm_exp.toy.recipe --out src/rlcm_exp/toy/weights --seed 0 --schedule full
+    python -m rlcm_exp.toy.recipe --family flow --out src/rlcm_exp/toy/weights_flow --seed 0
 
 The command line of `rlcm_exp.toy.runner.run` (the recipe itself and its stages are described
-there); writes DIR/diffusion, DIR/lcm, DIR/recipe.json and DIR/quality.json.
+there); writes DIR/diffusion, DIR/lcm, DIR/recipe.json and DIR/quality.json. With `--family flow`,
+that of `rlcm_exp.toy.flow_runner.run_flow`: the rectified-flow teacher and its consistency-distilled
+student on the committed VAE and text encoder (frozen), written to DIR/teacher, DIR/student,
+DIR/recipe.json and DIR/quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from rlcm_exp.toy import WEIGHTS_DIR
+from rlcm_exp.toy import FLOW_WEIGHTS_DIR, WEIGHTS_DIR
 from rlcm_exp.toy.captions import CAPTION_NOISE, check_caption_noise
+from rlcm_exp.toy.flow_runner import run_flow
+from rlcm_exp.toy.flow_stages import FLOW_SCHEDULES
 from rlcm_exp.toy.runner import run
 from rlcm_exp.toy.stages import SCHEDULES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", default=str(WEIGHTS_DIR))
+    parser.add_argument(
+        "--family",
+        choices=("diffusion", "flow"),
+        default="diffusion",
+        help="diffusion: VAE, DDIM teacher and LCM (model=toy); flow: rectified-flow teacher and its "
+        "few-step student on the committed VAE and text encoder (model=toy_flow)",
+    )
+    parser.add_argument("--out", default=None, help="default: src/rlcm_exp/toy/weights (flow: weights_flow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
     parser.add_argument("--threads", type=int, default=2, help="1 on a machine shared with other jobs")
@@ -34,7 +47,12 @@ def main() -> None:
         check_caption_noise(args.caption_noise)
     except ValueError as err:
         parser.error(f"--caption-noise: {err}")
-    run(**vars(args))  # every flag is one of run()'s arguments, by name
+    flow = args.family == "flow"
+    if flow and args.schedule not in FLOW_SCHEDULES:
+        parser.error(f"--schedule {args.schedule}: the flow recipe's schedules are {sorted(FLOW_SCHEDULES)}")
+    out = args.out or str(FLOW_WEIGHTS_DIR if flow else WEIGHTS_DIR)
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("family", "out")}
+    (run_flow if flow else run)(out=out, **kwargs)  # every other flag is one of their arguments, by name
 
 
 if __name__ == "__main__":

@@ -256,6 +256,18 @@ def _setup_torch(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(
+    out: str | Path, seed: int, threads: int, caption_noise: float
+) -> tuple[Path, np.random.Generator, torch.Generator]:
+    """A recipe's start: torch set up (`_setup_torch`), `caption_noise` checked, `out` made; returns it
+    with the run's data generator (numpy) and noise generator (torch), both seeded with `seed`."""
+    _setup_torch(seed, threads)
+    check_caption_noise(caption_noise)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+
+
 def run(
     out: str | Path,
     seed: int = 0,
@@ -271,13 +283,8 @@ def run(
     `threads`: torch intra-op threads. On a machine whose cores are shared with other jobs, use
     1 (and pin it with taskset): OpenMP threads that wait on a busy core ran ~10x slower here.
     """
-    _setup_torch(seed, threads)
     s = SCHEDULES[schedule]
-    check_caption_noise(caption_noise)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    out, rng, gen = start_run(out, seed, threads, caption_noise)
     record = _Record(_settings(seed, schedule, threads, caption_noise))
 
     vae = _vae_stage(s, seed, rng, record)

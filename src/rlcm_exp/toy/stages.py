@@ -68,14 +68,19 @@ class Schedule:
 
     def as_record(self) -> dict:
         """Flat {vae_steps, vae_batch, vae_lr, n_latents, teacher_steps, ...}, as recipe.json records it."""
-        record: dict = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Budget):
-                record.update({f"{f.name}_{b.name}": getattr(value, b.name) for b in fields(value)})
-            else:
-                record[f.name] = value
-        return record
+        return schedule_record(self)
+
+
+def schedule_record(schedule: object) -> dict:
+    """A schedule dataclass as a flat dict: each Budget field `x` as x_steps, x_batch, x_lr."""
+    record: dict = {}
+    for f in fields(schedule):  # type: ignore[arg-type]
+        value = getattr(schedule, f.name)
+        if isinstance(value, Budget):
+            record.update({f"{f.name}_{b.name}": getattr(value, b.name) for b in fields(value)})
+        else:
+            record[f.name] = value
+    return record
 
 
 SCHEDULES: dict[str, Schedule] = {
