@@ -86,7 +86,7 @@ class ModelFamily:
                 f"a sampler for a member it has ({', '.join(has) or 'none'}: "
                 f"{'; '.join(samplers[k] for k in has) or '-'})."
             )
-        return resolve_member(kind, source)
+        return resolve_member(kind, source, self.process)
 
     def check_process(self, process: str, sampler: str) -> None:
         """Refuse, before any weights load, a sampler made for another process than the family's

@@ -317,12 +317,14 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_member(kind: str, source: MemberSource) -> MemberSource:
+def resolve_member(kind: str, source: MemberSource, process: str = "vp") -> MemberSource:
     """Check member `kind` before any weights load and read what the folder says about itself: a
     local folder must be a pipeline, an LCM-LoRA belongs to the LCM member, and a null resolution is
-    the folder's native one. A rectified-flow folder in a VP slot (diffusion, lcm) or a VP folder in a
-    flow slot (flow, flow_few_step) is refused; a configured resolution or VP slot that otherwise
-    disagrees with the weights is kept, with a warning."""
+    the folder's native one. A rectified-flow folder in a VP family's diffusion or lcm slot, or a VP
+    folder in a flow slot (flow, flow_few_step, or any slot of a `rectified_flow` family such as
+    tiny_sd35) is refused; a configured resolution or VP slot that otherwise disagrees with the
+    weights is kept, with a warning."""
+    flow_slot = kind in FLOW_KINDS or process == "rectified_flow"
     if source.local_path is not None:
         _pipeline_location(kind, source)  # refuses a folder that is not a pipeline
     if source.lcm_lora is not None:
@@ -334,14 +336,14 @@ def resolve_member(kind: str, source: MemberSource) -> MemberSource:
         adapter_location(source.lcm_lora, f"model.{kind}.lcm_lora")  # refuses a missing local LoRA
         check_adapter_fits(source, f"model.{kind}")
     found = folder_kind(source)
-    if found is not None and (found == "flow") != (kind in FLOW_KINDS):
+    if found is not None and (found == "flow") != flow_slot:
         where = source.local_path or source.hub_id
         slots = "model.flow or model.flow_few_step" if found == "flow" else "model.diffusion or model.lcm"
         raise ConfigError(
             f"model.{kind} ({where}) is a {'rectified-flow' if found == 'flow' else 'VP diffusion'} model "
             f"(scheduler {member_scheduler(source)}), which model.{kind} cannot hold: name it as {slots}"
         )
-    if found is not None and found != kind and kind not in FLOW_KINDS:
+    if found is not None and found != kind and not flow_slot:
         where = source.local_path or source.hub_id
         _warn_once(
             f"model.{kind} ({where}) looks like a {found} model (UNet time_cond_proj_dim / scheduler class), "
