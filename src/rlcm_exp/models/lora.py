@@ -111,6 +111,25 @@ def resolve_lora_folder(path: str | Path, ema: bool = False) -> Path:
     )
 
 
+def check_lora_file(path: Path) -> None:
+    """Refuse a LoRA file that does not load (truncated, damaged, not safetensors, or empty), naming it:
+    every tensor is read, so a cut-off file is found here and not after an export or a model load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+            for name in names:
+                f.get_tensor(name)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"{path}: the LoRA does not load ({type(err).__name__}: {str(err)[:200]}); the file is truncated "
+            "or damaged. Use another checkpoint of the run (checkpoints/epoch_N) or train again."
+        ) from err
+    if not names:
+        raise ConfigError(f"{path}: the LoRA file holds no tensors; use another checkpoint of the run.")
+
+
 def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
     """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter."""
     from diffusers.utils import convert_unet_state_dict_to_peft
