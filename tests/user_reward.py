@@ -5,3 +5,8 @@ import torch
 
 def mean_red(images: torch.Tensor, prompts: list[str], weight: float = 1.0) -> torch.Tensor:
     return weight * images[:, 0].mean(dim=(1, 2)).cpu()
+
+
+def crashing(images: torch.Tensor, prompts: list[str], token: str = "", url: str = "") -> torch.Tensor:
+    """A reward that fails as a bug would (not bad input): the run ends in a traceback."""
+    raise RuntimeError("the scorer crashed")

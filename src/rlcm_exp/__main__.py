@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.secrets import redact_output
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
@@ -101,6 +102,7 @@ def remove_if_unstarted(run_dir: Path, job_log: str, date_folder: bool = False) 
 
 def main() -> None:
     global PREEXISTING, NAMED_DIR
+    redact_output(sys.argv[1:])  # no secret of the command line in any message, Hydra's banners included
     PREEXISTING = note_preexisting_dirs(sys.argv[1:])  # before anything is created
     NAMED_DIR = any(a.lstrip("+~").startswith(tuple(k + "=" for k in OUTPUT_DIR_KEYS)) for a in sys.argv[1:])
     exit_on_config_error(lambda: check_output_dirs(sys.argv[1:]))
