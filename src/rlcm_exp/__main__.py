@@ -7,6 +7,7 @@ CPU. See conf/config.yaml for every key; the run itself is `rlcm_exp.training.bu
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def note_preexisting_dirs(argv: list[str]) -> list[Path] | None:
         if "${" in value:
             return None
         path = Path(value).expanduser().resolve()
-        if path.exists():
+        if os.path.lexists(path):  # False for a name too long: check_output_dirs reports it
             found.append(path)
     return found
 

@@ -101,6 +101,11 @@ def resolve_lora_folder(path: str | Path, ema: bool = False) -> Path:
             f"checkpoint={path} with ema=true: no checkpoints/final_ema there. Give a run dir trained with "
             "train.ema_decay set (its EMA weights are written to checkpoints/final_ema), or ema=false."
         )
+    if not p.exists():
+        raise ConfigError(
+            f"checkpoint={path}: no such file or folder. Give a run dir (its checkpoints/final is used), a "
+            "checkpoint folder written by training, or its pytorch_lora_weights.safetensors."
+        )
     candidates = [p, p / "checkpoints" / "final", p.parent if p.suffix == ".safetensors" else p]
     for c in candidates:
         if (c / "pytorch_lora_weights.safetensors").is_file():
