@@ -194,6 +194,14 @@ def test_a_truncated_lora_is_refused_before_anything_is_written(run_dir: Path, t
     assert not out.exists() and no_staging_left(tmp_path)
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_error(run_dir: Path, tmp_path: Path) -> None:
+    """No folder can be made in /proc/self, whoever runs the test (root ignores a read-only mode)."""
+    with pytest.raises(ConfigError, match="--out /proc/self/rlcm_export: cannot write beside it"):
+        export(run_dir, "lora", "/proc/self/rlcm_export")
+    with pytest.raises(ConfigError, match="cannot create its folder"):
+        export(run_dir, "lora", tmp_path / ("d" * 300) / "out")
+
+
 def test_staging_folders_of_a_killed_export_are_removed_by_the_next(run_dir: Path, tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -305,3 +305,21 @@ def test_sample_out_a_file_or_an_uncreatable_path_is_one_line(tmp_path: Path) ->
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert res.stderr.startswith("error: out=") and res.stderr.strip().count("\n") == 0
     assert afile.read_text() == "mine"
+
+
+def test_a_checkpoint_folder_replaced_by_a_file_is_refused(tmp_path: Path) -> None:
+    from rlcm_exp.training.checkpoint import check_checkpoint_folders
+
+    check_checkpoint_folders(tmp_path)  # no checkpoints yet: nothing to refuse
+    (tmp_path / "checkpoints").write_text("a file")
+    with pytest.raises(ConfigError, match="checkpoints: a checkpoint folder was replaced by a file"):
+        check_checkpoint_folders(tmp_path)
+    (tmp_path / "checkpoints").unlink()
+    (tmp_path / "checkpoints" / "epoch_2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch_4").write_text("a file")
+    with pytest.raises(ConfigError, match="epoch_4: a checkpoint folder"):
+        check_checkpoint_folders(tmp_path)
+    (tmp_path / "checkpoints" / "epoch_4").unlink()
+    (tmp_path / "checkpoints" / "final").symlink_to(tmp_path / "checkpoints" / "epoch_2")
+    with pytest.raises(ConfigError, match="final: .* or a link"):
+        check_checkpoint_folders(tmp_path)
