@@ -322,18 +322,23 @@ def export(
     lora = resolve_lora_folder(run_dir, ema)  # ema: the EMA weights, checkpoints/final_ema
     check_lora_file(lora / LORA_WEIGHTS)  # a truncated or damaged LoRA is refused before anything is written
     target = Path(out) if out else run_dir / "export" / fmt
-    check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
     try:
+        check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
         target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{_describe(target, out is not None)}: cannot create its folder ({err})") from err
+    except OSError as err:  # a read-only folder, a file in the way, a name too long
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        raise ConfigError(
+            f"{_describe(target, out is not None)}: cannot create its folder ({reason})"
+        ) from None
     remove_stale_staging(target)
     # a fresh folder of this call (mkdir fails on an existing one), never DIR.tmp: a user's is not touched
     staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{STAGING_SUFFIX}"
     try:
         staging.mkdir()
     except OSError as err:  # a read-only folder, a path too long
-        raise ConfigError(f"{_describe(target, out is not None)}: cannot write beside it ({err})") from err
+        raise ConfigError(
+            f"{_describe(target, out is not None)}: cannot write beside it ({err.strerror})"
+        ) from None
     try:
         if fmt == "lora":
             shutil.copy2(lora / LORA_WEIGHTS, staging / LORA_WEIGHTS)
