@@ -259,6 +259,15 @@ def test_evaluate_and_sample_name_a_missing_or_damaged_checkpoint(tmp_path: Path
         config_for_checkpoint(compose_eval([f"checkpoint={tmp_path / 'run'}"]), [])
 
 
+def test_evaluate_refuses_an_output_folder_it_cannot_write_before_loading() -> None:
+    from rlcm_exp.evaluation.suite import run_evaluation
+
+    from .helpers import compose_eval
+
+    with pytest.raises(ConfigError, match="out=/proc/self/rlcm_eval: the folder cannot be created"):
+        run_evaluation(compose_eval(["model=tiny", "out=/proc/self/rlcm_eval"]), ["model=tiny"])
+
+
 def test_garbage_in_metrics_is_named_by_read_records_and_compare(tmp_path: Path, capsys) -> None:
     import rlcm_exp
     from rlcm_exp.compare import main as compare_main
@@ -273,7 +282,9 @@ def test_garbage_in_metrics_is_named_by_read_records_and_compare(tmp_path: Path,
         assert compare_main([str(tmp_path / "sweep")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "metrics.jsonl" in err and err.count("\n") == 0
-    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "reward_mean": 1.0}\n')
+    assert compare_main([str(tmp_path / "sweep"), "--out", "/proc/self/rlcm/compare.png"]) == 2
+    assert "--out /proc/self/rlcm/compare.png: the folder cannot be created" in capsys.readouterr().err
     (run / "config.yaml").write_bytes(b"\xff: [unclosed")
     with pytest.raises(ConfigError, match="config.yaml"):
         rlcm_exp.read_records(run)
