@@ -8,7 +8,8 @@ serving POST /v1/chat/completions on 127.0.0.1 with deterministic answers:
 - with logprobs requested: the answer token "Yes" or "No", and its top alternatives
   "Yes" (0.6 p), " yes" (0.3 p), "No" (0.9 (1 - p)), "maybe" (0.1): so P(yes) / (P(yes) + P(no)) = p;
 - otherwise (a rubric question) the text "Score: N" with N = round(1 + 9 p), or `text` if set;
-- `delay_s` sleeps before answering (`max_in_flight` counts the requests held at once); `logprobs=False` answers without logprobs even when asked.
+- `delay_s` sleeps before answering (`max_in_flight` counts the requests held at once); `logprobs=False` answers without logprobs even when asked;
+  `choices` is the number of choices in each answer (copies of the one above; 1 unless a test wants a wrong count).
 
 Every accepted request is recorded in `requests` (its JSON body, question and Authorization header).
 """
@@ -37,6 +38,7 @@ class Behaviour:
     delay_s: float = 0.0
     logprobs: bool = True
     text: str | None = None
+    choices: int = 1
     requests: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0  # the most requests the server held at once
@@ -85,7 +87,7 @@ def answer(behaviour: Behaviour, body: dict[str, Any]) -> dict[str, Any]:
         "object": "chat.completion",
         "created": 0,
         "model": body["model"],
-        "choices": [{**choice, "logprobs": lp}],
+        "choices": [{**choice, "index": i, "logprobs": lp} for i in range(behaviour.choices)],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models import tiny_family
+from rlcm_exp.policies import _sd
 from rlcm_exp.policies.ddim import DDIMPolicy, build_ddim_policy, ddim_coefficients, ddim_mean
 
 PROMPTS = ["a red cat", "a blue circle on a green background", "a dog"]
@@ -26,14 +29,7 @@ def pipe(family):
 def make_policy(pipe, **overrides) -> DDIMPolicy:
     kwargs = dict(num_steps=4, eta=1.0, guidance_scale=5.0, train_cfg=True, resolution=32)
     kwargs.update(overrides)
-    return DDIMPolicy(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        **kwargs,
-    )
+    return DDIMPolicy(_sd.pipeline_modules(pipe), **kwargs)
 
 
 def reference_pipeline(pipe) -> StableDiffusionPipeline:
@@ -210,11 +206,7 @@ def test_refuses_unsupported_scheduler_settings(pipe, override, name):
     bad = DDIMScheduler.from_config(pipe.scheduler.config, **override)
     with pytest.raises(ConfigError, match=name):
         DDIMPolicy(
-            unet=pipe.unet,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            scheduler=bad,
+            dataclasses.replace(_sd.pipeline_modules(pipe), scheduler=bad),
             num_steps=4,
             eta=1.0,
             guidance_scale=5.0,

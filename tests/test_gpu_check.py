@@ -65,6 +65,9 @@ def test_report_fields(report: tuple[dict, Path]) -> None:
         assert plan["transitions_per_forward"] == per_call
         cfg_factor = 2 if r["settings"]["algo"] == "ddpo" else 1  # CFG doubles DDPO's training batch
         assert r["unet_batches"]["train"] == plan["train_batch_size"] * per_call * cfg_factor
+        # the correctness monitors: fp32 on a CPU, so the first ratios are 1 and nothing clips on the first call
+        m = r["monitors"]
+        assert m["ratio_first_max_dev"] < 1e-4 and m["clipfrac_first_call"] == 0.0, m
     assert {q["variant"] for q in data["ratios"]} == {v.name for v in VARIANTS[:2]}
     for q in data["ratios"]:
         assert q["rollout_ratio_rlcm_to_ddpo"] > 0 and q["round_ratio_rlcm_to_ddpo"] > 0
@@ -76,6 +79,7 @@ def test_markdown_table(report: tuple[dict, Path]) -> None:
     table = (out / "gpu-cpu.md").read_text()
     assert "| task | algo | per-GPU shape | variant | status | peak GiB | round s |" in table
     assert "| task | variant | RLCM:DDPO rollout | RLCM:DDPO round |" in table
+    assert "ratio_first_max_dev / clipfrac first call / round |" in table
     assert table.count("| aesthetic | RLCM |") == 2 and table.count("| aesthetic | DDPO |") == 2
 
 
@@ -88,3 +92,12 @@ def test_no_gpu_without_cpu_scale_is_one_clear_line(capsys: pytest.CaptureFixtur
 
     assert main(["--out", "/nonexistent"]) == 2
     assert "--cpu-scale" in capsys.readouterr().err
+
+
+@pytest.mark.subprocess  # a child process, and the benchmark's imports
+def test_a_child_run_past_its_timeout_is_killed_and_recorded(tmp_path) -> None:
+    from benchmarks.bench.gpu_check import _run_one
+
+    spec = {"algo": "rlcm", "warmup": 0, "overrides": []}
+    raw = _run_one(spec, in_process=False, tmp=tmp_path, timeout_s=0.2)
+    assert raw["status"] == "timeout" and "--run-timeout-s" in raw["error"]

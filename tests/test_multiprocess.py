@@ -13,7 +13,9 @@ import torch
 
 from rlcm_exp.tracking import read_metrics
 
-from .helpers import SMALL
+from .helpers import SMALL, cli_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = [*SMALL, "train.sample_batch_size=4", "train.epochs=2", "train.dump_rollouts=true"]
 
@@ -80,3 +82,33 @@ def test_two_gloo_processes_match_one_process(tiny_cache, tmp_path) -> None:
             )
     rec = read_metrics(single / "metrics.jsonl")[0]
     assert rec["reward_mean"] == read_metrics(multi / "metrics.jsonl")[0]["reward_mean"]
+
+
+@pytest.mark.subprocess
+def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tiny_cache, tmp_path) -> None:
+    """Two gloo processes started on their own (as srun starts ranks; torchrun would stop the other
+    worker itself): rank 1's reward fails in epoch 1 while rank 0 waits in the round's gather. Both
+    stop at once, rank 0 with one line naming rank 1's error, not after the backend's timeout."""
+    port = free_port()
+    args = [
+        *RUN, "train.epochs=3", "train.dump_rollouts=false", "train.eval_every=0", "reward=custom",
+        "reward._target_=tests.user_reward.fails_on_rank", "+reward.after_calls=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        dist = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "MASTER_PORT": port}
+        env = {**cli_env(tiny_cache), "MASTER_ADDR": "127.0.0.1", **{k: str(v) for k, v in dist.items()}}
+        cmd = [sys.executable, "-m", "rlcm_exp", *args]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] != [0, 0], outs
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
+    message = "rank 1 of 2 failed: RuntimeError: reward server unreachable (injected on rank 1)"
+    assert f"[rank 0] stopping: {message}" in outs[0], outs[0][-3000:]
+    assert "Traceback" not in outs[0], outs[0][-3000:]
+    assert "reward server unreachable" in outs[1]

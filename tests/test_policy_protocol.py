@@ -5,6 +5,7 @@ ddim_step_with_logprob) and trl."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -182,8 +183,8 @@ def guided_eps(policy: DDIMPolicy, x: torch.Tensor, k: int, embeds: torch.Tensor
 def test_ddim_last_step_matches_ddpo_for_both_scheduler_settings(tiny_family, set_alpha_to_one) -> None:
     pipe = tiny_family.load("diffusion")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=set_alpha_to_one)
-    modules = {**_sd.pipeline_modules(pipe), "scheduler": scheduler}
-    policy = DDIMPolicy(**modules, num_steps=4, eta=1.0, guidance_scale=5.0, train_cfg=True, resolution=32)
+    modules = dataclasses.replace(_sd.pipeline_modules(pipe), scheduler=scheduler)
+    policy = DDIMPolicy(modules, num_steps=4, eta=1.0, guidance_scale=5.0, train_cfg=True, resolution=32)
     assert bool((policy.action_std() > 0).all())  # the last step too: diffusers' rule gives 0 with True
 
     traj = policy.sample(PROMPTS, torch.Generator().manual_seed(2))

@@ -2,7 +2,7 @@
 (issue 19): run through the real entry point, in a fresh folder, with only the run dir added.
 
 The commands are read from the README's bash blocks, so a command added there is tested here. Tiny
-runs take seconds and run by default; toy runs with their default epochs are marked slow (a minute
+runs and toy runs of 1-3 epochs take seconds and run by default; toy runs with their default epochs are marked slow (a minute
 or two on one core: `make test` runs them), sweeps slow and long (the 6-run toy sweep is 10+ minutes
 on one core, so only `pytest -m long tests/test_readme_commands.py` runs it). Wall-clock times
 are printed and, when RLCM_README_TIMES names a file, appended to it as JSON lines: the README's
@@ -55,10 +55,11 @@ def python_snippet(text: str, filename: str) -> str | None:
 
 
 def is_quick(command: str) -> bool:
-    """Seconds to a minute on a 2-core CPU: a single tiny-family run (a toy run with its default
-    epochs, or any sweep, takes minutes)."""
+    """Seconds to a minute on a 2-core CPU: a single tiny-family run, or a toy run of a few epochs (a
+    toy run with its default epochs, or any sweep, takes minutes)."""
     args = shlex.split(command)[3:]
-    return "model=tiny" in args and "-m" not in args
+    few_epochs = any(re.fullmatch(r"train\.epochs=[1-3]", a) for a in args)
+    return "-m" not in args and ("model=tiny" in args or few_epochs)
 
 
 def tier(command: str) -> tuple[pytest.MarkDecorator, ...]:

@@ -189,3 +189,64 @@ def test_a_plain_function_trains_through_the_entry_point(tiny_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all(0.0 <= r["reward_mean"] <= 2.0 for r in records)
+
+
+def test_model_rewards_share_their_runtime_keys_and_name_a_typo() -> None:
+    """reward.dtype / device / batch_size are declared once (rewards.hub.ModelRuntime): a builder taking
+    them as **runtime still gets the trainer's device, and a misspelt key is named, not ignored."""
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.rewards.base import keywords
+    from rlcm_exp.rewards.clip import clip_score
+    from rlcm_exp.rewards.hub import runtime_settings
+
+    assert {"dtype", "device", "batch_size", "model_id"} <= keywords(clip_score)
+    assert runtime_settings({"device": "cuda:1"}, batch_size=16) == ("float32", "cuda:1", 16)
+    with pytest.raises(ConfigError, match=r"reward\.devcie is not a setting"):
+        runtime_settings({"devcie": "cpu"})  # type: ignore[typeddict-unknown-key]
+
+
+# ----------------------------------------------------------------------------- pins of the shipped configs
+
+
+def _pins(node: object, where: str) -> Iterator[tuple[str, str, object]]:
+    """(path, kind, value) for every pin a reward config must hold: each hub revision, and the sha256 of
+    each single downloaded file (a `*_url`, or a `*_file` holding weights, names its `*_sha256`)."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        path = f"{where}.{key}"
+        if key.endswith("revision"):
+            yield path, "revision", value
+        elif key.endswith("_url") and key != "base_url":
+            yield path, "sha256", node.get(key[: -len("_url")] + "_sha256")
+        elif key.endswith("_file") and str(value).endswith((".pt", ".pth", ".bin", ".safetensors")):
+            yield path, "sha256", node.get(key[: -len("_file")] + "_sha256")
+        yield from _pins(value, path)
+
+
+def test_every_shipped_reward_config_pins_hub_revisions_and_downloaded_files():
+    """Real hub ids at a commit, never a moving branch; each single file fetched by URL or from a hub
+    repo has the sha256 it must have (the loaders refuse a mismatch)."""
+    found = []
+    for path in sorted((ROOT / "conf" / "reward").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        for where, kind, value in _pins(cfg, path.stem):
+            pattern = r"[0-9a-f]{40}" if kind == "revision" else r"[0-9a-f]{64}"
+            assert isinstance(value, str) and re.fullmatch(pattern, value), (
+                f"{where}: {kind} {value!r} is not pinned"
+            )
+            found.append(where)
+    # hpsv2, imagereward (+ its tokenizer), aesthetic_v25, aesthetic, clip_score, pickscore (+ processor),
+    # llava_bertscore (VLM + BERTScore), weighted (its two CLIPs); sha256: two heads and two checkpoints
+    assert len(found) >= 16, found
+
+
+def test_the_readme_rewards_table_gives_every_shipped_reward_its_meaning_range_licence_and_place():
+    text = (ROOT / "README.md").read_text()
+    header = "| reward | what it measures | range (higher is better) | licence | runs on |"
+    lines = text[text.index(header) :].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[: lines.index("")]]
+    assert all(len(r) == 5 and all(r) for r in rows), [r for r in rows if len(r) != 5 or not all(r)]
+    named = {name for r in rows for name in re.findall(r"`([a-z0-9_]+)`", r[0])}
+    shipped = {p.stem for p in (ROOT / "conf" / "reward").glob("*.yaml")}
+    assert shipped <= named, sorted(shipped - named)

@@ -17,7 +17,13 @@ import torch
 from rlcm_exp.configs import compose
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.base import build_reward, to_uint8
-from rlcm_exp.rewards.vlm_judge import VlmJudge, VlmJudgeError, rubric_score, yes_probability
+from rlcm_exp.rewards.vlm_judge import (
+    VlmJudge,
+    VlmJudgeError,
+    answer_text_score,
+    rubric_score,
+    yes_probability,
+)
 
 from . import openai_server
 from .openai_server import Behaviour
@@ -79,6 +85,10 @@ def test_yes_probability_and_rubric_score_by_hand():
     assert rubric_score("7.5", 1, 10) == pytest.approx(6.5 / 9)
     assert rubric_score("1", 1, 10) == 0.0 and rubric_score("10", 1, 10) == 1.0
     assert rubric_score("excellent", 1, 10) is None and rubric_score("11", 1, 10) is None
+    assert answer_text_score(" Yes.") == 1.0 and answer_text_score("no, it does not") == 0.0
+    assert answer_text_score("YES") == 1.0 and answer_text_score('"No"') == 0.0
+    assert answer_text_score("maybe yes") is None and answer_text_score("7 yes") is None
+    assert answer_text_score("") is None and answer_text_score("Yesterday") is None
 
 
 # ----------------------------------------------------------------------------- both modes
@@ -164,9 +174,51 @@ def test_a_rubric_answer_without_a_number_is_an_error_naming_it_and_not_retried(
         judge(url, "reward.mode=rubric")(images()[:1], PROMPTS[:1])
 
 
+def test_without_logprobs_answer_text_scores_yes_1_and_no_0_and_says_so(url, behaviour, caplog):
+    """missing_logprobs=answer_text: the server sends no logprobs, the first word of its answer is the
+    score; the component yes_no_from_text marks every image so scored, and one warning says it."""
+    behaviour.logprobs = False
+    reward = judge(url, "reward.missing_logprobs=answer_text")
+    for text, expected in (("Yes.", 1.0), (" no, it is blue", 0.0)):
+        behaviour.text = text
+        with caplog.at_level(logging.WARNING):
+            out = reward(images(), PROMPTS)
+        assert set(out) == {"reward", "yes_no_from_text"}
+        torch.testing.assert_close(out["reward"], torch.full((3,), expected))
+        torch.testing.assert_close(out["yes_no_from_text"], torch.ones(3))
+    assert sum("yes_no scores are read from the answers' text" in r.getMessage() for r in caplog.records) == 1
+    behaviour.text = "Perhaps"
+    with pytest.raises(
+        VlmJudgeError, match=r"sent no logprobs and answered 'Perhaps' for prompt .*neither yes nor no"
+    ):
+        reward(images()[:1], PROMPTS[:1])
+    behaviour.logprobs = True  # a server with logprobs: P(yes) as without the option, flagged 0
+    out = reward(images(), PROMPTS)
+    torch.testing.assert_close(out["reward"].double(), expected_p(images(), PROMPTS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["yes_no_from_text"], torch.zeros(3))
+
+
+def test_an_answer_with_a_wrong_number_of_choices_is_an_error_at_once(url, behaviour):
+    """One question, one choice: a server answering with none or several (a wrong `n`, a broken
+    proxy) gets a one-line error naming the count, without retries; the same in rubric mode."""
+    judges = [judge(url, f"reward.mode={mode}") for mode in ("yes_no", "rubric")]
+    for count in (0, 2):
+        behaviour.choices = count
+        for reward in judges:
+            with pytest.raises(
+                VlmJudgeError, match=rf"sent {count} choices for one question, expected 1"
+            ) as info:
+                reward(images()[:1], PROMPTS[:1])
+            assert "\n" not in str(info.value) and url in str(info.value)
+    assert len(behaviour.requests) == 4  # none retried
+
+
 def test_missing_logprobs_and_a_wrong_key_are_errors_at_once(url, behaviour):
     behaviour.logprobs = False
-    with pytest.raises(VlmJudgeError, match="sent no top logprobs .*reward.mode=rubric"):
+    with pytest.raises(
+        VlmJudgeError,
+        match="sent no top logprobs .*reward.mode=rubric, or reward.missing_logprobs=answer_text",
+    ):
         judge(url)(images()[:1], PROMPTS[:1])
     behaviour.api_key = "the-right-key"
     with pytest.raises(VlmJudgeError, match=r"refused the request: HTTP 401"):
@@ -177,6 +229,8 @@ def test_missing_logprobs_and_a_wrong_key_are_errors_at_once(url, behaviour):
 def test_config_mistakes_are_config_errors(url):
     with pytest.raises(ConfigError, match="reward.mode=score must be one of yes_no, rubric"):
         judge(url, "reward.mode=score")
+    with pytest.raises(ConfigError, match="reward.missing_logprobs=zero must be one of error, answer_text"):
+        judge(url, "reward.missing_logprobs=zero")
     with pytest.raises(ConfigError, match=r"reward.question_template=.* must contain \{prompt\}"):
         judge(url, "reward.question_template='Is this good?'")
     with pytest.raises(ConfigError, match=r"reward.rubric_template=.*only the fields"):

@@ -1,8 +1,11 @@
 """The VLM judge against a REAL OpenAI-compatible server: `transformers serve` (the installed
-transformers' own FastAPI server, started as a subprocess on 127.0.0.1) serving a tiny LLaVA built here
-from a config with random weights (seed 0): a 2-layer CLIP ViT on 32x32 images in 8x8 patches (16 image
-tokens), a 2-layer Llama, a WordLevel tokenizer of 50 words (yes, no, 1..10, the templates' words) with a
-chat template, saved with save_pretrained into a tmp folder. Nothing is downloaded.
+transformers' own FastAPI server, started as a subprocess on 127.0.0.1) serving two tiny LLaVAs built
+here from a config with random weights (seed 0): a 2-layer CLIP ViT on 32x32 images in 8x8 patches (16
+image tokens), a 2-layer Llama, a WordLevel tokenizer of 50 words (yes, no, 1..10, the templates' words)
+with a chat template, saved with save_pretrained into tmp folders; the second ("yes/no") has an output
+layer that can only say yes or no (its rows for yes and no are w and -w, every other row 0), so its
+answer is yes or no, which one depending on the image. The server loads each on its first request (no
+model is pinned on its command line). Nothing is downloaded.
 
 What the server does with the judge's requests is checked against what it answers to the same request
 sent by hand (temperature 0 is greedy decoding, so both answers are the same):
@@ -13,17 +16,23 @@ sent by hand (temperature 0 is greedy decoding, so both answers are the same):
   no guided decoding for chat completions.
 - yes_no: transformers serve (5.x) lists `logprobs` and `top_logprobs` among the chat-completion fields it
   ignores (with the warning "Ignoring unsupported fields in the request") and answers `"logprobs": null`,
-  so the judge must raise its documented error (no top logprobs; use reward.mode=rubric). If a later
-  transformers sends them, the judge's P(yes) must instead be `yes_probability` of the first token's
-  alternatives, in [0, 1] (or the documented error when neither yes nor no is among them).
+  so the judge must raise its documented error (no top logprobs; use reward.mode=rubric or
+  reward.missing_logprobs=answer_text). If a later transformers sends them, the judge's P(yes) must
+  instead be `yes_probability` of the first token's alternatives, in [0, 1] (or the documented error when
+  neither yes nor no is among them).
+- yes_no with missing_logprobs=answer_text, on the yes/no model: each score is `answer_text_score` of
+  the server's answer (1 for yes, 0 for no), every image is flagged in `yes_no_from_text`, and a warning
+  says so.
 
 Both modes check that the image reached the model: the prompt counts the 16 image tokens.
 Skipped only when the serving extra is missing (pip install 'transformers[serving]'; the `rewards`
-extra brings it). One server for the module; about 30-60 s on a 2-core CPU, most of it the server's start.
+extra brings it). One server for the module; about 40-80 s on a 2-core CPU, most of it the server's start and its loading
+of each model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -31,8 +40,10 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +52,7 @@ from rlcm_exp.rewards.base import build_reward, to_uint8
 from rlcm_exp.rewards.vlm_judge import (
     VlmJudge,
     VlmJudgeError,
+    answer_text_score,
     image_data_url,
     rubric_score,
     yes_probability,
@@ -67,9 +79,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llava(folder: Path) -> None:
+def build_tiny_llava(folder: Path, yes_no_only: bool = False) -> None:
     """A LLaVA with random weights, its processor (CLIP image processor, WordLevel tokenizer, chat
-    template), saved in `folder`: what transformers serve loads as a vision-language model."""
+    template), saved in `folder`: what transformers serve loads as a vision-language model. With
+    `yes_no_only`, the output layer's row for "yes" is a random w, for "no" -w, every other row 0: the
+    logits are (h.w, -h.w, 0, ...), so greedy decoding answers "yes" when h.w > 0, else "no"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
@@ -133,6 +147,12 @@ def build_tiny_llava(folder: Path) -> None:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
+    if yes_no_only:
+        with torch.no_grad():
+            head = model.lm_head.weight
+            w = torch.randn(head.shape[1])
+            head.zero_()
+            head[vocab["yes"]], head[vocab["no"]] = w, -w
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -145,10 +165,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(base_url, model name): transformers serve on 127.0.0.1 with the tiny LLaVA preloaded."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """(base_url, {"text": model name, "yes_no": model name}): transformers serve on 127.0.0.1, serving
+    the two tiny LLaVAs by their folders' paths (each loaded on its first request)."""
     folder = tmp_path_factory.mktemp("tiny_llava")
+    yes_no = tmp_path_factory.mktemp("tiny_llava_yes_no")
     build_tiny_llava(folder)
+    build_tiny_llava(yes_no, yes_no_only=True)
     port = free_port()
     log_path = folder / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -157,7 +180,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
         "-c",
         "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()",
         "serve",
-        str(folder),
         "--host",
         "127.0.0.1",
         "--port",
@@ -183,7 +205,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
             if time.monotonic() > deadline:
                 pytest.fail(f"transformers serve did not start in 180 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1", str(folder)
+        base_url, models = f"http://127.0.0.1:{port}/v1", {"text": str(folder), "yes_no": str(yes_no)}
+        with ThreadPoolExecutor(2) as pool:  # both models load at once (each in its own process)
+            list(pool.map(lambda m: warm_up(base_url, m), models.values()))
+        yield base_url, models
     finally:
         proc.terminate()
         try:
@@ -193,14 +218,29 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
             proc.wait()
 
 
-def judge(served: tuple[str, str], *overrides: str) -> VlmJudge:
-    base_url, model = served
+def warm_up(base_url: str, model: str) -> None:
+    """One chat completion (a grey image and a question), so that the server loads `model` now."""
+    image = image_data_url(np.full((SIDE, SIDE, 3), 128, dtype=np.uint8))
+    content = [
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": "Does this image show a red square?"},
+    ]
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    request = urllib.request.Request(
+        f"{base_url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=180) as answer:
+        assert answer.status == 200
+
+
+def judge(served: tuple[str, dict[str, str]], *overrides: str, model: str = "text") -> VlmJudge:
+    base_url, models = served
     cfg = compose(
         "config",
         [
             "reward=vlm_judge",
             f"reward.base_url={base_url}",
-            f"reward.model={model}",
+            f"reward.model={models[model]}",
             "reward.timeout_s=60",
             "reward.max_retries=0",
             "reward.max_concurrency=2",
@@ -277,3 +317,27 @@ def test_yes_no_against_transformers_serve(served):
         scores.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0
     )
     assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_yes_no_from_the_answer_text_against_transformers_serve(served, caplog):
+    reward = judge(served, "reward.missing_logprobs=answer_text", model="yes_no")
+    x = images()
+    answers = by_hand(reward, x)
+    texts = [a.choices[0].message.content for a in answers]
+    print(f"transformers serve's yes/no answers: {texts}")  # shown with pytest -s
+    with caplog.at_level("WARNING"):
+        out = reward(x, PROMPTS)
+    assert isinstance(out, dict) and set(out) == {"reward", "yes_no_from_text"}
+    if any(a.choices[0].logprobs is not None for a in answers):  # a transformers that sends logprobs
+        expected = [
+            yes_probability([(t.token, t.logprob) for t in a.choices[0].logprobs.content[0].top_logprobs])
+            for a in answers
+        ]
+        torch.testing.assert_close(out["reward"].double(), torch.tensor(expected, dtype=torch.float64))
+        torch.testing.assert_close(out["yes_no_from_text"], torch.zeros(3))
+        return
+    assert all(t.strip().lower() in ("yes", "no") for t in texts)  # the yes/no model says nothing else
+    expected = [answer_text_score(t) for t in texts]
+    torch.testing.assert_close(out["reward"], torch.tensor(expected, dtype=torch.float32), atol=0, rtol=0)
+    torch.testing.assert_close(out["yes_no_from_text"], torch.ones(3), atol=0, rtol=0)
+    assert any("yes_no scores are read from the answers' text" in r.getMessage() for r in caplog.records)

@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 from rlcm_exp.toy import captions, data, runner
 
 
+@pytest.mark.slow  # the whole recipe at its tiny schedule: ~1-2 minutes on one core (make test runs it)
 def test_tiny_recipe_saves_loadable_pipelines(tmp_path) -> None:  # noqa: ANN001
     record = runner.run(tmp_path, seed=0, schedule="tiny", caption_noise=0.2)
     assert record["recipe_version"] == runner.RECIPE_VERSION and record["caption_noise"] == 0.2

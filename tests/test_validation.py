@@ -200,19 +200,20 @@ def test_a_prompt_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path: Pat
 def test_device_cuda_without_a_gpu_and_fp16_on_a_cpu_are_refused() -> None:
     import torch
 
+    from rlcm_exp.models.precision import resolve_precision
     from rlcm_exp.validation import check_device
 
     with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a CUDA GPU"):
-        check_device(compose(overrides=["model=tiny", "mixed_precision=fp16", "device=cpu"]))
-    check_device(compose(overrides=["model=tiny", "mixed_precision=bf16", "device=cpu"]))
+        resolve_precision("fp16", None, cuda=False, env={})
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a CUDA GPU"):  # set by the launcher
+        resolve_precision("auto", None, cuda=False, env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert resolve_precision("bf16", None, cuda=False, env={}).mixed_precision == "bf16"
     if torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device=cuda:99"):
             check_device(compose(overrides=["model=tiny", "device=cuda:99"]))
     else:
         with pytest.raises(ConfigError, match="device=cuda: no CUDA GPU is visible"):
             check_device(compose(overrides=["model=tiny", "device=cuda"]))
-        with pytest.raises(ConfigError, match="mixed_precision=fp16"):
-            check_device(compose(overrides=["model=tiny", "mixed_precision=fp16"]))  # device=auto: the CPU
 
 
 def test_output_folders_that_cannot_be_written_are_one_line(tmp_path: Path) -> None:

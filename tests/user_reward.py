@@ -23,3 +23,16 @@ def returns(images: torch.Tensor, prompts: list[str], kind: str = "none") -> obj
         "matrix": torch.zeros(n, 3),
         "dict_none": {"reward": None},
     }[kind]
+
+
+def fails_on_rank(
+    images: torch.Tensor, prompts: list[str], rank: int = 1, after_calls: int = 1
+) -> torch.Tensor:
+    """A reward (a server, say) that breaks on one process after `after_calls` batches: the rank-failure test."""
+    import os
+
+    calls = fails_on_rank.__dict__.setdefault("calls", [0])
+    calls[0] += 1
+    if int(os.environ.get("RANK", "0")) == rank and calls[0] > after_calls:
+        raise RuntimeError(f"reward server unreachable (injected on rank {rank})")
+    return images.mean(dim=(1, 2, 3)).cpu()

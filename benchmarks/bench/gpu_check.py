@@ -8,9 +8,12 @@ and the aesthetic reward's CLIP ViT-L/14 + LAION MLP head with random weights in
 then runs, for each paper task's per-GPU settings (gpu_plan.py), one short RLCM and DDPO round
 through the production `rlcm_exp.training.build.train` (fp16 weights, fp32 LoRA, SDPA attention),
 in each variant of gradient checkpointing x transitions per UNet call, each in its own process
-(its own peak memory; an out-of-memory variant is recorded, not fatal). Runs are ordered so that
-the most useful come first; once `--budget-s` would be exceeded the rest are recorded as skipped.
-Writes OUT/gpu-{device}.json and .md (gpu_report.py; format in benchmarks/README.md). No downloads.
+(its own peak memory; an out-of-memory variant is recorded, not fatal; a child past --run-timeout-s
+is killed and recorded). Runs are ordered so that the most useful come first; once `--budget-s` would
+be exceeded the rest are recorded as skipped. Writes OUT/gpu-{device}.json and .md (gpu_report.py;
+format in benchmarks/README.md) after every run, so a check cut short keeps what it measured. Each row
+carries the round's correctness monitors (ratio_first_max_dev, the first loss call's clipfrac). No
+downloads.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--budget-s", type=float, default=540.0, help="no run starts that would end after this")
     ap.add_argument(
+        "--run-timeout-s",
+        type=float,
+        default=180.0,
+        help="a child run is killed after this (or when the budget ends, whichever is first)",
+    )
+    ap.add_argument(
         "--warmup", type=int, default=None, help="unmeasured rounds first (default 1; 0 on a CPU)"
     )
     ap.add_argument("--cpu-scale", action="store_true", help="small members, one task, tiny batches (CPU)")
@@ -61,8 +71,9 @@ def _child(spec: dict[str, Any], raw_out: Path) -> int:
     return 0
 
 
-def _run_one(spec: dict[str, Any], in_process: bool, tmp: Path) -> dict[str, Any]:
-    """One run's raw measurements, or {"status": "failed", "error": ...}."""
+def _run_one(spec: dict[str, Any], in_process: bool, tmp: Path, timeout_s: float) -> dict[str, Any]:
+    """One run's raw measurements, or {"status": "failed" | "timeout", "error": ...}; a child still
+    running after `timeout_s` is killed (the in-process CPU scale has no timeout)."""
     raw_out = tmp / "raw.json"
     raw_out.unlink(missing_ok=True)
     if in_process:
@@ -79,7 +90,12 @@ def _run_one(spec: dict[str, Any], in_process: bool, tmp: Path) -> dict[str, Any
         "--raw-out",
         str(raw_out),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=max(timeout_s, 1.0)
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"killed after {timeout_s:.0f} s (--run-timeout-s)"}
     if proc.returncode != 0 or not raw_out.is_file():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
@@ -106,8 +122,12 @@ def build_members(root: Path, cpu_scale: bool, cuda: bool) -> tuple[dict[str, Pa
     return members, build_aesthetic_reward(root, small=cpu_scale, device=device)
 
 
-def run_all(args: argparse.Namespace, cuda: bool) -> tuple[list[dict[str, Any]], float]:
-    """Build the members, then each planned run within the budget; (records, seconds spent building)."""
+def run_all(
+    args: argparse.Namespace, cuda: bool, written: Callable[[list[dict[str, Any]], float], None]
+) -> tuple[list[dict[str, Any]], float]:
+    """Build the members, then each planned run within the budget; (records, seconds spent building).
+    `written(records, build_s)` is called after every run: the report on disk is never more than one
+    run behind (a check killed by its machine's time limit keeps what it measured)."""
     from benchmarks.bench.gpu_plan import MEMBER
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()][: 1 if args.cpu_scale else None]
@@ -136,9 +156,11 @@ def run_all(args: argparse.Namespace, cuda: bool) -> tuple[list[dict[str, Any]],
             }
             print(f"[gpu-check] {settings.task} {settings.algo} {variant.name}", flush=True)
             t0 = time.perf_counter()
-            raw = _run_one(spec, in_process=not cuda, tmp=root)
+            timeout = min(args.run_timeout_s, args.budget_s - elapsed)
+            raw = _run_one(spec, in_process=not cuda, tmp=root, timeout_s=timeout)
             last[settings.algo] = time.perf_counter() - t0
             records.append({**record, "status": raw.pop("status", "ok"), "run_s": last[settings.algo], **raw})
+            written(records, build_s)
     finally:
         if args.work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -174,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": args.budget_s,
     }
     started = time.perf_counter()
-    records, build_s = run_all(args, cuda)
-    report = build_gpu_report(header, records, build_s, time.perf_counter() - started)
-    stem, table = write_gpu_report(report, Path(args.out))
+
+    def write(records: list[dict[str, Any]], build_s: float) -> tuple[dict[str, Any], Path, str]:
+        report = build_gpu_report(header, records, build_s, time.perf_counter() - started)
+        return (report, *write_gpu_report(report, Path(args.out)))
+
+    records, build_s = run_all(args, cuda, lambda r, b: print(f"[gpu-check] report: {write(r, b)[1]}.md"))
+    report, stem, table = write(records, build_s)
     print(table)
     print(f"[gpu-check] wrote {stem}.json and .md in {report['wall_s']:.0f} s")
     return 0

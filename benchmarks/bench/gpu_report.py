@@ -73,6 +73,7 @@ def summarize_run(record: dict[str, Any], device_name: str) -> dict[str, Any]:
         "per_gpu_round": _project(measured, record["settings"]),
         "rollout_s": epoch["rollout_s"],
         "peak_memory": epoch["peak_memory"],
+        "monitors": epoch.get("monitors", {}),
         "flops": {**flops, "train_round": train_flops, "sampling_round": sample_flops},
         "matmul_peak": record["matmul_peak"],
         "nominal_peak_flops_per_s": peaks["nominal"],
@@ -137,6 +138,19 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _monitor_cell(m: dict[str, Any]) -> str:
+    """ratio_first_max_dev / the first loss call's clipfrac / the round's clipfrac: in exact
+    arithmetic 0 / 0 / (anything); a first deviation above the clip range is precision noise."""
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    return (
+        f"{fmt(m.get('ratio_first_max_dev'), '.1e')} / {fmt(m.get('clipfrac_first_call'), '.3f')} / "
+        f"{fmt(m.get('clipfrac'), '.3f')}"
+    )
+
+
 def _run_row(r: dict[str, Any]) -> str:
     s, v = r["settings"], r["variant"]
     shape = (
@@ -145,7 +159,7 @@ def _run_row(r: dict[str, Any]) -> str:
     )
     head = f"| {s['task']} | {s['algo'].upper()} | {shape} | {v['name']} |"
     if r["status"] != "ok":
-        return head + f" {r['status']}: {r.get('error', '')} |" + " |" * 9
+        return head + f" {r['status']}: {r.get('error', '')} |" + " |" * 10
     g, m = r["per_gpu_round"], r["mfu"]
     cells = [
         "ok",
@@ -154,6 +168,7 @@ def _run_row(r: dict[str, Any]) -> str:
         *(f"{g[k]:.2f}" for k in PHASES),
         f"{r['rollout_s']:.2f}",
         f"{_pct(m['training']['measured_matmul'])} / {_pct(m['round']['measured_matmul'])}",
+        _monitor_cell(r.get("monitors", {})),
     ]
     return head + " " + " | ".join(cells) + " |"
 
@@ -176,11 +191,14 @@ def render_gpu_markdown(report: dict[str, Any]) -> str:
         "(sampling x batches, training x trajectories, optimizer x steps). MFU = counted UNet FLOPs over "
         "the measured dense matmul rate"
         + (f" ({peak['flops_per_s'] / 1e12:.1f} TFLOP/s {peak['dtype']})" if peak else "")
-        + ", training phase / whole round.",
+        + ", training phase / whole round. The last column is the cheapest correctness check: before any "
+        "optimizer step the ratios are 1, so a ratio_first_max_dev above the clip range (1e-4) or a nonzero "
+        "first-call clipfrac is precision noise (algo.update.recompute_old_log_probs).",
         "",
         "| task | algo | per-GPU shape | variant | status | peak GiB | round s | sampling | reward wait "
-        "| training | optimizer | other | rollout s/batch | MFU train / round |",
-        "|---" * 14 + "|",
+        "| training | optimizer | other | rollout s/batch | MFU train / round "
+        "| ratio_first_max_dev / clipfrac first call / round |",
+        "|---" * 15 + "|",
         *(_run_row(r) for r in report["runs"]),
         "",
         "| task | variant | RLCM:DDPO rollout | RLCM:DDPO round |",

@@ -271,6 +271,20 @@ def compare_update(
     return list(rows.values())
 
 
+class FirstCallInfo:
+    """The algorithm's loss, unchanged, remembering its first call's clipfrac (a tensor: no host sync)."""
+
+    def __init__(self, loss: Any) -> None:
+        self.loss, self.needs_log_ratio_totals = loss, loss.needs_log_ratio_totals
+        self.first: Any = None
+
+    def __call__(self, batch: Any) -> Any:
+        loss, info = self.loss(batch)
+        if self.first is None and "clipfrac" in info:
+            self.first = info["clipfrac"].detach()
+        return loss, info
+
+
 class BenchCallback(Callback):
     """Times each epoch of `Trainer.fit` by phase; after each measured epoch, measures the floor.
 
@@ -298,9 +312,12 @@ class BenchCallback(Callback):
         self._start = 0.0
         self._syncs = contextlib.ExitStack()
         self._found: list[str] | None = None
+        self.first_loss: FirstCallInfo | None = None  # the algorithm's loss, wrapped at fit start
 
     def on_fit_start(self, trainer: Any) -> None:
         instrument(trainer, self.clock)
+        self.first_loss = FirstCallInfo(trainer.algo.loss)
+        trainer.algo.loss = self.first_loss
         self.collected.batch_plan = trainer.plan.as_dict()
         if self.compare:
             update = trainer.update
@@ -325,6 +342,8 @@ class BenchCallback(Callback):
         reset_peak_memory()
         sync()
         self._found = self._syncs.enter_context(count_cuda_syncs(enabled=epoch < self.warmup))
+        if self.first_loss is not None:
+            self.first_loss.first = None
         self._start = time.perf_counter()
 
     def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, Any]) -> None:
@@ -344,11 +363,21 @@ class BenchCallback(Callback):
             return
         reward_inline = trainer.settings.reward_workers == 0
         split = split_epoch(record, phases, wall, trainer.plan, reward_inline)
-        self.collected.epochs.append({**split, "peak_memory": mem})
+        self.collected.epochs.append({**split, "peak_memory": mem, "monitors": self._monitors(record)})
         if self.measure_floor:
             floor = self.floor.measure()
             print(f"[bench] {self.collected.algo} floor: {floor['total']:.2f} s", flush=True)
             self.collected.floors.append(floor)
+
+    def _monitors(self, record: dict[str, Any]) -> dict[str, float | None]:
+        """The round's correctness monitors: the first minibatch's ratios (1 in exact arithmetic; their
+        largest deviation against the clip range), the round's clipfrac and the first loss call's."""
+        first = None if self.first_loss is None else self.first_loss.first
+        out: dict[str, float | None] = {
+            k: record.get(k) for k in ("ratio_first", "ratio_first_max_dev", "clipfrac", "approx_kl")
+        }
+        out["clipfrac_first_call"] = None if first is None else float(first)
+        return out
 
     def _count_flops(self, trainer: Any) -> Floor:
         """FLOPs of one UNet call of each kind, and the floor that times the epoch's own calls.

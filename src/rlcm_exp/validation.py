@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
     "seed": _int(0, SEED_MAX, "global seed"),
     "device": Rule("choice", choices=("auto", "cpu", "job", "cuda"), what="where the run goes"),
     "mixed_precision": Rule("choice", choices=("auto", "no", "fp16", "bf16")),
+    "tf32": BOOL,
     "train.epochs": _int(1, None, "sampling rounds"),
     "train.samples_per_epoch": _int(1, None, "GLOBAL trajectories per round"),
     "train.sample_batch_size": _int(1, None, "PER PROCESS trajectories per sampling forward"),
@@ -138,7 +139,7 @@ RULES: dict[str, Rule] = {
     "optimizer.lr": _pos("learning rate"),
     "optimizer.eps": _pos(),
     "optimizer.weight_decay": _nonneg(),
-    "model.dtype": Rule("choice", choices=("float32", "float16", "bfloat16")),
+    "model.dtype": Rule("choice", choices=("auto", "float32", "float16", "bfloat16")),
     "model.*.resolution": _int(8, 8192, "native side in px; null: from the weights", nullable=True),
     "model.seed": _int(0, SEED_MAX),
     "sampler.num_steps": _int(1, 1000, "sampler steps"),
@@ -228,26 +229,20 @@ _ABSENT = object()
 
 
 def check_device(cfg: DictConfig) -> None:
-    """`device=cuda` needs a visible CUDA GPU (never a silent CPU run), and fp16 mixed precision needs
-    CUDA too (on a CPU it is refused rather than quietly changed)."""
-    device, precision = str(cfg.get("device", "auto")), str(cfg.get("mixed_precision", "auto"))
-    if not device.startswith("cuda") and precision != "fp16":
+    """`device=cuda[:N]` needs that CUDA GPU to be visible: never a silent CPU run. (fp16 on a CPU is
+    refused where the precision is resolved, models/precision.py, launcher settings included.)"""
+    device = str(cfg.get("device", "auto"))
+    if not device.startswith("cuda"):
         return
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if device.count(":") == 1 and device.split(":")[1].isdigit() else 0
-        if index >= gpus:
-            raise ConfigError(
-                f"device={device}: {'no CUDA GPU is' if gpus == 0 else f'only {gpus} CUDA GPU(s) are'} visible "
-                "to this process; use device=cpu, device=auto (a GPU when there is one), or check "
-                "CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)."
-            )
-    elif precision == "fp16" and (device == "cpu" or gpus == 0):
+    index = int(device.split(":")[1]) if device.count(":") == 1 and device.split(":")[1].isdigit() else 0
+    if index >= gpus:
         raise ConfigError(
-            f"mixed_precision=fp16 needs a CUDA GPU, and this run goes on the CPU (device={device}); use "
-            "mixed_precision=no (or auto: fp16 on CUDA, none on a CPU), or bf16."
+            f"device={device}: {'no CUDA GPU is' if gpus == 0 else f'only {gpus} CUDA GPU(s) are'} visible "
+            "to this process; use device=cpu, device=auto (a GPU when there is one), or check "
+            "CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)."
         )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rlcm_exp.policies.base import Policy
-from rlcm_exp.rewards.base import RewardFn, as_reward_dict
+from rlcm_exp.rewards.base import RewardFn, score_images
 
 GRID_IMAGES = 16  # images kept for the sample grid (the first jobs)
 
@@ -38,7 +38,7 @@ def evaluate_policy(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         traj = policy.sample([p for p, _ in chunk], seeded_generators([s for _, s in chunk], device))
-        out = as_reward_dict(reward_fn(traj.images, [p for p, _ in chunk]), len(chunk))
+        out = score_images(reward_fn, traj.images, [p for p, _ in chunk])  # as training scores
         for key, value in out.items():
             parts.setdefault(key, []).append(value)
         kept = sum(int(i.shape[0]) for i in images)

@@ -29,6 +29,7 @@ from rlcm_exp.models.hub import (
     resolve_member,
     torch_dtype,
 )
+from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.models.synthetic import build_tiny_family_folders, build_tiny_lcm_lora, build_tiny_sdxl_folders
 
 
@@ -37,7 +38,9 @@ class ModelFamily:
     name: str
     diffusion: MemberSource | None = None
     lcm: MemberSource | None = None
-    dtype: str = "float32"  # dtype of the frozen weights (fp16/bf16 halves memory on a GPU)
+    # dtype of the frozen weights (fp16/bf16 halves memory on a GPU); "auto": training resolves it to the
+    # mixed precision's dtype on CUDA (models/precision.py), other commands load float16 on CUDA, else float32
+    dtype: str = "float32"
 
     def member(self, kind: str) -> MemberSource:
         """The member's source, checked before loading and completed from its folder (native
@@ -54,7 +57,7 @@ class ModelFamily:
 
     def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
         """Load the `kind` member ('lcm' or 'diffusion') as a diffusers pipeline on `device`."""
-        return load_pipeline(kind, self.member(kind), torch_dtype(self.dtype), device)
+        return load_pipeline(kind, self.member(kind), torch_dtype(load_dtype(self.dtype, device)), device)
 
 
 def check_vae_resolution(resolution: int, scale: int) -> None:

@@ -50,9 +50,27 @@ def attach_lora(
     return params
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every state-dict key
+
+
+def uncompiled(module: Any) -> Any:
+    """The module under torch.compile's wrapper(s) (memory.compile_unet): the same weights, whose
+    state-dict keys lack `_orig_mod.`, so a LoRA saved from a compiled run loads into a plain UNet."""
+    while isinstance(module, torch.nn.Module) and "_orig_mod" in module._modules:
+        module = module._modules["_orig_mod"]
+    return module
+
+
+def without_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as an uncompiled module names them (files written by a compiled run before this fix)."""
+    return {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}
+
+
 def lora_payload(unet: Any) -> tuple[dict[str, torch.Tensor], dict]:
     """The UNet's LoRA in the diffusers format, plus its LoraConfig as metadata: without the metadata a
-    loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank."""
+    loader assumes alpha = rank and silently rescales an adapter trained with alpha != rank. A
+    compiled UNet is saved under the plain UNet's keys."""
+    unet = uncompiled(unet)
     peft_state = get_peft_model_state_dict(unet)
     state = convert_state_dict_to_diffusers(peft_state)
     if any(".lora_A." in k or ".lora_B." in k for k in state):
@@ -136,12 +154,14 @@ def check_lora_file(path: Path) -> None:
 
 
 def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
-    """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter."""
+    """Copy a diffusers-format LoRA state dict (as saved above) into the UNet's existing adapter
+    (compiled or not; `_orig_mod.` in a key is ignored)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
-    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
+    plain = without_compile_prefix({k.removeprefix("unet."): v for k, v in lora.items()})
+    peft_state = convert_unet_state_dict_to_peft(plain)
+    result = set_peft_model_state_dict(uncompiled(unet), peft_state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(

@@ -1,14 +1,16 @@
 """What both Stable-Diffusion-style policies share, written once: the member's modules, the
-resolution check, prompt encoding, the random draws of a rollout and decoding.
+resolution check, prompt encoding, guidance, the denoiser call of a step, the random draws of a
+rollout and decoding (the base class `SDPolicy` and the functions it uses).
 
-lcm.py and ddim.py differ only in their schedule constants and UNet call; everything the two
-pipelines (LatentConsistencyModelPipeline, StableDiffusionPipeline) do alike lives here, so the
-copies cannot drift (they did: only the DDIM policy checked the resolution).
+lcm.py and ddim.py differ only in their schedule constants and how their UNet call is guided;
+everything the two pipelines (LatentConsistencyModelPipeline, StableDiffusionPipeline) do alike
+lives here, so the copies cannot drift (they did: only the DDIM policy checked the resolution).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
@@ -24,20 +26,36 @@ from rlcm_exp.rl.gaussian import gaussian_log_prob
 P = TypeVar("P", bound=Policy)
 
 
-def pipeline_modules(pipe: Any) -> dict[str, Any]:
-    """The modules a policy drives, taken from a loaded diffusers pipeline (keyword arguments of
-    LCMPolicy / DDIMPolicy); an SDXL pipeline adds its second text encoder and tokenizer."""
-    modules = {
-        "unet": pipe.unet,
-        "vae": pipe.vae,
-        "text_encoder": pipe.text_encoder,
-        "tokenizer": pipe.tokenizer,
-        "scheduler": pipe.scheduler,
-    }
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        modules["text_encoder_2"], modules["tokenizer_2"] = pipe.text_encoder_2, pipe.tokenizer_2
-        modules["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
-    return modules
+@dataclass(frozen=True)
+class PipelineModules:
+    """The modules of a loaded diffusers pipeline that a policy drives (the first argument of
+    LCMPolicy and DDIMPolicy); an SDXL pipeline adds its second text encoder and tokenizer."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: Any = None  # SDXL's second text encoder (None: SD 1.x / 2.x)
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: zeros as the unconditional half
+
+
+def pipeline_modules(pipe: Any) -> PipelineModules:
+    """The modules a policy drives, taken from a loaded diffusers pipeline."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return PipelineModules(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    force_zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return PipelineModules(
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        pipe.scheduler,
+        pipe.text_encoder_2,
+        pipe.tokenizer_2,
+        force_zeros,
+    )
 
 
 def from_family(
@@ -54,7 +72,7 @@ def from_family(
     # from the loaded UNet's sample_size x the VAE factor
     loaded_native = int(pipe.unet.config.sample_size) * vae_scale_factor(pipe.vae)
     native = family.member(member).resolution or loaded_native
-    return build(**pipeline_modules(pipe), resolution=resolution or native, **options)
+    return build(pipeline_modules(pipe), resolution=resolution or native, **options)
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -117,9 +135,12 @@ def step_noise(
 
 @torch.no_grad()
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> float32 images in [0, 1], (B, 3, H, W); the VAE runs in its own dtype."""
+    """Latents -> float32 images in [0, 1], (B, 3, H, W); the VAE runs in its own dtype, also when
+    called under autocast (training samples inside `accelerator.autocast()`): autocast would run its
+    convolutions in fp16 and undo SDXL's fp32 upcast (`prepare_vae`), overflowing to NaN images."""
     vae_dtype = next(vae.parameters()).dtype
-    image = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
+    with torch.autocast(latents.device.type, enabled=False):
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -259,3 +280,102 @@ class ClassifierFreeGuidance:
         """The guided prediction from the doubled call's output."""
         eps_u, eps_c = eps.chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)
+
+
+@dataclass
+class RolloutStep:
+    """One sampler step of a rollout: the state x, the action (the next state; None for LCM's
+    deterministic final call), the action's Gaussian mean and std, and the step's estimate of the
+    clean latent (DDIM's x0_hat, LCM's denoised f_theta)."""
+
+    x: torch.Tensor
+    action: torch.Tensor | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    x0_estimate: torch.Tensor
+
+
+class SDPolicy:
+    """The part of a Stable-Diffusion-style policy (DDIMPolicy, LCMPolicy) that does not depend on its
+    sampler: the pipeline's modules and text conditioning, classifier-free guidance, the device,
+    prompt encoding, decoding, the one denoiser call of a step and per-device copies of constant
+    tables. A subclass calls `_init_pipeline`, sets `timesteps` (H,) and says, through `_guided` and
+    `_call_kwargs`, how its UNet call is guided."""
+
+    denoiser: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    timesteps: torch.Tensor  # (H,) the UNet timestep of each sampler step, CPU
+
+    def _init_pipeline(self, modules: PipelineModules, resolution: int, cfg_scale: float) -> None:
+        """Take the pipeline's modules; `cfg_scale` > 1: classifier-free guidance by batch doubling."""
+        self.denoiser, self.vae = modules.unet, modules.vae
+        self.text_encoder, self.tokenizer = modules.text_encoder, modules.tokenizer
+        self.latent_channels = int(self.denoiser.config.in_channels)
+        self.vae_scale = vae_scale_factor(self.vae)
+        check_resolution(resolution, self.vae_scale)
+        self.resolution = resolution
+        pairs = [(self.tokenizer, self.text_encoder), (modules.tokenizer_2, modules.text_encoder_2)]
+        self._text = text_conditioning(pairs, modules.force_zeros_for_empty_prompt, resolution)
+        prepare_vae(self.vae, self._text)
+        self._cfg = ClassifierFreeGuidance(cfg_scale, self._text, lambda: self.device)
+        # device copies of constant tables, moved once per device rather than once per step
+        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Text-encoder states, tokenised exactly as the member's diffusers pipeline does."""
+        return self._text.encode(prompts, self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, latents)
+
+    def _on(self, name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`table` (a constant of the schedule, named `name`) on `device`, copied there once."""
+        key = (name, device)
+        if key not in self._device_copies:
+            self._device_copies[key] = table.to(device)
+        return self._device_copies[key]
+
+    def _guided(self, training: bool) -> bool:
+        """Whether the UNet call is one classifier-free doubled batch (the DDIM policy leaves it out of
+        training without `train_cfg`)."""
+        return self._cfg.enabled
+
+    def _call_kwargs(self, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """UNet keywords beside the text conditioning (an LCM's guidance embedding); none here."""
+        return {}
+
+    def denoiser_inputs(
+        self, latents: torch.Tensor, step_index: torch.Tensor | int, cond: Conditioning, training: bool
+    ) -> DenoiserInputs:
+        """(x, t, kwargs) of the UNet call at step k (see `Policy.denoiser_inputs`): one doubled batch
+        when `_guided`, the empty prompt's half first, as diffusers orders it."""
+        batch, device = latents.shape[0], latents.device
+        t = self._on("timesteps", self.timesteps, device)[step_indices(step_index, batch, device)]
+        x = latents.to(cond.dtype)  # the UNet runs in the text encoder's dtype; the state stays float32
+        if self._guided(training):
+            return self._cfg.doubled(x, t, cond)
+        return x, t, {**self._text.unet_kwargs(cond), **self._call_kwargs(batch, cond.dtype, device)}
+
+    def _eps(
+        self, x_t: torch.Tensor, step_index: torch.Tensor, cond: Conditioning, training: bool
+    ) -> torch.Tensor:
+        """eps_theta(x_t, t_k) in float32, guided as `denoiser_inputs` decides: eps_u + g * (eps_c - eps_u)."""
+        x, t, kwargs = self.denoiser_inputs(x_t, step_index, cond, training)
+        eps = self.denoiser(x, t, **kwargs).sample.float()
+        return self._cfg.combine(eps) if self._guided(training) else eps
+
+    def _initial_state(
+        self, cond: Conditioning, generator: Generators, init_noise_sigma: float
+    ) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+        """The latent shape of a rollout and x_T, the first draw of `generator` (`initial_latents`)."""
+        shape = latent_shape(len(cond), self.latent_channels, self.resolution, self.vae_scale)
+        return shape, initial_latents(shape, generator, self.device, cond.dtype, init_noise_sigma)
+
+    # log pi_theta(next | latents), (B,) float32 with grad: the Gaussian of the subclass's `action_mean_std`
+    log_prob = gaussian_step_log_prob

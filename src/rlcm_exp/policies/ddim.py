@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies import _sd
-from rlcm_exp.policies.base import DenoiserInputs, Generators
+from rlcm_exp.policies.base import Generators
 from rlcm_exp.policies.conditioning import Conditioning
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
@@ -116,41 +116,21 @@ def ddim_mean(
     return sqrt_abar_prev * x0_hat + to_x_t
 
 
-@dataclass
-class _DDIMStep:
-    """One step of a rollout: the state, the action, the action's mean and std, and the step's
-    predicted clean latent x0_hat."""
-
-    x: torch.Tensor
-    x_prev: torch.Tensor
-    mean: torch.Tensor
-    sigma: torch.Tensor
-    x0_hat: torch.Tensor
-
-
-class DDIMPolicy:
+class DDIMPolicy(_sd.SDPolicy):
     """DDIM (eta > 0) sampling as a `rlcm_exp.policies.base.Policy` over the family's "diffusion" member.
 
-    The public members implement that Protocol, so their signatures match it and LCMPolicy's
-    (lcm.py) on purpose; the constructor's module arguments are `_sd.pipeline_modules`."""
+    What does not depend on the sampler is `_sd.SDPolicy`'s; `modules` are `_sd.pipeline_modules(pipe)`."""
 
     member = "diffusion"  # the model family's member this policy drives
 
     def __init__(
         self,
-        unet: Any,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        scheduler: Any,
+        modules: _sd.PipelineModules,
         num_steps: int,
         eta: float,
         guidance_scale: float,
         train_cfg: bool,
         resolution: int,
-        text_encoder_2: Any = None,  # SDXL's second text encoder (None: SD 1.x / 2.x)
-        tokenizer_2: Any = None,
-        force_zeros_for_empty_prompt: bool = True,  # SDXL: zeros as the unconditional half
     ) -> None:
         if not eta > 0:  # `not >` also refuses NaN
             raise ConfigError(
@@ -162,22 +142,14 @@ class DDIMPolicy:
         # A private DDIM scheduler built from the member's config: DDPO swaps whatever scheduler the
         # checkpoint ships (often PNDM) for DDIM the same way, and set_timesteps below must not
         # mutate a scheduler the pipeline still owns.
-        sched = DDIMScheduler.from_config(scheduler.config)
+        sched = DDIMScheduler.from_config(modules.scheduler.config)
         _check_scheduler(sched.config, num_steps)
-        self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = sched
         self.num_steps = num_steps
         self.eta = float(eta)
         self.guidance_scale = float(guidance_scale)
         self.train_cfg = train_cfg
-        self.latent_channels = int(unet.config.in_channels)
-        self.vae_scale = _sd.vae_scale_factor(vae)
-        _sd.check_resolution(resolution, self.vae_scale)
-        self.resolution = resolution
-        pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
-        self._text = _sd.text_conditioning(pairs, force_zeros_for_empty_prompt, resolution)
-        _sd.prepare_vae(vae, self._text)
-        self._cfg = _sd.ClassifierFreeGuidance(guidance_scale, self._text, lambda: self.device)
+        self._init_pipeline(modules, resolution, guidance_scale)
         self.init_noise_sigma = float(sched.init_noise_sigma)
 
         sched.set_timesteps(num_steps)
@@ -192,8 +164,6 @@ class DDIMPolicy:
                 "needs steps_offset >= 1 (Stable Diffusion's configs have steps_offset=1)."
             )
         self._table = self._coefs.stacked()  # (5, H) float32, CPU
-        # device copies of the table and timesteps, moved once per device rather than once per step
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def use_cfg(self) -> bool:
@@ -204,76 +174,34 @@ class DDIMPolicy:
     def num_transitions(self) -> int:
         return self.num_steps  # every DDIM step with eta > 0 is stochastic
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
     def action_std(self) -> torch.Tensor:
         """Std sigma_t of each trained transition, (T,)."""
         return self._coefs.sigma.clone()
-
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Text-encoder states, tokenised exactly as StableDiffusionPipeline.encode_prompt does."""
-        return self._text.encode(prompts, self.device)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return _sd.decode(self.vae, latents)
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._on_device:
-            self._on_device[device] = (self._table.to(device), self.timesteps.to(device))
-        return self._on_device[device]
 
     def _guided(self, training: bool) -> bool:
         """Whether this UNet call uses classifier-free guidance: when sampling, whenever the pipeline
         would (guidance_scale > 1); when recomputing log-probs, only with `train_cfg` too."""
         return self.use_cfg and (self.train_cfg or not training)
 
-    def denoiser_inputs(
-        self,
-        latents: torch.Tensor,
-        step_index: torch.Tensor | int,
-        cond: Conditioning,
-        training: bool,
-    ) -> DenoiserInputs:
-        """(x, t, kwargs) of the UNet call at step k. With guidance, one doubled batch: the empty
-        prompt's half first, as diffusers orders it."""
-        device = latents.device
-        step = _sd.step_indices(step_index, latents.shape[0], device)
-        t = self._tables(device)[1][step]
-        x = latents.to(cond.dtype)  # the UNet runs in the text encoder's dtype, like the pipeline
-        if not self._guided(training):
-            return x, t, self._text.unet_kwargs(cond)
-        return self._cfg.doubled(x, t, cond)
-
-    def _eps(
-        self, x_t: torch.Tensor, step_index: torch.Tensor, cond: Conditioning, training: bool
-    ) -> torch.Tensor:
-        """eps_theta(x_t, t_k) in float32, guided as `denoiser_inputs` decides: eps_u + g * (eps_c - eps_u)."""
-        x, t, kwargs = self.denoiser_inputs(x_t, step_index, cond, training)
-        eps = self.denoiser(x, t, **kwargs).sample.float()
-        return self._cfg.combine(eps) if self._guided(training) else eps
-
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(5, B, 1, 1, 1) schedule constants at per-sample steps, rows as DDIMCoefficients' fields:
         one gather on the device, no host round trip."""
-        return self._tables(device)[0][:, step_index.to(device)].view(5, -1, 1, 1, 1)
+        return self._on("table", self._table, device)[:, step_index.to(device)].view(5, -1, 1, 1, 1)
 
-    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_DDIMStep]:
+    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_sd.RolloutStep]:
         """The H steps of one rollout, lazily. Random draws follow StableDiffusionPipeline +
         DDIMScheduler.step(eta, generator): x_T first, then one latent-shaped normal per step, all
         from `generator` in the pipeline's dtype, so the same seed gives the pipeline's image. The
         state is kept in float32 whatever the model dtype, so the recorded actions are exact."""
         batch, device = len(cond), self.device
-        shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
-        x = _sd.initial_latents(shape, generator, device, cond.dtype, self.init_noise_sigma)
+        shape, x = self._initial_state(cond, generator, self.init_noise_sigma)
         for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
             sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, sigma = self._consts(step, device)
             eps = self._eps(x, step, cond, training=False)
             mean = ddim_mean(eps, x, sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction)
             x_prev = mean + sigma * _sd.step_noise(shape, generator, device, cond.dtype)  # the action
-            yield _DDIMStep(x, x_prev, mean, sigma, (x - sqrt_1m_abar * eps) / sqrt_abar)
+            yield _sd.RolloutStep(x, x_prev, mean, sigma, (x - sqrt_1m_abar * eps) / sqrt_abar)
             x = x_prev
 
     @torch.no_grad()
@@ -281,10 +209,10 @@ class DDIMPolicy:
         """Roll out H DDIM steps for a batch of prompts; records all H transitions. The image decodes
         the last action itself."""
         cond = self.encode_prompts(prompts)
-        transitions = [
-            (step.x, step.x_prev, gaussian_log_prob(step.x_prev, step.mean, step.sigma))
-            for step in self._rollout(cond, generator)
-        ]
+        transitions = []
+        for step in self._rollout(cond, generator):
+            assert step.action is not None  # every DDIM step is stochastic
+            transitions.append((step.x, step.action, gaussian_log_prob(step.action, step.mean, step.std)))
         final = transitions[-1][1]
         return Trajectory.from_steps(prompts, cond, transitions, final, self.decode(final))
 
@@ -294,11 +222,7 @@ class DDIMPolicy:
         itself (what `sample` decodes)."""
         cond = self.encode_prompts(prompts)
         for k, step in enumerate(self._rollout(cond, generator)):
-            yield step.x_prev if k == self.num_steps - 1 else step.x0_hat
-
-    # log pi_theta(next | latents), (B,) float32 with grad: the Gaussian of `action_mean_std` (CFG, one
-    # doubled batch, when sampling used it and `train_cfg` is set)
-    log_prob = _sd.gaussian_step_log_prob
+            yield step.action if k == self.num_steps - 1 and step.action is not None else step.x0_estimate
 
     def action_mean_std(
         self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning

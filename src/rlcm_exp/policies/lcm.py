@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from diffusers import LCMScheduler
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies import _sd
-from rlcm_exp.policies.base import DenoiserInputs, Generators
+from rlcm_exp.policies.base import Generators
 from rlcm_exp.policies.conditioning import Conditioning
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
@@ -97,41 +96,21 @@ def _guidance_embedding_dim(unet: Any, guidance_scale: float) -> int | None:
     return None if dim is None else int(dim)
 
 
-@dataclass
-class _LCMStep:
-    """One step of a rollout: the state, the action (None for the deterministic final call), the
-    action's mean and std, and the call's denoised estimate f_theta(x_t, t)."""
-
-    x: torch.Tensor
-    x_next: torch.Tensor | None
-    mean: torch.Tensor
-    std: torch.Tensor
-    denoised: torch.Tensor
-
-
-class LCMPolicy:
+class LCMPolicy(_sd.SDPolicy):
     """Multistep LCM sampling as a `rlcm_exp.policies.base.Policy` over the family's "lcm" member.
 
-    The public members implement that Protocol, so their signatures match it and DDIMPolicy's
-    (ddim.py) on purpose; the constructor's module arguments are `_sd.pipeline_modules`."""
+    What does not depend on the sampler is `_sd.SDPolicy`'s; `modules` are `_sd.pipeline_modules(pipe)`."""
 
     member = "lcm"  # the model family's member this policy drives
 
     def __init__(
         self,
-        unet: Any,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        scheduler: Any,
+        modules: _sd.PipelineModules,
         num_steps: int,
         guidance_scale: float,
         noisy_final_step: bool,
         resolution: int,
         timestep_schedule: str = "skip",
-        text_encoder_2: Any = None,  # SDXL's second text encoder (None: SD 1.x / 2.x)
-        tokenizer_2: Any = None,
-        force_zeros_for_empty_prompt: bool = True,  # SDXL: zeros as the unconditional half
     ) -> None:
         if num_steps < 2:
             raise ConfigError(
@@ -140,6 +119,7 @@ class LCMPolicy:
                 "gradient. Use sampler.num_steps=2 or more (the paper trains with 8)."
             )
         # a base's own scheduler (an LCM-LoRA member loaded elsewhere): swapped as LCM-LoRA users do
+        scheduler = modules.scheduler
         if not isinstance(scheduler, LCMScheduler):
             scheduler = LCMScheduler.from_config(scheduler.config)
         cfg = scheduler.config
@@ -149,24 +129,16 @@ class LCMPolicy:
                 f"(got prediction_type={cfg.prediction_type}, thresholding={cfg.thresholding}, "
                 f"clip_sample={cfg.clip_sample})"
             )
-        embedding_dim = _guidance_embedding_dim(unet, guidance_scale)
-        self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        embedding_dim = _guidance_embedding_dim(modules.unet, guidance_scale)
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.noisy_final_step = noisy_final_step
         self.timestep_schedule = timestep_schedule
-        self.latent_channels = int(unet.config.in_channels)
         # read once: a DDP-wrapped unet has no .config. None: no guidance embedding (LCM-LoRA), so
         # guidance_scale > 1 is classifier-free guidance by batch doubling instead
         self.time_cond_proj_dim = embedding_dim
         cfg_scale = guidance_scale if embedding_dim is None else 1.0
-        self.vae_scale = _sd.vae_scale_factor(vae)
-        _sd.check_resolution(resolution, self.vae_scale)
-        self.resolution = resolution
-        pairs = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
-        self._text = _sd.text_conditioning(pairs, force_zeros_for_empty_prompt, resolution)
-        _sd.prepare_vae(vae, self._text)
-        self._cfg = _sd.ClassifierFreeGuidance(cfg_scale, self._text, lambda: self.device)
+        self._init_pipeline(modules, resolution, cfg_scale)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
 
         t = lcm_timesteps(num_steps, cfg.original_inference_steps, cfg.num_train_timesteps, timestep_schedule)
@@ -190,27 +162,15 @@ class LCMPolicy:
                 (1 - abar[t_next]).sqrt(),  # 5: the policy's fixed std, H=8: 0.991 ... 0.430
             ]
         )
-        self._tables: dict[torch.device, torch.Tensor] = {}
-        self._timesteps: dict[torch.device, torch.Tensor] = {}
         self._w_embeddings: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
     def num_transitions(self) -> int:
         return self.num_steps if self.noisy_final_step else self.num_steps - 1
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
     def action_std(self) -> torch.Tensor:
         """Std of each trained transition, (T,)."""
         return self._table_cpu[5, : self.num_transitions].clone()
-
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        return self._text.encode(prompts, self.device)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return _sd.decode(self.vae, latents)
 
     def _w_embedding(
         self, batch: int, dtype: torch.dtype, device: torch.device | None = None
@@ -229,38 +189,15 @@ class LCMPolicy:
 
     def _consts(self, step_index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Schedule constants at per-sample steps k: (6, B, 1, 1, 1), rows as in `_table_cpu`."""
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = self._table_cpu.to(device)
-        return table[:, step_index.to(device)].view(6, -1, 1, 1, 1)
+        return self._on("table", self._table_cpu, device)[:, step_index.to(device)].view(6, -1, 1, 1, 1)
 
-    def _timesteps_on(self, device: torch.device) -> torch.Tensor:
-        cached = self._timesteps.get(device)
-        if cached is None:
-            cached = self._timesteps[device] = self.timesteps.to(device)
-        return cached
-
-    def denoiser_inputs(
-        self,
-        latents: torch.Tensor,
-        step_index: torch.Tensor | int,
-        cond: Conditioning,
-        training: bool,
-    ) -> DenoiserInputs:
-        """(x, t, kwargs) of the UNet call at step k. A guidance-distilled LCM gets the guidance as
-        `timestep_cond` (no batch doubling); a UNet without that embedding gets one doubled batch when
-        guidance_scale > 1. Sampling and training (`training` is ignored) make the same call."""
-        batch, device = latents.shape[0], latents.device
-        step = _sd.step_indices(step_index, batch, device)
-        t = self._timesteps_on(device)[step]
-        # the UNet runs in the text encoder's dtype; the state itself stays float32 (see `_mean`)
-        x = latents.to(cond.dtype)
+    def _call_kwargs(self, batch: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """A guidance-distilled LCM gets the guidance as `timestep_cond` (no batch doubling); a UNet
+        without that embedding (LCM-LoRA) is guided by one doubled batch when guidance_scale > 1.
+        Sampling and training make the same call."""
         if self.time_cond_proj_dim is None:
-            if self._cfg.enabled:
-                return self._cfg.doubled(x, t, cond)
-            return x, t, self._text.unet_kwargs(cond)
-        w_emb = self._w_embedding(batch, cond.dtype, device)
-        return x, t, {**self._text.unet_kwargs(cond), "timestep_cond": w_emb}
+            return {}
+        return {"timestep_cond": self._w_embedding(batch, dtype, device)}
 
     def _mean(
         self, x_t: torch.Tensor, step_index: torch.Tensor, cond: Conditioning, training: bool
@@ -271,28 +208,24 @@ class LCMPolicy:
         and recomputed log-probs see the same numbers under fp16/bf16.
         """
         c = self._consts(step_index, x_t.device)
-        x, t, kwargs = self.denoiser_inputs(x_t, step_index, cond, training)
-        eps = self.denoiser(x, t, **kwargs).sample.float()
-        if self._cfg.enabled:
-            eps = self._cfg.combine(eps)
+        eps = self._eps(x_t, step_index, cond, training)
         denoised = lcm_denoise(eps, x_t, c[0], c[1], c[2], c[3])
         # 3. mean of the action: sqrt(abar_next) * denoised  (std sqrt(1 - abar_next) is fixed)
         return c[4] * denoised, denoised, c[5]
 
-    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_LCMStep]:
+    def _rollout(self, cond: Conditioning, generator: Generators) -> Iterator[_sd.RolloutStep]:
         """The H steps of one rollout, lazily. Random draws as LatentConsistencyModelPipeline makes
         them: x_T, then one latent-shaped normal per noised transition, all from `generator`."""
         batch, device = len(cond), self.device
-        shape = _sd.latent_shape(batch, self.latent_channels, self.resolution, self.vae_scale)
-        x = _sd.initial_latents(shape, generator, device, cond.dtype, self.init_noise_sigma)
+        shape, x = self._initial_state(cond, generator, self.init_noise_sigma)
         for k in range(self.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=device)
             mean, denoised, std = self._mean(x, step, cond, training=False)
             if k == self.num_steps - 1 and not self.noisy_final_step:
-                yield _LCMStep(x, None, mean, std, denoised)  # deterministic final call
+                yield _sd.RolloutStep(x, None, mean, std, denoised)  # deterministic final call
                 return
             x_next = mean + std * _sd.step_noise(shape, generator, device, cond.dtype)  # the action
-            yield _LCMStep(x, x_next, mean, std, denoised)
+            yield _sd.RolloutStep(x, x_next, mean, std, denoised)
             x = x_next
 
     @torch.no_grad()
@@ -302,9 +235,9 @@ class LCMPolicy:
         cond = self.encode_prompts(prompts)
         transitions, final = [], None
         for step in self._rollout(cond, generator):
-            if step.x_next is not None:
-                transitions.append((step.x, step.x_next, gaussian_log_prob(step.x_next, step.mean, step.std)))
-            final = step.denoised
+            if step.action is not None:
+                transitions.append((step.x, step.action, gaussian_log_prob(step.action, step.mean, step.std)))
+            final = step.x0_estimate
         assert final is not None
         return Trajectory.from_steps(prompts, cond, transitions, final, self.decode(final))
 
@@ -314,10 +247,7 @@ class LCMPolicy:
         (the last one is what `sample` decodes)."""
         cond = self.encode_prompts(prompts)
         for step in self._rollout(cond, generator):
-            yield step.denoised
-
-    # log pi_theta(next | latents), (B,) float32 with grad: the Gaussian of `action_mean_std`
-    log_prob = _sd.gaussian_step_log_prob
+            yield step.x0_estimate
 
     def action_mean_std(
         self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning

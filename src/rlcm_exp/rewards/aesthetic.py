@@ -20,12 +20,19 @@ import os
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Unpack
 
 import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.clip import ClipEmbedder, load_clip_embedder
-from rlcm_exp.rewards.hub import describe_download, describe_source, existing_path
+from rlcm_exp.rewards.hub import (
+    ModelRuntime,
+    describe_download,
+    describe_source,
+    existing_path,
+    runtime_settings,
+)
 from rlcm_exp.rewards.scorer import EmbeddingHeadReward
 from rlcm_exp.rewards.weights import file_sha256, load_state_into
 
@@ -169,11 +176,10 @@ def aesthetic(
     head_local_path: str | None = None,
     cache_dir: str | None = None,
     download_timeout_s: float = 60.0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 32,
+    **runtime: Unpack[ModelRuntime],
 ) -> AestheticReward:
     """The LAION aesthetic reward: CLIP ViT-L/14 image embedding -> L2 norm -> MLP head."""
+    dtype, device, batch_size = runtime_settings(runtime)
     path = fetch_head_weights(head_url, head_sha256, head_local_path, cache_dir, download_timeout_s)
     embedder = load_clip_embedder(
         model_id=clip_model_id,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,13 @@ from transformers import AutoImageProcessor, SiglipVisionModel
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.aesthetic import fetch_head_weights
-from rlcm_exp.rewards.hub import HoldsModel, describe_download, load_with_processor
+from rlcm_exp.rewards.hub import (
+    HoldsModel,
+    ModelRuntime,
+    describe_download,
+    load_with_processor,
+    runtime_settings,
+)
 from rlcm_exp.rewards.scorer import EmbeddingHeadReward
 from rlcm_exp.rewards.weights import load_state_into
 
@@ -128,11 +134,10 @@ def aesthetic_v25(
     head_local_path: str | None = None,
     cache_dir: str | None = None,
     download_timeout_s: float = 60.0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 32,
+    **runtime: Unpack[ModelRuntime],
 ) -> AestheticV25Reward:
     """The Aesthetic Predictor V2.5 reward: SigLIP pooled image embedding -> L2 norm -> MLP head."""
+    dtype, device, batch_size = runtime_settings(runtime)
     path = fetch_head_weights(head_url, head_sha256, head_local_path, cache_dir, download_timeout_s)
     model, processor, siglip = load_with_processor(
         SiglipVisionModel.from_pretrained,

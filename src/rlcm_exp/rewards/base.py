@@ -13,10 +13,12 @@ thread while the next batch samples, and the reward server scores on its own thr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
 import threading
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -74,7 +76,7 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
         return CheckedReward(bound, name) if user else bound
     extra = (
         {"device": str(device)}
-        if device is not None and "device" in params and "device" not in reward_cfg
+        if device is not None and "device" in keywords(target) and "device" not in reward_cfg
         else {}
     )
     from hydra.utils import instantiate
@@ -92,6 +94,18 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
             "(images, prompts) -> rewards"
         )
     return CheckedReward(reward, name) if user else reward
+
+
+def keywords(target: Callable[..., Any]) -> set[str]:
+    """The keyword names `target` takes: its parameters, and the keys of a TypedDict it takes as
+    `**kwargs: Unpack[...]` (the model rewards' shared runtime settings, rewards.hub.ModelRuntime)."""
+    params = inspect.signature(target).parameters
+    names = {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    for name, p in params.items():
+        hint = typing.get_type_hints(target).get(name) if p.kind is p.VAR_KEYWORD else None
+        if typing.get_origin(hint) is typing.Unpack:
+            names |= set(typing.get_args(hint)[0].__annotations__)
+    return names
 
 
 def _options(reward_cfg: Any) -> dict[str, Any]:
@@ -166,6 +180,16 @@ class CheckedReward:
         if attr in ("reward", "name"):  # not set yet (copy, pickle): no recursion
             raise AttributeError(attr)
         return getattr(self.reward, attr)
+
+
+def score_images(reward_fn: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The reward of `images` as `as_reward_dict` gives it, computed the same way wherever it is called
+    (training's worker thread, held-out evaluation inside the run's autocast, the evaluate command):
+    with autocast off, so the reward runs in its own dtype (reward.dtype), never in the run's."""
+    with contextlib.ExitStack() as stack:
+        for device_type in {"cpu", images.device.type}:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        return as_reward_dict(reward_fn(images, prompts), len(prompts))
 
 
 def check_images(images: torch.Tensor, what: str) -> None:

@@ -18,14 +18,14 @@ so a score never depends on which other sentences share its batch.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
+from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, load_with_processor, runtime_settings
 
 
 def greedy_recall(
@@ -105,12 +105,11 @@ def load_bertscore(
     revision: str = "main",
     local_path: str | None = None,
     num_layers: int = 40,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 32,
     key: str = "reward.bertscore_",
+    **runtime: Unpack[ModelRuntime],
 ) -> tuple[BertScorer, str]:
     """Load the encoder and tokenizer; returns the scorer and a description for /health."""
+    dtype, device, batch_size = runtime_settings(runtime)
     model, tokenizer, description = load_with_processor(
         AutoModel.from_pretrained, AutoTokenizer.from_pretrained, model_id, revision, local_path, dtype, key
     )

@@ -15,14 +15,21 @@ reward loads through rewards/hub.py.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import HoldsModel, describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.hub import (
+    HoldsModel,
+    ModelRuntime,
+    describe_source,
+    load_pretrained,
+    runtime_settings,
+    torch_dtype,
+)
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 
 
@@ -184,11 +191,10 @@ def clip_score(
     revision: str = "main",
     local_path: str | None = None,
     scale: float = 1.0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 32,
+    **runtime: Unpack[ModelRuntime],
 ) -> ClipAlignmentReward:
     """CLIP score: scale * cosine similarity of the CLIP image and prompt embeddings (scale 1: in [-1, 1])."""
+    dtype, device, batch_size = runtime_settings(runtime)
     embedder = load_clip_embedder(
         model_id=model_id, revision=revision, local_path=local_path, dtype=dtype, device=device
     )
@@ -203,11 +209,10 @@ def pickscore(
     processor_id: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     processor_revision: str = "main",
     processor_local_path: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 32,
+    **runtime: Unpack[ModelRuntime],
 ) -> ClipAlignmentReward:
     """PickScore: the model's logit_scale (about 100) * cosine of image and prompt embeddings."""
+    dtype, device, batch_size = runtime_settings(runtime)
     embedder = load_clip_embedder(
         model_id=model_id,
         revision=revision,

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import HoldsModel, describe_hub_file, torch_dtype
+from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, describe_hub_file, runtime_settings, torch_dtype
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 from rlcm_exp.rewards.weights import hub_file, load_state_into
 
@@ -116,11 +116,10 @@ def hpsv2(
     hps_file: str = "HPS_v2.1_compressed.pt",
     hps_sha256: str | None = None,
     scale: float = 1.0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 16,
+    **runtime: Unpack[ModelRuntime],
 ) -> HpsReward:
     """The HPSv2.1 reward: scale * cosine(image, prompt) of OpenCLIP ViT-H/14 with the HPS v2.1 weights."""
+    dtype, device, batch_size = runtime_settings(runtime, batch_size=16)
     path = hub_file(hps_model_id, hps_revision, hps_local_path, hps_file, hps_sha256, key="reward.hps_")
     model, tokenizer = load_open_clip(model_name, path, dtype, device)
     source = describe_hub_file(hps_model_id, hps_revision, hps_local_path, hps_file, hps_sha256)

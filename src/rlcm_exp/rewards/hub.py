@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -33,6 +33,33 @@ def torch_dtype(name: str | torch.dtype, key: str = "reward.dtype") -> torch.dty
     if name not in _DTYPES:
         raise ConfigError(f"{key}={name} is not a supported dtype; use one of {sorted(_DTYPES)}.")
     return _DTYPES[name]
+
+
+class ModelRuntime(TypedDict, total=False):
+    """Where and how a model-based reward runs: the keys every one of them takes, declared once.
+    Builders accept them as `**runtime: Unpack[ModelRuntime]` and read them with `runtime_settings`."""
+
+    dtype: str  # reward.dtype: the reward model's weights, float32 | float16 | bfloat16
+    device: str  # reward.device: where it runs (cpu, cuda, cuda:1); the trainer passes its own unless set
+    batch_size: int  # reward.batch_size: images per reward forward, PER PROCESS
+
+
+def runtime_settings(
+    runtime: ModelRuntime, batch_size: int = 32, dtype: str = "float32"
+) -> tuple[str, str, int]:
+    """(dtype, device, batch_size) from a builder's runtime keywords, `batch_size` and `dtype` being the
+    builder's defaults. A keyword that is not a ModelRuntime key is the user's typo: a ConfigError naming it."""
+    unknown = sorted(set(runtime) - set(ModelRuntime.__annotations__))
+    if unknown:
+        raise ConfigError(
+            f"reward.{unknown[0]} is not a setting of this reward; its runtime settings are "
+            f"{sorted(ModelRuntime.__annotations__)} (see the reward's YAML in conf/reward/ for the others)"
+        )
+    return (
+        runtime.get("dtype", dtype),
+        runtime.get("device", "cpu"),
+        runtime.get("batch_size", batch_size),
+    )
 
 
 def existing_path(local_path: str, key: str, folder: bool, advice: str) -> Path:

@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from transformers import (
@@ -37,7 +37,15 @@ from transformers import (
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.aesthetic import AestheticHead
 from rlcm_exp.rewards.clip import ClipImagePreprocess
-from rlcm_exp.rewards.hub import HoldsModel, describe_hub_file, describe_source, load_pretrained, torch_dtype
+from rlcm_exp.rewards.hub import (
+    HoldsModel,
+    ModelRuntime,
+    describe_hub_file,
+    describe_source,
+    load_pretrained,
+    runtime_settings,
+    torch_dtype,
+)
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 from rlcm_exp.rewards.weights import hub_file, load_state_into
 
@@ -191,11 +199,10 @@ def imagereward(
     tokenizer_model_id: str | None = "google-bert/bert-base-uncased",
     tokenizer_revision: str = "main",
     tokenizer_local_path: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 16,
+    **runtime: Unpack[ModelRuntime],
 ) -> ImageRewardScorer:
     """ImageReward v1.0: BLIP image-grounded [CLS] feature -> MLP -> standardised with ImageReward's mean and std."""
+    dtype, device, batch_size = runtime_settings(runtime, batch_size=16)
     where: dict[str, Any] = {
         "model_id": model_id,
         "revision": revision,

@@ -21,16 +21,17 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
-from rlcm_exp.rewards.hub import HoldsModel, load_with_processor
+from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, load_with_processor, runtime_settings
 
 QUESTION = "Answer concisely: what is going on in this image?"
 LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # the llava-hf 1.5 conversation format
@@ -170,13 +171,14 @@ def llava_bertscore(
     bertscore_local_path: str | None = None,
     bertscore_num_layers: int = 40,
     reference_template: str = REFERENCE_TEMPLATE,
-    dtype: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 16,
     image_transport: str = "raw",
     jpeg_quality: int = 80,
+    **runtime: Unpack[ModelRuntime],
 ) -> LlavaBertscoreReward:
-    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this)."""
+    """The paper's prompt-alignment reward, in-process (the reward server runs exactly this).
+    dtype "auto": float16 on CUDA (a 13B VLM in float32 does not fit the paper's 48 GB), else float32."""
+    dtype, device, batch_size = runtime_settings(runtime, batch_size=16, dtype="auto")
+    dtype = load_dtype(dtype, device)
     # the query is checked before the (large) models load, so a config mistake fails at once
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
     model, processor, vlm_source = load_with_processor(
@@ -196,9 +198,9 @@ def llava_bertscore(
         bertscore_revision,
         bertscore_local_path,
         bertscore_num_layers,
-        "float32",
-        device,
-        batch_size,
+        dtype="float32",
+        device=device,
+        batch_size=batch_size,
     )
     models = {"vlm": vlm_source, "bertscore": bert_source}
     return LlavaBertscoreReward(answerer, scorer, reference_template, models)

@@ -8,9 +8,15 @@ One request per image: a user message holding the image (a PNG data URL of the 8
   answer token with its top `top_logprobs` alternatives; over the alternatives of that first
   token, compared case-insensitively with surrounding spaces stripped,
       reward = P(yes) / (P(yes) + P(no)),   P(x) = sum of exp(logprob) of the alternatives reading x
-  in [0, 1]. A server that sends no logprobs, or neither yes nor no among the alternatives, is an error.
-  vLLM, SGLang, llama.cpp's server and OpenAI's API send logprobs; `transformers serve` (5.x) ignores
-  `logprobs`/`top_logprobs` and answers `"logprobs": null`, so with it use `rubric`.
+  in [0, 1]. Neither yes nor no among the alternatives is an error. vLLM, SGLang, llama.cpp's server and
+  OpenAI's API send logprobs; `transformers serve` (5.x) ignores `logprobs`/`top_logprobs` and answers
+  `"logprobs": null`. What a server without logprobs gets is `missing_logprobs`:
+  - `error` (default): a one-line VlmJudgeError naming the two ways out (rubric, or answer_text);
+  - `answer_text`: the answer's first word read as the score, 1 for yes and 0 for no (case and
+    punctuation ignored; any other first word is an error naming the answer). A binary score, as
+    GenEval's pass/fail, coarser than P(yes): never silent, the reward returns the component
+    `yes_no_from_text` (1 for each image so scored, else 0; the trainer logs its mean as
+    reward/yes_no_from_text) and the first such answer is logged as a warning.
 - `rubric`: rubric_template asks for a number from rubric_min to rubric_max; the first number in
   the answer is read and mapped linearly to [0, 1]. An answer with no number, or one outside the
   range, is an error naming the answer.
@@ -47,12 +53,14 @@ from rlcm_exp.secrets import read_token
 log = logging.getLogger(__name__)
 
 MODES = ("yes_no", "rubric")
+MISSING_LOGPROBS = ("error", "answer_text")
 QUESTION_TEMPLATE = "Does this image show {prompt}? Answer yes or no."
 RUBRIC_TEMPLATE = (
     "On a scale from {low} to {high}, how well does this image show {prompt}? Consider both how "
     "faithfully it follows the description and its visual quality. Answer with the number only."
 )
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_FIRST_WORD = re.compile(r"\W*([^\W\d_]+)")
 _RETRY_STATUS = {408, 409, 429}
 
 
@@ -89,6 +97,13 @@ def rubric_score(answer: str, low: float, high: float) -> float | None:
     return (value - low) / (high - low)
 
 
+def answer_text_score(answer: str) -> float | None:
+    """yes_no without logprobs: 1.0 when the answer's first word is yes, 0.0 when it is no (case and
+    leading punctuation ignored: " Yes." is yes); None for any other first word, or none."""
+    match = _FIRST_WORD.match(answer)
+    return {"yes": 1.0, "no": 0.0}.get(match.group(1).lower()) if match else None
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())[:300]
 
@@ -116,6 +131,7 @@ class VlmJudge:
         max_tokens: int,
         retry: tuple[int, float, float],
         max_concurrency: int,
+        missing_logprobs: str = "error",
     ) -> None:
         self.client = client
         self.base_url = base_url
@@ -127,6 +143,8 @@ class VlmJudge:
         self.max_tokens = max_tokens
         self.max_retries, self.backoff_s, self.max_backoff_s = retry
         self.max_concurrency = max_concurrency
+        self.missing_logprobs = missing_logprobs
+        self._warned_text = False  # the first answer scored from its text is logged as a warning
         self.models = {"vlm_judge": f"{model} at {base_url}"}
         self._where = f"vlm_judge: server {base_url} (model {model})"
 
@@ -181,8 +199,9 @@ class VlmJudge:
 
     # ------------------------------------------------------------------ reading an answer
 
-    def _score(self, answer: Any, prompt: str) -> float:
-        """The score of one chat completion; a malformed answer is a VlmJudgeError naming it."""
+    def _score(self, answer: Any, prompt: str) -> tuple[float, bool]:
+        """The score of one chat completion, and whether it was read from the answer's text (yes_no
+        without logprobs, missing_logprobs=answer_text); a malformed answer is a VlmJudgeError naming it."""
         choices = getattr(answer, "choices", None) or []
         if len(choices) != 1:
             raise VlmJudgeError(f"{self._where} sent {len(choices)} choices for one question, expected 1")
@@ -195,14 +214,10 @@ class VlmJudge:
                     f"{self._where} answered {_one_line(text)!r} for prompt {prompt!r}: no number from "
                     f"{_fmt(self.low)} to {_fmt(self.high)} in it"
                 )
-            return score
+            return score, False
         tokens = choice.logprobs.content if choice.logprobs is not None else None
         if not tokens or not tokens[0].top_logprobs:
-            raise VlmJudgeError(
-                f"{self._where} sent no top logprobs for the answer to prompt {prompt!r}; mode yes_no needs "
-                "a server that supports logprobs=True and top_logprobs (transformers serve ignores them; "
-                "else use reward.mode=rubric)"
-            )
+            return self._score_text(choice, prompt), True
         alternatives = [(t.token, t.logprob) for t in tokens[0].top_logprobs]
         p_yes = yes_probability(alternatives)
         if p_yes is None:
@@ -211,29 +226,60 @@ class VlmJudge:
                 f"{self._where}: neither yes nor no among the top {len(alternatives)} first tokens ({seen}) "
                 f"for prompt {prompt!r}; adjust reward.question_template or raise reward.top_logprobs"
             )
-        return p_yes
+        return p_yes, False
 
-    def score_one(self, image: np.ndarray, prompt: str) -> float:
-        """The judge's score of one (H, W, 3) uint8 image for its prompt."""
+    def _score_text(self, choice: Any, prompt: str) -> float:
+        """yes_no from a server that sent no logprobs: the documented error, or (missing_logprobs=
+        answer_text) 1 / 0 for an answer whose first word is yes / no."""
+        if self.missing_logprobs != "answer_text":
+            raise VlmJudgeError(
+                f"{self._where} sent no top logprobs for the answer to prompt {prompt!r}; mode yes_no needs "
+                "a server that supports logprobs=True and top_logprobs (transformers serve ignores them): use "
+                "reward.mode=rubric, or reward.missing_logprobs=answer_text to score yes as 1 and no as 0"
+            )
+        text = choice.message.content if choice.message is not None else None
+        score = answer_text_score(text or "")
+        if score is None:
+            raise VlmJudgeError(
+                f"{self._where} sent no logprobs and answered {_one_line(text)!r} for prompt {prompt!r}: "
+                "its first word is neither yes nor no (reward.missing_logprobs=answer_text)"
+            )
+        if not self._warned_text:
+            self._warned_text = True
+            log.warning(
+                "%s sends no logprobs: yes_no scores are read from the answers' text (yes 1, no 0; "
+                "reward.missing_logprobs=answer_text), logged as reward/yes_no_from_text",
+                self._where,
+            )
+        return score
+
+    def score_one(self, image: np.ndarray, prompt: str) -> tuple[float, bool]:
+        """The judge's score of one (H, W, 3) uint8 image for its prompt, and whether it was read from
+        the answer's text."""
         return self._score(self._ask(image_data_url(image), self.question(prompt)), prompt)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """(B,) scores; with mode yes_no and missing_logprobs=answer_text, the dict {"reward": (B,),
+        "yes_no_from_text": (B,) 1.0 where the score was read from the answer's text}."""
         check_images(images, "vlm_judge")
         check_prompts(images, prompts)
         pixels = to_uint8(images)
-        scores = _map_bounded(self.score_one, list(zip(pixels, prompts, strict=True)), self.max_concurrency)
-        return torch.tensor(scores, dtype=torch.float32)
+        scored = _map_bounded(self.score_one, list(zip(pixels, prompts, strict=True)), self.max_concurrency)
+        scores = torch.tensor([s for s, _ in scored], dtype=torch.float32)
+        if self.mode == "yes_no" and self.missing_logprobs == "answer_text":
+            return {"reward": scores, "yes_no_from_text": torch.tensor([float(t) for _, t in scored])}
+        return scores
 
 
 def _map_bounded(
-    fn: Callable[[np.ndarray, str], float], items: list[tuple[np.ndarray, str]], workers: int
-) -> list[float]:
+    fn: Callable[[np.ndarray, str], tuple[float, bool]], items: list[tuple[np.ndarray, str]], workers: int
+) -> list[tuple[float, bool]]:
     """fn over items with at most `workers` calls at a time; the results in the items' order. A failure
     cancels the calls not yet started and is raised (the first in the items' order)."""
     if not items:
         return []
     pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="vlm_judge")
-    futures: list[Future[float]] = [pool.submit(fn, *item) for item in items]
+    futures: list[Future[tuple[float, bool]]] = [pool.submit(fn, *item) for item in items]
     try:
         return [f.result() for f in futures]
     finally:
@@ -244,10 +290,17 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _check(mode: str, template: str, rubric_range: tuple[float, float], numbers: dict[str, float]) -> None:
+def _check(
+    modes: tuple[str, str], template: str, rubric_range: tuple[float, float], numbers: dict[str, float]
+) -> None:
     """The options a server cannot check for us, as ConfigErrors naming the key."""
+    mode, missing_logprobs = modes
     if mode not in MODES:
         raise ConfigError(f"reward.mode={mode} must be one of {', '.join(MODES)}")
+    if missing_logprobs not in MISSING_LOGPROBS:
+        raise ConfigError(
+            f"reward.missing_logprobs={missing_logprobs} must be one of {', '.join(MISSING_LOGPROBS)}"
+        )
     key = "reward.question_template" if mode == "yes_no" else "reward.rubric_template"
     try:
         filled = template.format(prompt="PROMPT", low=1, high=10)
@@ -286,6 +339,7 @@ def vlm_judge(
     rubric_min: float = 1.0,
     rubric_max: float = 10.0,
     top_logprobs: int = 20,
+    missing_logprobs: str = "error",
     max_tokens: int | None = None,
     timeout_s: float = 120.0,
     max_retries: int = 3,
@@ -313,7 +367,7 @@ def vlm_judge(
         top_logprobs=top_logprobs, timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s
     )
     _check(
-        mode,
+        (mode, missing_logprobs),
         template,
         (rubric_min, rubric_max),
         numbers | dict(max_concurrency=max_concurrency, max_tokens=tokens),
@@ -332,4 +386,5 @@ def vlm_judge(
         tokens,
         (max_retries, backoff_s, max_backoff_s),
         max_concurrency,
+        missing_logprobs,
     )

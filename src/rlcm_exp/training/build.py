@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.family import check_resolution
+from rlcm_exp.models.precision import Precision, apply_tf32, resolve_precision
 from rlcm_exp.policies.build import build_policy
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.provenance import git_commit
@@ -32,9 +34,10 @@ from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
+from rlcm_exp.training.failures import RankFailures
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
-from rlcm_exp.training.trainer import Trainer
+from rlcm_exp.training.trainer import Preempted, Trainer
 from rlcm_exp.training.update import Optimization
 from rlcm_exp.validation import check_before_loading, locate
 
@@ -72,10 +75,28 @@ def shared_run_dir(accelerator: Accelerator, own: Path) -> Path:
     return Path(chosen)
 
 
+def run_precision(cfg: DictConfig) -> Precision:
+    """The run's precision (models/precision.py), checked before any model loads; a resolved
+    model.dtype=auto is written back into cfg.model, so the family loads what the run trains in."""
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    dtype = cfg.model.get("dtype") if "model" in cfg else None
+    precision = resolve_precision(cfg.mixed_precision, dtype, cuda, bool(cfg.get("tf32", True)))
+    if dtype is not None and precision.model_dtype != dtype:
+        with open_dict(cfg):
+            cfg.model.dtype = precision.model_dtype
+    return precision
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """The run's Accelerator; an earlier in-process run's accelerate state (its mixed precision) is
+    dropped first, the process group kept. TF32 on CUDA per `tf32`."""
+    precision = run_precision(cfg)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    precision = ("no" if cpu else "fp16") if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    if not cpu:
+        apply_tf32(precision.tf32)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
 
 
 def build_trainer(
@@ -145,6 +166,28 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create the run dir {run_dir} (hydra.run.dir): {err}") from err
+    failures = RankFailures(run_dir, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            failures.clear()  # an earlier attempt's lines
+        accelerator.wait_for_everyone()
+        failures.watch()  # another rank's failure ends this process with its one line
+    try:
+        return _train(cfg, run_dir, accelerator, callbacks)
+    except Preempted:
+        raise  # every rank stops together (the stop request is gathered)
+    except Exception as err:
+        if accelerator.num_processes > 1:
+            failures.report(err)
+        raise
+    finally:
+        failures.stop()
+
+
+def _train(
+    cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback]
+) -> list[dict[str, Any]]:
+    """`train` once the accelerator and the shared run dir exist."""
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
     # the image size against the VAE's factor, read from the member's config: no weights load
     check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))

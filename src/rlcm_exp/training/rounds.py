@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
-from rlcm_exp.rewards.base import RewardFn, as_reward_dict
+from rlcm_exp.rewards.base import RewardFn, score_images
 from rlcm_exp.rl.multi_reward import RewardNormalisation, RoundRewards, SumOfRewards
 from rlcm_exp.rl.ppo import clip_advantages
 from rlcm_exp.training.batching import BatchPlan
@@ -47,7 +47,7 @@ class RoundSampler:
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[Rewards, float]:
         start = time.perf_counter()
-        out = as_reward_dict(self.reward_fn(images, prompts), len(prompts))
+        out = score_images(self.reward_fn, images, prompts)
         return out, time.perf_counter() - start
 
     def __call__(self, epoch: int) -> tuple[Trajectory, Rewards, dict[str, float]]:

@@ -13,9 +13,10 @@ updates the EMA) and the seed streams.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
@@ -125,10 +127,48 @@ def lora_disabled(ctx: UpdateContext) -> Iterator[None]:
         denoiser.enable_adapters()
 
 
+def round_layout(ctx: UpdateContext, epoch: int, inner: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner epoch `inner`'s trajectory order (n,) and trained transition indices (n, t_train), drawn
+    from its own stream: the same on every call (an exact resume, a recomputation ahead of time)."""
+    plan = ctx.plan
+    g = torch.Generator().manual_seed(derive_seed(ctx.seed, epoch, ctx.rank, 2, inner))
+    order = group_order(n, ctx.algo.group_size, g)  # whole groups: REBEL's pairs share a minibatch
+    return order, trained_steps(n, plan.eligible_transitions, plan.trained_transitions, g)
+
+
+def call_rows(
+    rows: torch.Tensor, steps: torch.Tensor, j: int, per_call: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trajectory, transition) indices of the UNet call holding a minibatch's transitions j..j+per_call,
+    transition-major: the rows repeat per transition."""
+    return rows.repeat(per_call), steps[:, j : j + per_call].T.reshape(-1)
+
+
 class PolicyGradientUpdate:
     """Inner epochs over shuffled minibatches x per-sample shuffled transitions, one optimizer step per
     accumulation: the update of RLCM, DDPO, GRPO and REBEL. The per-call loss is `algo.loss` (clipped
-    PPO or REBEL), plus `algo.kl_coef` x the KL to the base model."""
+    PPO or REBEL), plus `algo.kl_coef` x the KL to the base model.
+
+    `recompute_old_log_probs`: before the first optimizer step, the round's old log-probs (of the
+    first inner epoch's trained transitions) are recomputed with the training calls' batch layout and
+    precision, so that the first ratios are exactly 1. Under reduced precision the UNet's output
+    depends on its batch size (~1e-2 for a bf16 SD UNet), sampling calls it at another size than
+    training does, and a 1e-4 clip range would clip on noise. "auto": on under mixed precision
+    (fp16/bf16), off in fp32 (where sampling and training agree to ~1e-6: fixed-seed results unchanged).
+    Costs one no-grad forward per trained transition of the round."""
+
+    def __init__(self, recompute_old_log_probs: bool | str = "auto") -> None:
+        if recompute_old_log_probs not in (True, False, "auto"):
+            raise ConfigError(
+                f"algo.update.recompute_old_log_probs={recompute_old_log_probs!r}: use auto | true | false"
+            )
+        self.recompute_old_log_probs = recompute_old_log_probs
+        self._warned = False
+
+    def recomputes(self, ctx: UpdateContext) -> bool:
+        if self.recompute_old_log_probs == "auto":
+            return ctx.accelerator.mixed_precision != "no"
+        return bool(self.recompute_old_log_probs)
 
     def __call__(
         self, ctx: UpdateContext, epoch: int, traj: Trajectory, advantages: torch.Tensor
@@ -139,10 +179,10 @@ class PolicyGradientUpdate:
         sums: dict[str, Any] = {}
         count = 0
         first: dict[str, float] = {}
+        if self.recomputes(ctx):
+            traj = replace(traj, log_probs=recomputed_log_probs(ctx, epoch, traj))
         for inner in range(plan.inner_epochs):
-            g = torch.Generator().manual_seed(derive_seed(ctx.seed, epoch, ctx.rank, 2, inner))
-            order = group_order(n, ctx.algo.group_size, g)  # whole groups: REBEL's pairs share a minibatch
-            steps = trained_steps(n, plan.eligible_transitions, plan.trained_transitions, g)
+            order, steps = round_layout(ctx, epoch, inner, n)
             for mb in tqdm(
                 range(plan.minibatches_per_inner_epoch),
                 desc=f"epoch {epoch} training",
@@ -169,7 +209,22 @@ class PolicyGradientUpdate:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + ctx.optimization.step()
         out = {k: float(v) / count for k, v in sums.items() if k != "grad_norm"}
         out["grad_norm"] = float(sums.get("grad_norm", 0.0)) / max(plan.optimizer_steps_per_epoch, 1)
+        if "clipfrac" in out and first:
+            self._check_first_ratios(ctx, first["ratio_first_max_dev"])
         return {**out, **first}
+
+    def _check_first_ratios(self, ctx: UpdateContext, max_dev: float) -> None:
+        """Warn (once per run) when the first minibatch's ratios, all 1 in exact arithmetic, already
+        leave the clip range: the clipped loss then trains on precision noise."""
+        clip = ctx.algo.ppo.clip_range
+        if max_dev > clip and not self._warned and ctx.accelerator.is_main_process:
+            self._warned = True
+            warnings.warn(
+                f"ratio_first_max_dev={max_dev:.2e} exceeds algo.ppo.clip_range={clip:g} before any optimizer "
+                "step: sampling and training disagree numerically (reduced precision, a nondeterministic "
+                "kernel). Set algo.update.recompute_old_log_probs=true, mixed_precision=no, or a wider clip range.",
+                stacklevel=2,
+            )
 
     def _minibatch(
         self,
@@ -196,8 +251,7 @@ class PolicyGradientUpdate:
         totals = log_ratio_totals(ctx, traj, rows, steps) if needs_totals and per_call < t_train else None
         infos, ratios, kls = [], [], []
         for j in range(0, t_train, per_call):
-            k = steps[:, j : j + per_call].T.reshape(-1)  # transition-major: rows repeat per transition
-            idx = rows.repeat(per_call)
+            idx, k = call_rows(rows, steps, j, per_call)
             old_lp = traj.log_probs[idx, k].to(acc.device)
             with (
                 acc.no_sync(ctx.policy.denoiser) if not (sync and j + per_call >= t_train) else nullcontext()
@@ -251,11 +305,29 @@ def log_ratio_totals(
     per_call, n = plan.transitions_per_forward, len(rows)
     totals = torch.zeros(n, device=acc.device)
     for j in range(0, plan.trained_transitions, per_call):
-        k = steps[:, j : j + per_call].T.reshape(-1)
-        idx = rows.repeat(per_call)
+        idx, k = call_rows(rows, steps, j, per_call)
         with acc.autocast():
             new_lp = ctx.policy.log_prob(
                 traj.latents[idx, k], traj.next_latents[idx, k], k, traj.conditioning[idx]
             )
         totals += (new_lp.float() - traj.log_probs[idx, k].to(acc.device)).view(-1, n).sum(0)
     return totals
+
+
+@torch.no_grad()
+def recomputed_log_probs(ctx: UpdateContext, epoch: int, traj: Trajectory) -> torch.Tensor:
+    """(B, T) old log-probs with the first inner epoch's trained transitions recomputed under the
+    current (not yet updated) weights, in exactly the calls training will make: the same rows and
+    transitions per call, under the same autocast. Other transitions keep their sampled values."""
+    acc, plan = ctx.accelerator, ctx.plan
+    out = traj.log_probs.clone()
+    order, steps = round_layout(ctx, epoch, 0, len(traj))
+    bsz, per_call = plan.train_batch_size, plan.transitions_per_forward
+    for mb in range(plan.minibatches_per_inner_epoch):
+        rows = order[mb * bsz : (mb + 1) * bsz]
+        for j in range(0, plan.trained_transitions, per_call):
+            idx, k = call_rows(rows, steps[rows], j, per_call)
+            with acc.autocast():
+                new_lp, _ = log_prob_and_kl(ctx, traj, idx, k, with_kl=False)
+            out[idx, k] = new_lp.float().to(out.device)
+    return out
