@@ -37,14 +37,22 @@ def composed(config: str, overrides: list[str]):
         return compose(config, overrides=overrides)
 
 
+def lora(version: str) -> bytes:
+    """A small valid safetensors file, told apart by its metadata: the LoRA export copies the weights
+    file after checking that it loads, so it need not fit a model."""
+    import torch
+    from safetensors.torch import save
+
+    return save({"unet.a.lora.down.weight": torch.zeros(1, 2)}, metadata={"version": version})
+
+
 @pytest.fixture()
 def run_dir(tiny_cache, tmp_path: Path) -> Path:
-    """A run dir as training leaves it (config.yaml + checkpoints/final), without training: the LoRA
-    export only copies the weights file, so its bytes need not be a real LoRA."""
+    """A run dir as training leaves it (config.yaml + checkpoints/final), without training."""
     run = tmp_path / "run"
     (run / "checkpoints" / "final").mkdir(parents=True)
     OmegaConf.save(composed("config", [*SMALL, "train.epochs=1"]), run / "config.yaml", resolve=True)
-    (run / "checkpoints" / "final" / WEIGHTS).write_bytes(b"weights v1")
+    (run / "checkpoints" / "final" / WEIGHTS).write_bytes(lora("v1"))
     return run
 
 
@@ -92,10 +100,10 @@ def test_overwrite_replaces_only_the_files_the_export_listed(run_dir: Path, tmp_
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["files"]["stale.bin"] = export_lib._digest(out / "stale.bin")
     (out / MANIFEST).write_text(json.dumps(manifest))
-    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(b"weights v2")
+    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(lora("v2"))
 
     export(run_dir, "lora", out, overwrite=True)
-    assert (out / WEIGHTS).read_bytes() == b"weights v2"
+    assert (out / WEIGHTS).read_bytes() == lora("v2")
     assert (out / "notes.txt").read_text() == "mine" and (
         out / "sub" / "keep.bin"
     ).read_bytes() == b"mine too"
@@ -135,7 +143,7 @@ def test_a_manifest_naming_a_path_outside_the_folder_deletes_nothing(run_dir: Pa
     (out / MANIFEST).write_text("{torn")
     with pytest.raises(ConfigError, match="cannot be read"):
         export(run_dir, "lora", out, overwrite=True)
-    assert outside.read_text() == "keep" and (out / WEIGHTS).read_bytes() == b"weights v1"
+    assert outside.read_text() == "keep" and (out / WEIGHTS).read_bytes() == lora("v1")
 
 
 def test_a_sibling_tmp_folder_is_never_touched(run_dir: Path, tmp_path: Path) -> None:
@@ -147,6 +155,71 @@ def test_a_sibling_tmp_folder_is_never_touched(run_dir: Path, tmp_path: Path) ->
     export(run_dir, "lora", out, overwrite=True)
     assert (sibling / "work.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp", "run"]
+
+
+def test_overwrite_never_deletes_through_a_symlinked_folder(run_dir: Path, tmp_path: Path) -> None:
+    """A listed file under a folder that is now a link out of --out: refused whole, nothing deleted
+    (there or outside), even when the file outside is byte for byte what the export wrote."""
+    out = tmp_path / "out"
+    export(run_dir, "lora", out)
+    (out / "unet").mkdir()
+    (out / "unet" / "weights.bin").write_bytes(b"exported")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["unet/weights.bin"] = export_lib._digest(out / "unet" / "weights.bin")
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "weights.bin").write_bytes(b"exported")  # same bytes: the digest check alone would pass
+    (out / "unet" / "weights.bin").unlink()
+    (out / "unet").rmdir()
+    (out / "unet").symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match=r"unet/weights.bin \(behind a link\)"):
+        export(run_dir, "lora", out, overwrite=True)
+    assert (outside / "weights.bin").read_bytes() == b"exported"
+    assert sorted(p.name for p in out.iterdir()) == before and (out / WEIGHTS).read_bytes() == lora("v1")
+    assert no_staging_left(tmp_path)
+
+
+def test_a_truncated_lora_is_refused_before_anything_is_written(run_dir: Path, tmp_path: Path) -> None:
+    weights = run_dir / "checkpoints" / "final" / WEIGHTS
+    weights.write_bytes(lora("v1")[:-3])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"{WEIGHTS}: the LoRA does not load"):
+        export(run_dir, "lora", out)
+    assert not out.exists() and no_staging_left(tmp_path)
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match="does not load"):
+        export(run_dir, "pipeline", out)
+    assert not out.exists() and no_staging_left(tmp_path)
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error(run_dir: Path, tmp_path: Path) -> None:
+    """No folder can be made in /proc/self, whoever runs the test (root ignores a read-only mode)."""
+    with pytest.raises(ConfigError, match="--out /proc/self/rlcm_export: cannot write beside it"):
+        export(run_dir, "lora", "/proc/self/rlcm_export")
+    with pytest.raises(ConfigError, match="cannot create its folder"):
+        export(run_dir, "lora", tmp_path / ("d" * 300) / "out")
+
+
+def test_staging_folders_of_a_killed_export_are_removed_by_the_next(run_dir: Path, tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".out.{int(dead.stdout)}.0123abcd.export-tmp"  # as a killed export leaves it
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "half.bin").write_bytes(b"partial")
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (outside / "mine.txt").write_text("mine")
+    (stale / "link").symlink_to(outside, target_is_directory=True)
+    live = tmp_path / f".out.{os.getpid()}.89abcdef.export-tmp"  # a running export's: kept
+    live.mkdir()
+    other = tmp_path / f".other.{int(dead.stdout)}.0123abcd.export-tmp"  # another --out's: kept
+    other.mkdir()
+    export(run_dir, "lora", tmp_path / "out")
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    assert (outside / "mine.txt").read_text() == "mine"
 
 
 def test_a_failed_export_leaves_the_earlier_one_whole(
@@ -174,7 +247,7 @@ def test_an_overwrite_killed_midway_can_be_finished(
     out = tmp_path / "out"
     export(run_dir, "lora", out)
     (out / "notes.txt").write_text("mine")
-    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(b"weights v2")
+    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(lora("v2"))
     real_replace = os.replace
     manifest_writes = []
 
@@ -189,10 +262,10 @@ def test_an_overwrite_killed_midway_can_be_finished(
     with pytest.raises(KeyboardInterrupt):
         export(run_dir, "lora", out, overwrite=True)
     monkeypatch.undo()
-    assert (out / WEIGHTS).read_bytes() == b"weights v2"
-    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(b"weights v3")
+    assert (out / WEIGHTS).read_bytes() == lora("v2")
+    (run_dir / "checkpoints" / "final" / WEIGHTS).write_bytes(lora("v3"))
     export(run_dir, "lora", out, overwrite=True)
-    assert (out / WEIGHTS).read_bytes() == b"weights v3" and (out / "notes.txt").read_text() == "mine"
+    assert (out / WEIGHTS).read_bytes() == lora("v3") and (out / "notes.txt").read_text() == "mine"
     assert listed(out) == {WEIGHTS, "README.md"} and no_staging_left(tmp_path)
 
 

@@ -75,12 +75,35 @@ def test_as_reward_dict_takes_every_form_and_refuses_wrong_counts():
         assert out["reward"].tolist() == [1.0, 2.0]
     out = as_reward_dict({"reward": [1, 2], "shape": np.array([0.0, 1.0])}, 2)
     assert set(out) == {"reward", "shape"} and out["shape"].dtype == torch.float32
-    with pytest.raises(RuntimeError, match=r"expected 'reward' of shape \(3,\)"):
+    with pytest.raises(ConfigError, match=r"expected 'reward' of shape \(3,\)"):
         as_reward_dict([1.0, 2.0], 3)
-    with pytest.raises(RuntimeError, match="for 2 images"):
+    with pytest.raises(ConfigError, match="for 2 images"):
         as_reward_dict({"shape": [1.0, 2.0]}, 2)  # no "reward"
-    with pytest.raises(RuntimeError, match="for 2 images"):
+    with pytest.raises(ConfigError, match="for 2 images"):
         as_reward_dict({"reward": [1.0, 2.0], "shape": [1.0]}, 2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [
+        ("none", "returned None"),
+        ("string", "returned a str"),
+        ("strings", r"returned a list of 2 items \(str\)"),
+        ("matrix", r"\{'reward': \(6,\)\}"),
+        ("dict_none", r"a dict with 'reward': None"),
+    ],
+)
+def test_a_user_reward_breaking_the_contract_is_named(kind, shown):
+    """A custom reward that returns the wrong shape, strings or None: one ConfigError naming its
+    `_target_` and the contract, whatever calls it (trainer, evaluation, server)."""
+    reward = build_reward(OmegaConf.create({"_target_": "tests.user_reward.returns", "kind": kind}), "cpu")
+    with pytest.raises(ConfigError, match=shown) as info:
+        reward(images(2), ["a", "b"])
+    message = str(info.value)
+    assert message.startswith("reward._target_=tests.user_reward.returns returned") and "(2,)" in message
+    assert build_reward(OmegaConf.create({"_target_": "tests.user_reward.mean_red"}))(images(2), ["a", "b"])[
+        "reward"
+    ].shape == (2,)
 
 
 def test_to_uint8_clamps_scales_rounds_and_goes_channels_last():

@@ -4,6 +4,7 @@ against a real reward server with `reward.token=SECRET` leaves the secret in no 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -12,11 +13,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.secrets import REDACTED, is_secret_key, read_token, redact, redact_run_dir, secret_values
+from rlcm_exp.rewards.remote import remote
+from rlcm_exp.secrets import (
+    REDACTED,
+    RedactingStream,
+    is_secret_key,
+    read_token,
+    redact,
+    redact_run_dir,
+    redact_url,
+    secret_values,
+)
 
 SECRET = "s3cr3t-VALUE-4242"
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +135,53 @@ def test_redact_run_dir_also_removes_extra_secrets(tmp_path):
     assert SECRET not in (tmp_path / ".hydra" / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (f"http://alice:{SECRET}@host:8060/x", f"http://alice:{REDACTED}@host:8060/x"),
+        (f"reward.url=https://u:{SECRET}@h", f"reward.url=https://u:{REDACTED}@h"),
+        (f"see http://h/score?token={SECRET}&n=2", f"see http://h/score?token={REDACTED}&n=2"),
+        ("http://h:8060/score?page=2", "http://h:8060/score?page=2"),  # nothing secret: kept
+        ("http://alice@h:8060", "http://alice@h:8060"),  # a user name alone is not a secret
+    ],
+)
+def test_redact_url_hides_credentials_only(text, shown):
+    assert redact_url(text) == shown
+
+
+def test_url_credentials_are_redacted_in_configs_and_found_as_secrets():
+    cfg = {
+        "reward": {"url": f"http://alice:{SECRET}@127.0.0.1:8060"},
+        "overrides": [f"reward.url=http://a:{SECRET}@h"],
+    }
+    assert SECRET not in repr(redact(cfg)) and "alice" in repr(redact(cfg))
+    assert secret_values(cfg) == {SECRET}
+
+
+def test_redacting_stream_hides_given_secrets_and_url_credentials():
+    out = io.StringIO()
+    stream = RedactingStream(out, [SECRET, "ab"])  # too short to replace blindly
+    stream.write(f"token {SECRET} at http://u:pw@h and ab\n")
+    stream.add(["another-secret"])
+    stream.write("another-secret\n")
+    assert out.getvalue() == f"token {REDACTED} at http://u:{REDACTED}@h and ab\n{REDACTED}\n"
+
+
+@pytest.mark.parametrize("token", [f"{SECRET}\u2603", f"{SECRET} x", f"{SECRET}\n", " "])
+def test_a_token_no_http_header_can_carry_is_refused_without_showing_it(token):
+    with pytest.raises(ConfigError) as info:
+        remote(url=f"http://alice:{SECRET}@127.0.0.1:9/", token=token)
+    assert SECRET not in str(info.value) and "reward.token" in str(info.value)
+
+
+def test_the_remote_reward_shows_its_url_without_credentials():
+    client = remote(url=f"http://alice:{SECRET}@127.0.0.1:9/?api_key={SECRET}", token="abc", max_retries=0)
+    assert SECRET not in client.url + repr(client) + repr(client.models)
+    with pytest.raises(Exception) as info:  # nothing listens on port 9: the error names the URL
+        client(torch.zeros(1, 3, 8, 8), ["a"])
+    assert SECRET not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
 def test_read_token_inline_file_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TOKEN_VAR", "from-env")
     file = tmp_path / "token"
@@ -182,5 +241,51 @@ def test_a_training_run_writes_no_secret_into_its_run_dir(token_server, tmp_path
         str(p.relative_to(run_dir))
         for p in run_dir.rglob("*")
         if SECRET in str(p.relative_to(run_dir)) or (p.is_file() and SECRET.encode() in p.read_bytes())
+    ]
+    assert leaks == []
+
+
+@pytest.mark.subprocess
+def test_no_secret_of_the_command_line_reaches_stderr_or_the_run_dir(tiny_cache, tmp_path):
+    """The real CLI, three ways to fail with secrets on its command line: Hydra's own banner (a key
+    not in the config), a traceback after the job started (Hydra prints the overrides), and a token
+    no HTTP header can carry. Neither the token nor the URL's password is printed or saved."""
+    password = "pa55-" + SECRET[::-1]
+    url = f"reward.url=http://alice:{password}@127.0.0.1:9/"
+    small = ["model=tiny", "task=compression", "train.epochs=1", "sampler.num_steps=2", "logger=none"]
+    small += ["train.samples_per_epoch=8", "train.sample_batch_size=8", "train.train_batch_size=4"]
+    small += ["train.samples_per_step=8", "train.save_images=0"]
+    argvs = {
+        "banner": [*small, f"reward.token={SECRET}", f"+{url}"],
+        "traceback": [*small, "reward=custom", "reward._target_=tests.user_reward.crashing"]
+        + [f"+reward.token={SECRET}", f"+{url}"],
+        "header": [*small, "reward=remote", url, f"reward.token='{SECRET}\u2603'"],
+    }
+    env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "rlcm_exp", *argv, f"hydra.run.dir={tmp_path / name}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for name, argv in argvs.items()
+    }
+    results = {name: (proc.communicate(timeout=600), proc.returncode) for name, proc in procs.items()}
+    (_, banner), code = results["banner"]
+    assert code != 0 and "reward.token" in banner and REDACTED in banner
+    (_, crashed), code = results["traceback"]
+    assert code != 0 and "the scorer crashed" in crashed and f"+reward.token={REDACTED}" in crashed
+    (_, header), code = results["header"]
+    assert code == 2 and "outside Latin-1" in header and header.strip().count("\n") == 0
+    for name, ((out, err), _) in results.items():
+        assert SECRET not in out + err and password not in out + err, name
+    saved = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in saved)  # the crashed run saved its config
+    leaks = [
+        str(p) for p in saved if SECRET.encode() in p.read_bytes() or password.encode() in p.read_bytes()
     ]
     assert leaks == []

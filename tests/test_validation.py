@@ -97,7 +97,9 @@ NUMERIC_BAD = {
     "sampler.timestep_schedule": ["cosine", "1"],
     "memory.gradient_checkpointing": ["yes please", "3"],
     "memory.channels_last": ["maybe"],
-    "seed": ["-1", "1.5", "s"],
+    "seed": ["-1", "1.5", "s", "4294967296"],
+    "optimizer.betas": ["0.5", "[0.9,0.99,0.5]", "[a,b]", "[2,0.9]", "null"],
+    "algo.lora.target_modules": ["[]", "to_q", "[1,2]", "['']"],
     "mixed_precision": ["fp8", "8"],
     "device": ["tpu", "1"],
     "model.dtype": ["float8", "int8"],
@@ -116,6 +118,9 @@ OTHER_BAD = [
     ("task.prompts.file=/nonexistent/prompts.txt", "/nonexistent/prompts.txt"),
     ("reward=custom", "reward._target_"),
     ("reward=custom reward._target_=no_such_module.fn", "reward._target_"),
+    ("mixed_precision=fp16 device=cpu", "mixed_precision=fp16"),
+    ("hydra.run.dir=/tmp/" + "d" * 300 + "/run", "hydra.run.dir"),  # a name too long
+    ("hydra.run.dir=/proc/self/rlcm_run", "hydra.run.dir"),  # no folder can be made there, root or not
 ]
 
 
@@ -186,3 +191,163 @@ def test_a_sampler_option_its_builder_does_not_take_is_one_line() -> None:
     check_sampler_options(
         compose(overrides=["model=tiny", "algo=ddpo", "task=compression"])
     )  # the paper's own sampler
+
+
+# --- inputs that are not config values: files, folders, devices (checked in process, no model loads) ---
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path: Path) -> None:
+    from rlcm_exp.validation import check_prompt_sources
+
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a cat\n" + bytes(range(128, 256)) * 32)  # 4 KB of invalid UTF-8
+    with pytest.raises(ConfigError) as info:
+        check_prompt_sources(compose(overrides=["model=tiny", f"task.prompts.file={bad}"]))
+    message = str(info.value)
+    assert (
+        str(bad) in message
+        and "task.prompts.file" in message
+        and "not UTF-8" in message
+        and "line 2" in message
+    )
+    assert len(message) < 300 and "\\x" not in message
+
+
+def test_device_cuda_without_a_gpu_and_fp16_on_a_cpu_are_refused() -> None:
+    import torch
+
+    from rlcm_exp.models.precision import resolve_precision
+    from rlcm_exp.validation import check_device
+
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", None, cuda=False, env={})
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a CUDA GPU"):  # set by the launcher
+        resolve_precision("auto", None, cuda=False, env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert resolve_precision("bf16", None, cuda=False, env={}).mixed_precision == "bf16"
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda:99"):
+            check_device(compose(overrides=["model=tiny", "device=cuda:99"]))
+    else:
+        with pytest.raises(ConfigError, match="device=cuda: no CUDA GPU is visible"):
+            check_device(compose(overrides=["model=tiny", "device=cuda"]))
+
+
+def test_output_folders_that_cannot_be_written_are_one_line(tmp_path: Path) -> None:
+    import os
+
+    from rlcm_exp.configs import probe_folder
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for folder, reason in [
+        (afile, "is a file"),
+        (afile / "run", "Not a directory"),
+        (tmp_path / ("d" * 300) / "run", "File name too long"),
+        (Path("/proc/self/rlcm_run"), "cannot be created"),
+    ]:
+        with pytest.raises(ConfigError, match=reason):
+            probe_folder(folder, "out=X")
+    probe_folder(tmp_path / "new" / "deeper", "out=X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing behind
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if not os.access(read_only, os.W_OK):  # root writes anywhere: nothing to refuse then
+            with pytest.raises(ConfigError, match="Permission denied"):
+                probe_folder(read_only, "out=X")
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_evaluate_and_sample_name_a_missing_or_damaged_checkpoint(tmp_path: Path) -> None:
+    from rlcm_exp.evaluation.runs import config_for_checkpoint
+
+    from .helpers import compose_eval
+
+    with pytest.raises(ConfigError, match="checkpoint=/missing/run: no such file or folder"):
+        config_for_checkpoint(compose_eval(["checkpoint=/missing/run"]), [])
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ConfigError, match="the LoRA does not load"):
+        config_for_checkpoint(compose_eval([f"checkpoint={tmp_path}"]), [])
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "final").write_text("a file where the folder was")
+    with pytest.raises(ConfigError, match="no pytorch_lora_weights.safetensors there"):
+        config_for_checkpoint(compose_eval([f"checkpoint={tmp_path / 'run'}"]), [])
+
+
+def test_evaluate_refuses_an_output_folder_it_cannot_write_before_loading() -> None:
+    from rlcm_exp.evaluation.suite import run_evaluation
+
+    from .helpers import compose_eval
+
+    with pytest.raises(ConfigError, match="out=/proc/self/rlcm_eval: the folder cannot be created"):
+        run_evaluation(compose_eval(["model=tiny", "out=/proc/self/rlcm_eval"]), ["model=tiny"])
+
+
+def test_garbage_in_metrics_is_named_by_read_records_and_compare(tmp_path: Path, capsys) -> None:
+    import rlcm_exp
+    from rlcm_exp.compare import main as compare_main
+
+    run = tmp_path / "sweep" / "run"
+    run.mkdir(parents=True)
+    OmegaConf.save(compose(overrides=["model=tiny"]), run / "config.yaml", resolve=False)
+    for garbage in (b'{"epoch": 0, "reward_mean": 1.0}\n[1, 2]\n', b"\xff\xfe\x00garbage\n", b"42\n"):
+        (run / "metrics.jsonl").write_bytes(garbage)
+        with pytest.raises(ConfigError, match="metrics.jsonl"):
+            rlcm_exp.read_records(run)
+        assert compare_main([str(tmp_path / "sweep")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "metrics.jsonl" in err and err.count("\n") == 0
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "reward_mean": 1.0}\n')
+    assert compare_main([str(tmp_path / "sweep"), "--out", "/proc/self/rlcm/compare.png"]) == 2
+    assert "--out /proc/self/rlcm/compare.png: the folder cannot be created" in capsys.readouterr().err
+    (run / "config.yaml").write_bytes(b"\xff: [unclosed")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        rlcm_exp.read_records(run)
+
+
+def test_the_api_honours_hydra_run_dir(tmp_path: Path) -> None:
+    from rlcm_exp.api import run_folder
+
+    assert run_folder(["model=tiny", f"hydra.run.dir={tmp_path}"], None) == (["model=tiny"], tmp_path)
+    assert run_folder(["model=tiny"], tmp_path) == (["model=tiny"], tmp_path)
+    with pytest.raises(ConfigError, match="two folders"):
+        run_folder([f"hydra.run.dir={tmp_path / 'a'}"], tmp_path / "b")
+    with pytest.raises(ConfigError, match="hydra.sweep.dir"):
+        run_folder([f"hydra.sweep.dir={tmp_path}"], None)
+
+
+@pytest.mark.subprocess
+def test_sample_out_a_file_or_an_uncreatable_path_is_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "samples", tmp_path / ("d" * 300)):
+        res = subprocess.run(
+            [sys.executable, "-m", "rlcm_exp.sample", "model=tiny", f"out={out}"],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+            timeout=300,
+        )
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.startswith("error: out=") and res.stderr.strip().count("\n") == 0
+    assert afile.read_text() == "mine"
+
+
+def test_a_checkpoint_folder_replaced_by_a_file_is_refused(tmp_path: Path) -> None:
+    from rlcm_exp.training.checkpoint import check_checkpoint_folders
+
+    check_checkpoint_folders(tmp_path)  # no checkpoints yet: nothing to refuse
+    (tmp_path / "checkpoints").write_text("a file")
+    with pytest.raises(ConfigError, match="checkpoints: a checkpoint folder was replaced by a file"):
+        check_checkpoint_folders(tmp_path)
+    (tmp_path / "checkpoints").unlink()
+    (tmp_path / "checkpoints" / "epoch_2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch_4").write_text("a file")
+    with pytest.raises(ConfigError, match="epoch_4: a checkpoint folder"):
+        check_checkpoint_folders(tmp_path)
+    (tmp_path / "checkpoints" / "epoch_4").unlink()
+    (tmp_path / "checkpoints" / "final").symlink_to(tmp_path / "checkpoints" / "epoch_2")
+    with pytest.raises(ConfigError, match="final: .* or a link"):
+        check_checkpoint_folders(tmp_path)

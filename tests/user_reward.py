@@ -7,6 +7,24 @@ def mean_red(images: torch.Tensor, prompts: list[str], weight: float = 1.0) -> t
     return weight * images[:, 0].mean(dim=(1, 2)).cpu()
 
 
+def crashing(images: torch.Tensor, prompts: list[str], token: str = "", url: str = "") -> torch.Tensor:
+    """A reward that fails as a bug would (not bad input): the run ends in a traceback."""
+    raise RuntimeError("the scorer crashed")
+
+
+def returns(images: torch.Tensor, prompts: list[str], kind: str = "none") -> object:
+    """A reward that breaks the contract as `kind` says: none, string, strings, matrix (the wrong
+    shape), dict_none."""
+    n = len(prompts)
+    return {
+        "none": None,
+        "string": "0.5",
+        "strings": ["good"] * n,
+        "matrix": torch.zeros(n, 3),
+        "dict_none": {"reward": None},
+    }[kind]
+
+
 def fails_on_rank(
     images: torch.Tensor, prompts: list[str], rank: int = 1, after_calls: int = 1
 ) -> torch.Tensor:

@@ -7,6 +7,7 @@ CPU. See conf/config.yaml for every key; the run itself is `rlcm_exp.training.bu
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.secrets import redact_output
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
@@ -68,7 +70,7 @@ def note_preexisting_dirs(argv: list[str]) -> list[Path] | None:
         if "${" in value:
             return None
         path = Path(value).expanduser().resolve()
-        if path.exists():
+        if os.path.lexists(path):  # False for a name too long: check_output_dirs reports it
             found.append(path)
     return found
 
@@ -101,6 +103,7 @@ def remove_if_unstarted(run_dir: Path, job_log: str, date_folder: bool = False) 
 
 def main() -> None:
     global PREEXISTING, NAMED_DIR
+    redact_output(sys.argv[1:])  # no secret of the command line in any message, Hydra's banners included
     PREEXISTING = note_preexisting_dirs(sys.argv[1:])  # before anything is created
     NAMED_DIR = any(a.lstrip("+~").startswith(tuple(k + "=" for k in OUTPUT_DIR_KEYS)) for a in sys.argv[1:])
     exit_on_config_error(lambda: check_output_dirs(sys.argv[1:]))

@@ -25,6 +25,7 @@ from pathlib import Path
 from rlcm_exp.analysis.figures import compare_figure
 from rlcm_exp.analysis.runs import find_runs
 from rlcm_exp.analysis.sweep import check_metric, write_sweep_tables
+from rlcm_exp.configs import probe_folder
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.tables import compare_tables, find_tables
 
@@ -65,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.sweep_dir) > 1:
         parser.error("give one SWEEP_DIR (several folders: only with --prompts)")
     args.sweep_dir = args.sweep_dir[0]
-    runs = [r for r in find_runs(args.sweep_dir) if r.records]
     try:
+        runs = [r for r in find_runs(args.sweep_dir) if r.records]  # a damaged file: named, one line
         if not runs:
             raise FileNotFoundError(
                 f"no run folders (metrics.jsonl + config.yaml with at least one epoch) under {args.sweep_dir}"
             )
         check_metric(runs, args.metric)  # before drawing: an unknown key would draw an empty plot
+        target = args.out if args.out is not None else args.sweep_dir / "compare.png"
+        probe_folder(target.parent, f"--out {target}")  # a read-only folder: one line, before drawing
         out = compare_figure(args.sweep_dir, args.out, args.metric)
         tables = write_sweep_tables(runs, args.sweep_dir, out, args.metric, args.threshold)
     except (FileNotFoundError, ConfigError) as err:
@@ -86,6 +89,7 @@ def compare_reward_tables(paths: list[Path], label: str, out: Path | None) -> in
     try:
         tables = find_tables(paths, label)
         target = out if out is not None else paths[0] / f"compare_{label}.md"
+        probe_folder(target.parent, f"--out {target}")
         written = compare_tables(tables, target)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -42,25 +42,45 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()) -> DictC
 OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
-def check_output_dirs(overrides: Sequence[str]) -> None:
-    """Refuse a run or sweep folder that cannot be created, before Hydra tries (its failure is a
-    traceback). Probes by creating the missing folders and removing them again (only those)."""
-    from rlcm_exp.errors import ConfigError
-
+def check_output_dirs(overrides: Sequence[str], keys: Sequence[str] = OUTPUT_DIR_KEYS) -> None:
+    """Refuse a run or sweep folder (or another output folder named by `keys`) that cannot be created
+    or written, before Hydra tries (its failure is a traceback)."""
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key not in OUTPUT_DIR_KEYS or not value or "${" in value:
+        if key not in keys or not value or "${" in value:
             continue
-        folder = Path(value).expanduser().absolute()
-        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        probe_folder(Path(value), f"{key}={value}")
+
+
+def probe_folder(folder: Path, what: str) -> None:
+    """A ConfigError naming `what` when `folder` cannot be created or written into (a file in the way,
+    a read-only file system or folder, a name too long), found by creating the missing folders and a
+    probe file and removing them again (only those), so the file system is left as it was."""
+    import os
+    import tempfile
+
+    from rlcm_exp.errors import ConfigError
+
+    folder = Path(folder).expanduser().absolute()
+    try:
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise ConfigError(f"{what}: {folder} is a file, not a folder; choose another folder.")
+        missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"{key}={value}: the folder cannot be created ({err.strerror}: {err.filename})"
-            ) from err
-        for created in missing:  # deepest first: leave the file system as it was
-            created.rmdir()
+            handle, probe = tempfile.mkstemp(prefix=".rlcm-write-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        finally:
+            for created in missing:  # deepest first
+                if created.is_dir():
+                    created.rmdir()
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        reason = err.strerror or str(err)
+        raise ConfigError(
+            f"{what}: the folder cannot be created or written ({reason}{where}); choose a writable folder."
+        ) from None
 
 
 def is_building_block(path: Path) -> bool:
@@ -129,7 +149,14 @@ def load_saved_config(path: Path) -> DictConfig | None:
     None when the file does not hold a mapping."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    from rlcm_exp.errors import ConfigError
+
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml's and OmegaConf's errors, undecodable bytes, a folder in its place
+        raise ConfigError(
+            f"{path}: cannot be read as a config ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
     if not isinstance(cfg, DictConfig):
         return None
     _rename_targets(cfg)

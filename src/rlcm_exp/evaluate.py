@@ -8,11 +8,14 @@ command line. The library is `rlcm_exp.evaluation`.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from rlcm_exp.configs import HYDRA_CONFIG_PATH, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.secrets import redact_output
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
@@ -28,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    redact_output(sys.argv[1:])  # no secret of the command line in any message, Hydra's included
     main()

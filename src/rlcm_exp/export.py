@@ -7,7 +7,10 @@ steps, final metrics) and .rlcm_export.json, the list of files the export wrote.
 
 A non-empty DIR is refused; --overwrite replaces an earlier export there, and only the files that
 export listed (other files in DIR are kept; one the export would replace but did not write is
-refused). Exit codes: 0 written, 2 bad arguments, run dir or output folder.
+refused; nothing is deleted or replaced through a symbolic link). The final LoRA is read whole first:
+a truncated or damaged one is refused before anything is written. The export is built in a hidden
+folder beside DIR (.DIR.PID.HEX.export-tmp); one left by a killed export is removed by the next.
+Exit codes: 0 written, 2 bad arguments, run dir, LoRA or output folder.
 The library is `rlcm_exp.evaluation.export`.
 """
 

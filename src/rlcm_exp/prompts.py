@@ -70,7 +70,17 @@ def read_prompt_file(path: Path, what: str) -> list[str]:
     """The non-empty lines of a prompt file, stripped; `what` names the setting in the errors."""
     if not path.is_file():
         raise ConfigError(f"prompt file {path} ({what}) does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # name the file and where, never its bytes
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"prompt file {path} ({what}) is not UTF-8 text (byte {err.start}, line {line}); save it as "
+            "UTF-8, one prompt per line."
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"prompt file {path} ({what}) cannot be read ({err.strerror or err})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"prompt file {path} ({what}) has no prompts")
     return lines

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlcm_exp.errors import CONFIG_ERROR_EXIT_CODE, ConfigError
-from rlcm_exp.secrets import read_token
+from rlcm_exp.secrets import read_token, redact_output
 from rlcm_exp.serving.server import ServerOptions, start
 
 
@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
+    redact_output(args)  # the token of the command line (or a secret-looking variable) in no message
     try:
         options, rewards = parse_args(args)
+        redact_output([f"token={options.token}"] if options.token else [])  # read from a file
         if any(a.startswith("token=") for a in args):
             print(INLINE_TOKEN_WARNING, file=sys.stderr)
         started = start(options, rewards)

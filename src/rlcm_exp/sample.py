@@ -11,11 +11,14 @@ Exit codes: 0 written, 2 bad config or input. The library is `rlcm_exp.evaluatio
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from rlcm_exp.configs import HYDRA_CONFIG_PATH, register_help_resolver
+from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
 from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.secrets import redact_output
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
@@ -33,4 +36,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    redact_output(sys.argv[1:])  # no secret of the command line in any message, Hydra's included
+    # out= is where Hydra writes first (${out}/.hydra_run): a file or an unwritable path is one line
+    exit_on_config_error(lambda: check_output_dirs(sys.argv[1:], ("out", *OUTPUT_DIR_KEYS)))
     main()

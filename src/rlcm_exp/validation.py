@@ -20,10 +20,11 @@ from rlcm_exp.errors import ConfigError
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # "int" | "float" | "bool" | "choice"
+    kind: str  # "int" | "float" | "bool" | "choice" | "name" (a non-empty string)
     low: float | None = None  # inclusive lower bound (exclusive when low_open)
-    high: float | None = None  # inclusive upper bound
+    high: float | None = None  # inclusive upper bound (exclusive when high_open)
     low_open: bool = False
+    high_open: bool = False
     nullable: bool = False  # null is a valid value (e.g. "the member's native resolution")
     choices: tuple[str, ...] = ()
     what: str = ""  # meaning, for the message
@@ -33,8 +34,10 @@ class Rule:
             return f"one of {list(self.choices)}" + (" or null" if self.nullable else "")
         if self.kind == "bool":
             return "true or false"
+        if self.kind == "name":
+            return "a non-empty name"
         lo = "" if self.low is None else (f"> {self.low}" if self.low_open else f">= {self.low}")
-        hi = "" if self.high is None else f"<= {self.high}"
+        hi = "" if self.high is None else (f"< {self.high}" if self.high_open else f"<= {self.high}")
         bounds = " and ".join(b for b in (lo, hi) if b)
         kind = "an integer" if self.kind == "int" else "a number"
         return f"{kind}" + (f" {bounds}" if bounds else "") + (" (or null)" if self.nullable else "")
@@ -53,9 +56,44 @@ def _nonneg(what: str = "") -> Rule:
 
 
 BOOL = Rule("bool")
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (accelerate's set_seed) takes 32-bit seeds
+
+
+@dataclass(frozen=True)
+class ListRule:
+    """A list-valued key: every item follows `item`; exactly `length` items, or at least `min_length`."""
+
+    item: Rule
+    length: int | None = None
+    min_length: int = 1
+    what: str = ""
+    example: str = ""
+
+    def describe(self) -> str:
+        count = f"{self.length}" if self.length is not None else f"{self.min_length} or more"
+        return f"a list of {count} items, each {self.item.describe()}" + (
+            f", e.g. {self.example}" if self.example else ""
+        )
+
+    def valid(self, value: Any) -> bool:
+        if not isinstance(value, list) or len(value) < self.min_length:
+            return False
+        if self.length is not None and len(value) != self.length:
+            return False
+        return all(_valid(self.item, v) for v in value)
+
+
+LIST_RULES: dict[str, ListRule] = {
+    "optimizer.betas": ListRule(
+        Rule("float", 0.0, 1.0, high_open=True), length=2, what="Adam's beta1, beta2", example="[0.9,0.999]"
+    ),
+    "algo.lora.target_modules": ListRule(
+        Rule("name"), what="UNet layers that get a LoRA", example="[to_q,to_k,to_v,to_out.0]"
+    ),
+}
 
 RULES: dict[str, Rule] = {
-    "seed": _int(0, 2**63 - 1, "global seed"),
+    "seed": _int(0, SEED_MAX, "global seed"),
     "device": Rule("choice", choices=("auto", "cpu", "job", "cuda"), what="where the run goes"),
     "mixed_precision": Rule("choice", choices=("auto", "no", "fp16", "bf16")),
     "tf32": BOOL,
@@ -103,7 +141,7 @@ RULES: dict[str, Rule] = {
     "optimizer.weight_decay": _nonneg(),
     "model.dtype": Rule("choice", choices=("auto", "float32", "float16", "bfloat16")),
     "model.*.resolution": _int(8, 8192, "native side in px; null: from the weights", nullable=True),
-    "model.seed": _int(0),
+    "model.seed": _int(0, SEED_MAX),
     "model.process": Rule("choice", choices=("vp", "rectified_flow"), what="what the family's members are"),
     "sampler.num_steps": _int(1, 1000, "sampler steps"),
     "sampler.guidance_scale": _nonneg("guidance scale"),
@@ -155,6 +193,8 @@ def _valid(rule: Rule, value: Any) -> bool:
         return isinstance(value, bool)
     if rule.kind == "choice":
         return isinstance(value, str) and (value in rule.choices or value.split(":")[0] in rule.choices)
+    if rule.kind == "name":
+        return isinstance(value, str) and bool(value.strip())
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     if rule.kind == "int" and not isinstance(value, int):
@@ -163,7 +203,7 @@ def _valid(rule: Rule, value: Any) -> bool:
         return False
     if rule.low is not None and (value <= rule.low if rule.low_open else value < rule.low):
         return False
-    return rule.high is None or value <= rule.high
+    return rule.high is None or (value < rule.high if rule.high_open else value <= rule.high)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -177,6 +217,35 @@ def check_config(cfg: DictConfig) -> None:
         if rule is not None and not _valid(rule, value):
             what = f" ({rule.what})" if rule.what else ""
             raise ConfigError(f"{key}={value!r}{what} is not valid: expected {rule.describe()}.")
+    for key, list_rule in LIST_RULES.items():
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and not list_rule.valid(node):
+            raise ConfigError(
+                f"{key}={node!r} ({list_rule.what}) is not valid: expected {list_rule.describe()}."
+            )
+
+
+_ABSENT = object()
+
+
+def check_device(cfg: DictConfig) -> None:
+    """`device=cuda[:N]` needs that CUDA GPU to be visible: never a silent CPU run. (fp16 on a CPU is
+    refused where the precision is resolved, models/precision.py, launcher settings included.)"""
+    device = str(cfg.get("device", "auto"))
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if device.count(":") == 1 and device.split(":")[1].isdigit() else 0
+    if index >= gpus:
+        raise ConfigError(
+            f"device={device}: {'no CUDA GPU is' if gpus == 0 else f'only {gpus} CUDA GPU(s) are'} visible "
+            "to this process; use device=cpu, device=auto (a GPU when there is one), or check "
+            "CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)."
+        )
 
 
 def locate(path: str) -> Any:
@@ -258,8 +327,11 @@ def check_prompt_sources(cfg: DictConfig) -> None:
         elif file is not None:
             from pathlib import Path
 
+            from rlcm_exp.prompts import read_prompt_file
+
             if not Path(str(file)).expanduser().is_file():
                 raise ConfigError(f"{key}.file={file}: no such file (a text file, one prompt per line)")
+            read_prompt_file(Path(str(file)).expanduser(), f"{key}.file")  # UTF-8, not empty
 
 
 def check_sampler_options(cfg: DictConfig) -> None:
@@ -288,9 +360,10 @@ def check_sampler_options(cfg: DictConfig) -> None:
 
 
 def check_before_loading(cfg: DictConfig) -> None:
-    """Everything about a training config that needs no model: types and ranges, `_target_`s,
-    the sampler's options, the user's prompt files."""
+    """Everything about a training config that needs no model: types and ranges, the device and
+    precision, `_target_`s, the sampler's options, the user's prompt files."""
     check_config(cfg)
+    check_device(cfg)
     check_targets(cfg)
     check_sampler_options(cfg)
     check_prompt_sources(cfg)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from rlcm_exp.errors import ConfigError
 from rlcm_exp.tracking import read_metrics
 
 
@@ -43,9 +44,34 @@ class Run:
         return done and (self.path / "checkpoints" / "final").is_dir()
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl or eval.jsonl, or a ConfigError naming the file when it
+    is not one (undecodable bytes, a line that is not a JSON object)."""
+    try:
+        records = read_metrics(path)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(
+            f"{path}: cannot be read as records ({type(err).__name__}: {str(err)[:160]}); it is not a "
+            "JSON-lines file written by rlcm_exp. Move it aside or restore it."
+        ) from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"{path}: record {bad + 1} is a JSON {type(records[bad]).__name__}, not an object of metrics; "
+            "the file is damaged or not written by rlcm_exp. Move it aside or restore it."
+        )
+    return records
+
+
 def load_run(path: Path) -> Run:
-    cfg = OmegaConf.load(path / "config.yaml")
-    assert isinstance(cfg, DictConfig)
+    try:
+        cfg = OmegaConf.load(path / "config.yaml")
+    except Exception as err:  # yaml's and OmegaConf's errors, undecodable bytes
+        raise ConfigError(
+            f"{path / 'config.yaml'}: cannot be read ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path / 'config.yaml'}: not a run config (a mapping)")
     return Run(
         path=path,
         algo=str(OmegaConf.select(cfg, "algo.name", default="?")),
@@ -53,7 +79,7 @@ def load_run(path: Path) -> Run:
         seed=int(OmegaConf.select(cfg, "seed", default=0)),
         num_steps=int(OmegaConf.select(cfg, "sampler.num_steps", default=0)),
         epochs=int(OmegaConf.select(cfg, "train.epochs", default=0)),
-        records=read_metrics(path / "metrics.jsonl"),
+        records=read_records(path / "metrics.jsonl"),
         flat_config=flatten(OmegaConf.to_container(cfg, resolve=False)),
     )
 
@@ -61,7 +87,7 @@ def load_run(path: Path) -> Run:
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     """The held-out evaluations of a run (eval.jsonl), [] when it ran none."""
     path = Path(run_dir) / "eval.jsonl"
-    return read_metrics(path) if path.is_file() else []
+    return read_records(path) if path.is_file() else []
 
 
 def is_finished(run_dir: Path) -> bool:

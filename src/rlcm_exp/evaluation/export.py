@@ -5,6 +5,7 @@ final metrics). `python -m rlcm_exp.export` is its command line."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from hydra.utils import instantiate
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.runs import LORA_WEIGHTS, load_run_config
-from rlcm_exp.models.lora import resolve_lora_folder
+from rlcm_exp.models.lora import check_lora_file, resolve_lora_folder
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.tracking import read_metrics
 
@@ -27,6 +28,9 @@ FORMATS = ("lora", "pipeline")
 # kept inside the export: --overwrite replaces these files and nothing else (a user's notes or images
 # beside them are never deleted), and only while they still hold what the export wrote.
 MANIFEST = ".rlcm_export.json"
+# the folder an export is built in, beside --out: .NAME.PID.HEX<suffix>; a killed export's is removed
+# by the next export into the same --out
+STAGING_SUFFIX = ".export-tmp"
 
 
 def model_card(run_dir: Path, kind: str) -> str:
@@ -185,33 +189,46 @@ def check_target(target: Path, overwrite: bool, given: bool = True) -> None:
 def _blocked(target: Path, rel: str, listed: dict[str, list[str]]) -> bool:
     """Whether writing `rel` into `target` would replace something the earlier export did not write
     (or write through a link to outside `target`)."""
+    if _through_link(target, rel):
+        return True
     parts = PurePosixPath(rel).parts
-    for depth in range(1, len(parts)):
-        folder = target.joinpath(*parts[:depth])
-        if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
-            return True
+    folders = (target.joinpath(*parts[:depth]) for depth in range(1, len(parts)))
+    if any(os.path.lexists(folder) and not folder.is_dir() for folder in folders):
+        return True
     path = target / rel
-    return os.path.lexists(path) and (rel not in listed or path.is_symlink() or not path.is_file())
+    return os.path.lexists(path) and (rel not in listed or not path.is_file())
+
+
+def _through_link(target: Path, rel: str) -> bool:
+    """Whether `target/rel` is reached through a symbolic link (a folder of the path, or the file
+    itself): deleting or replacing it could touch a file outside `target`."""
+    parts = PurePosixPath(rel).parts
+    return any(target.joinpath(*parts[:depth]).is_symlink() for depth in range(1, len(parts) + 1))
 
 
 def _changed(target: Path, listed: dict[str, list[str]]) -> list[str]:
-    """Listed files that are no longer what the export wrote (edited by the user, or now a link)."""
-    changed = []
-    for rel, digests in listed.items():
-        path = target / rel
-        if os.path.lexists(path) and (
-            path.is_symlink() or not path.is_file() or _digest(path) not in digests
-        ):
-            changed.append(rel)
-    return changed
+    """Listed files that are no longer what the export wrote (edited by the user, now a link, or now
+    behind a linked folder)."""
+    return [
+        rel
+        for rel, digests in listed.items()
+        if _through_link(target, rel)
+        or (
+            os.path.lexists(target / rel)
+            and (not (target / rel).is_file() or _digest(target / rel) not in digests)
+        )
+    ]
 
 
 def _remove_listed(target: Path, rel: str) -> None:
-    """Delete one file an earlier export wrote, and the folders that only it had filled."""
+    """Delete one file an earlier export wrote, and the folders that only it had filled; never
+    through a link (checked again here, just before the deletion)."""
+    if _through_link(target, rel):
+        raise ConfigError(f"--out {target}: {rel} is reached through a link; nothing there is deleted.")
     path = target / rel
     path.unlink(missing_ok=True)
     folder = path.parent
-    while folder != target and folder.is_dir() and not any(folder.iterdir()):
+    while folder != target and not folder.is_symlink() and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
 
@@ -231,7 +248,12 @@ def install(staging: Path, target: Path, overwrite: bool) -> None:
     changed = _changed(target, listed)
     if blocked or changed:
         problems = [f"{rel} (not written by an export)" for rel in blocked]
-        problems += [f"{rel} (changed since the export wrote it)" for rel in changed]
+        problems += [
+            f"{rel} ("
+            + ("behind a link" if _through_link(target, rel) else "changed since the export wrote it")
+            + ")"
+            for rel in changed
+        ]
         raise ConfigError(
             f"--out {target}: --overwrite replaces only files an earlier export wrote and listed in "
             f"{MANIFEST}, unchanged, but the export would replace {', '.join(problems)}. Nothing was "
@@ -254,6 +276,32 @@ def install(staging: Path, target: Path, overwrite: bool) -> None:
     write_manifest(target, new)
 
 
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging folders a killed export into `target` left beside it
+    (`.NAME.PID.HEX.export-tmp`, PID no longer running); a live export's, and anything that is not a
+    plain folder of that name, is kept. Returns what was removed."""
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*{STAGING_SUFFIX}"):
+        pid = path.name[len(target.name) + 2 : -len(STAGING_SUFFIX)].split(".")[0]
+        if path.is_symlink() or not path.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows a link inside the folder
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def export(
     run_dir: str | Path,
     fmt: str = "lora",
@@ -272,12 +320,25 @@ def export(
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     cfg = load_run_config(run_dir)
     lora = resolve_lora_folder(run_dir, ema)  # ema: the EMA weights, checkpoints/final_ema
+    check_lora_file(lora / LORA_WEIGHTS)  # a truncated or damaged LoRA is refused before anything is written
     target = Path(out) if out else run_dir / "export" / fmt
-    check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check_target(target, overwrite, given=out is not None)  # before anything is loaded or written
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only folder, a file in the way, a name too long
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        raise ConfigError(
+            f"{_describe(target, out is not None)}: cannot create its folder ({reason})"
+        ) from None
+    remove_stale_staging(target)
     # a fresh folder of this call (mkdir fails on an existing one), never DIR.tmp: a user's is not touched
-    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.export-tmp"
-    staging.mkdir()
+    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{STAGING_SUFFIX}"
+    try:
+        staging.mkdir()
+    except OSError as err:  # a read-only folder, a path too long
+        raise ConfigError(
+            f"{_describe(target, out is not None)}: cannot write beside it ({err.strerror})"
+        ) from None
     try:
         if fmt == "lora":
             shutil.copy2(lora / LORA_WEIGHTS, staging / LORA_WEIGHTS)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlcm_exp.configs import load_saved_config
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.models.lora import resolve_lora_folder
+from rlcm_exp.models.lora import check_lora_file, resolve_lora_folder
 from rlcm_exp.policies.base import Policy
 
 # taken from the run's config.yaml unless overridden on the command line (algo only labels the results)
@@ -101,6 +101,8 @@ def config_for_checkpoint(
     Every `_target_` is then checked importable: a typo fails here, before any model loads."""
     from rlcm_exp.validation import check_targets
 
+    if cfg.get("checkpoint"):  # the LoRA is found and reads whole before any model loads
+        check_lora_file(resolve_lora_folder(cfg.checkpoint, cfg.get("ema", False)) / LORA_WEIGHTS)
     run_dir = find_run_dir(cfg.checkpoint) if cfg.get("checkpoint") else None
     if run_dir is not None:
         cfg = merge_run_config(cfg, load_run_config(run_dir), overrides, groups)

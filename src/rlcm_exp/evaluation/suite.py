@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rlcm_exp.configs import probe_folder
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.budget import (
     auto_budgets,
@@ -132,6 +133,8 @@ def run_evaluation(cfg: DictConfig, overrides: list[str] | None = None) -> dict[
     Given a run dir (or a checkpoint folder inside one), model/sampler/task/reward/algo come from its
     config.yaml, except what `overrides` (the command line) sets."""
     cfg, run_dir = config_for_checkpoint(cfg, list(overrides or []))
+    out = Path(cfg.out) if cfg.out else (run_dir / "eval" if run_dir else Path("eval"))
+    probe_folder(out, f"out={cfg.out}" if cfg.out else f"out (default {out})")  # before minutes of work
     s = load_subject(cfg)
     held = evaluate_policy(s.policy, s.reward_fn, s.prompts, s.seeds, cfg.batch_size, s.device)
     steps = step_rows(cfg, s, held)
@@ -155,7 +158,6 @@ def run_evaluation(cfg: DictConfig, overrides: list[str] | None = None) -> dict[
         "budgets": budget_rows(cfg, s, steps),
         "versions": software_versions(),
     }
-    out = Path(cfg.out) if cfg.out else (run_dir / "eval" if run_dir else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
     # heldout/train keep eval.json; another prompt set gets its own, next to its reward table
     name = "eval.json" if s.prompt_label in ("heldout", "train") else f"eval_{s.prompt_label}.json"

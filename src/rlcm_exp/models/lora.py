@@ -119,6 +119,11 @@ def resolve_lora_folder(path: str | Path, ema: bool = False) -> Path:
             f"checkpoint={path} with ema=true: no checkpoints/final_ema there. Give a run dir trained with "
             "train.ema_decay set (its EMA weights are written to checkpoints/final_ema), or ema=false."
         )
+    if not p.exists():
+        raise ConfigError(
+            f"checkpoint={path}: no such file or folder. Give a run dir (its checkpoints/final is used), a "
+            "checkpoint folder written by training, or its pytorch_lora_weights.safetensors."
+        )
     candidates = [p, p / "checkpoints" / "final", p.parent if p.suffix == ".safetensors" else p]
     for c in candidates:
         if (c / "pytorch_lora_weights.safetensors").is_file():
@@ -127,6 +132,25 @@ def resolve_lora_folder(path: str | Path, ema: bool = False) -> Path:
         f"checkpoint={path}: no pytorch_lora_weights.safetensors there. Give a run dir (its checkpoints/final "
         "is used) or a checkpoint folder written by training."
     )
+
+
+def check_lora_file(path: Path) -> None:
+    """Refuse a LoRA file that does not load (truncated, damaged, not safetensors, or empty), naming it:
+    every tensor is read, so a cut-off file is found here and not after an export or a model load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+            for name in names:
+                f.get_tensor(name)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"{path}: the LoRA does not load ({type(err).__name__}: {str(err)[:200]}); the file is truncated "
+            "or damaged. Use another checkpoint of the run (checkpoints/epoch_N) or train again."
+        ) from err
+    if not names:
+        raise ConfigError(f"{path}: the LoRA file holds no tensors; use another checkpoint of the run.")
 
 
 def load_lora_into(unet: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:

@@ -78,6 +78,11 @@ def resolve_precision(
         mixed = "fp16" if cuda else "no"
     if mixed not in MIXED:
         raise ConfigError(f"mixed_precision={mixed} is not one of auto|{'|'.join(MIXED)}")
+    if mixed == "fp16" and not cuda:  # accelerate would run fp32 or fail later: refused, never silent
+        raise ConfigError(
+            "mixed_precision=fp16 needs a CUDA GPU, and this run goes on the CPU; use mixed_precision=no "
+            "(or auto: fp16 on CUDA, none on a CPU), or bf16."
+        )
     dtype = model_dtype
     if dtype == "auto":
         dtype = WEIGHTS_OF[mixed] if cuda else "float32"

@@ -68,9 +68,12 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
             "reward._target_=my_module.my_reward."
         )
     target = _target(reward_cfg)
+    name = f"reward._target_={reward_cfg['_target_']}"
+    user = not str(reward_cfg["_target_"]).startswith("rlcm_exp.")  # checked against the contract by name
     params = inspect.signature(target).parameters
     if {"images", "prompts"} <= set(params):  # a user's reward function: bind its options, call it later
-        return functools.partial(target, **_options(reward_cfg))
+        bound = functools.partial(target, **_options(reward_cfg))
+        return CheckedReward(bound, name) if user else bound
     extra = (
         {"device": str(device)}
         if device is not None and "device" in keywords(target) and "device" not in reward_cfg
@@ -90,7 +93,7 @@ def build_reward(reward_cfg: Any, device: torch.device | str | None = None) -> R
             f"reward._target_={reward_cfg['_target_']} built a {type(reward).__name__}, not a callable "
             "(images, prompts) -> rewards"
         )
-    return reward
+    return CheckedReward(reward, name) if user else reward
 
 
 def keywords(target: Callable[..., Any]) -> set[str]:
@@ -119,19 +122,64 @@ def _options(reward_cfg: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the output contract
 
 
-def as_reward_dict(result: Any, n: int) -> dict[str, torch.Tensor]:
+class RewardContractError(ConfigError):
+    """A reward returned something other than the contract's scores (the reward's author's mistake)."""
+
+
+def as_reward_dict(result: Any, n: int, source: str = "the reward") -> dict[str, torch.Tensor]:
     """Either form of a reward's output -> {"reward": (n,), <component>: (n,), ...} float32 CPU tensors.
 
-    Raises RuntimeError when "reward" is missing or any entry does not hold n values.
-    """
+    Raises RewardContractError, naming `source` and the contract, when "reward" is missing, an entry
+    does not hold n numbers, or the output is not numbers at all (None, strings)."""
     parts = result if isinstance(result, Mapping) else {"reward": result}
-    out = {
-        str(k): torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1) for k, v in parts.items()
-    }
+    try:
+        out = {
+            str(k): torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(-1)
+            for k, v in parts.items()
+        }
+    except (TypeError, ValueError, RuntimeError):  # None, strings, ragged lists
+        raise RewardContractError(
+            f"{source} returned {_shape_of(result)} for {n} images; {_contract(n)}"
+        ) from None
     if "reward" not in out or any(len(v) != n for v in out.values()):
         shapes = {k: tuple(v.shape) for k, v in out.items()}
-        raise RuntimeError(f"the reward returned {shapes} for {n} images; expected 'reward' of shape ({n},)")
+        raise RewardContractError(f"{source} returned {shapes} for {n} images; {_contract(n)}")
     return out
+
+
+def _contract(n: int) -> str:
+    return (
+        f"expected 'reward' of shape ({n},): a reward returns {n} numbers (a tensor, array or list), or a "
+        f"dict with 'reward' and optional components, each of shape ({n},) (rlcm_exp/rewards/base.py)"
+    )
+
+
+def _shape_of(result: Any) -> str:
+    """What a reward returned, in a few words (never its contents)."""
+    if isinstance(result, Mapping):
+        return "a dict with " + ", ".join(f"{k!r}: {_shape_of(v)}" for k, v in list(result.items())[:4])
+    if hasattr(result, "shape"):
+        return f"a {type(result).__name__} of shape {tuple(result.shape)}"
+    if isinstance(result, list | tuple):
+        kinds = sorted({type(v).__name__ for v in result})
+        return f"a {type(result).__name__} of {len(result)} items ({', '.join(kinds[:3])})"
+    return "None" if result is None else f"a {type(result).__name__}"
+
+
+class CheckedReward:
+    """A user's reward whose every output is checked against the contract, naming the reward (its
+    `_target_`) in the error; its attributes are the reward's own."""
+
+    def __init__(self, reward: Any, name: str) -> None:
+        self.reward, self.name = reward, name
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return as_reward_dict(self.reward(images, prompts), len(prompts), source=self.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in ("reward", "name"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(attr)
+        return getattr(self.reward, attr)
 
 
 def score_images(reward_fn: Any, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

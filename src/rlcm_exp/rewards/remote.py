@@ -44,7 +44,7 @@ import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
-from rlcm_exp.secrets import DEFAULT_TOKEN_ENV, read_token
+from rlcm_exp.secrets import DEFAULT_TOKEN_ENV, check_header_token, read_token, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,16 @@ class RemoteReward:
         max_images_per_request: int,
         server_reward: str | None = None,
     ) -> None:
-        parsed = urllib.parse.urlsplit(url)
+        shown = redact_url(url)  # credentials in the URL appear in no message, record or log
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port
+        except ValueError as err:  # a port that is not a number, or out of range
+            raise ConfigError(f"reward.url={shown}: {err}; give a URL like http://127.0.0.1:8060") from None
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"reward.url={url} is not an http(s) URL like http://127.0.0.1:8060")
+            raise ConfigError(f"reward.url={shown} is not an http(s) URL like http://127.0.0.1:8060")
+        if token is not None:
+            check_header_token(token, "reward.token (or the file or variable it was read from)")
         if image_format not in ("png", "jpeg"):
             raise ConfigError(f"reward.image_format={image_format} must be png (lossless) or jpeg (smaller)")
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_images_per_request < 1:
@@ -105,8 +112,8 @@ class RemoteReward:
                 f"reward.timeout_s={timeout_s} must be > 0, reward.max_retries={max_retries} and "
                 f"reward.backoff_s={backoff_s} >= 0, reward.max_images_per_request={max_images_per_request} >= 1"
             )
-        self.url = url.rstrip("/")
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
+        self.url = shown.rstrip("/")
+        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, port
         self._base_path = parsed.path.rstrip("/")
         self._token = token
         self.timeout_s = timeout_s

@@ -8,7 +8,7 @@ import resource
 from dataclasses import dataclass, fields
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.secrets import DEFAULT_TOKEN_ENV
+from rlcm_exp.secrets import DEFAULT_TOKEN_ENV, check_header_token
 
 # File descriptors kept free besides one per connection: the listening socket, models, logs, pipes.
 FD_RESERVE = 64
@@ -113,20 +113,8 @@ class ServerOptions:
     def check_token(self) -> None:
         """ConfigError when a token is set but empty, or not sendable in an HTTP header (Latin-1,
         no spaces or control characters)."""
-        token = self.token
-        if token is None:
-            return
-        if not token.strip():
-            raise ConfigError("reward_server token: empty; set a non-empty token, or none on loopback.")
-        try:
-            token.encode("latin-1")
-        except UnicodeEncodeError as err:
-            raise ConfigError(
-                "reward_server token: holds characters outside Latin-1, which no HTTP header can carry; "
-                "use ASCII letters, digits and punctuation."
-            ) from err
-        if any(c.isspace() or not c.isprintable() for c in token):
-            raise ConfigError("reward_server token: holds spaces or control characters; use printable ones.")
+        if self.token is not None:
+            check_header_token(self.token, "reward_server token")
 
     def ensure_file_limit(self) -> None:
         """Raise this process's open-file limit to fit max_connections (up to the hard limit), or a

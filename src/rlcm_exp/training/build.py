@@ -32,6 +32,7 @@ from rlcm_exp.secrets import redact, redact_run_dir
 from rlcm_exp.tracking import Logger, NullLogger
 from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
 from rlcm_exp.training.callbacks import Callback
+from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.failures import RankFailures
 from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
@@ -196,6 +197,7 @@ def _train(
     # the image size against the VAE's factor, read from the member's config: no weights load
     check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))
     check_run_dir(cfg, run_dir)  # a fresh run never lands on another; a resume must be the same run
+    check_checkpoint_folders(run_dir)  # checkpoints/ or a checkpoint in it replaced by a file: one line
     candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)
     if accelerator.is_main_process:
         redact_run_dir(run_dir)  # Hydra's own copies hold the secrets until then, even if the build fails

@@ -7,6 +7,7 @@ marker, so a crash or a full disk never leaves a half-written checkpoint where r
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlcm_exp.errors import CheckpointError
+from rlcm_exp.errors import CheckpointError, ConfigError
 from rlcm_exp.models.lora import write_lora_weights
 
 # ----------------------------------------------------------------------------- full training state
@@ -147,6 +148,24 @@ def is_complete(folder: Path, world_size: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def check_checkpoint_folders(run_dir: Path) -> None:
+    """Refuse, before anything loads, a run dir whose checkpoints/ (or a checkpoint in it: epoch_N,
+    final, final_ema) is a file or a link instead of a folder: the run could neither resume from it nor
+    write its checkpoints there."""
+    root = run_dir / "checkpoints"
+    entries = [root] if os.path.lexists(root) and (root.is_symlink() or not root.is_dir()) else []
+    if root.is_dir() and not entries:
+        names = (
+            p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) or p.name.startswith("final")
+        )
+        entries = [p for p in names if not p.name.endswith(".tmp") and (p.is_symlink() or not p.is_dir())]
+    if entries:
+        raise ConfigError(
+            f"{entries[0]}: a checkpoint folder was replaced by a file or a link; the run can neither resume "
+            "from it nor write its checkpoints there. Move it away (or choose another hydra.run.dir)."
+        )
 
 
 def complete_checkpoints(run_dir: Path, world_size: int) -> Iterator[Path]:
