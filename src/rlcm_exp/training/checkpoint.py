@@ -6,6 +6,7 @@ marker, so a crash or a full disk never leaves a half-written checkpoint where r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -28,10 +29,45 @@ from rlcm_exp.models.lora import write_lora_weights
 #   rng_rank{r}.pt                     python / numpy / torch CPU / CUDA RNG of each process
 #   state.json                         epoch, counters, time offsets, per-prompt buffers, wandb id
 #   ema.pt                             EMA of the LoRA weights (train.ema_decay set), tensors only
+#   checksums.json                     sha256 of every file above: a damaged file is detected, not loaded
 #   COMPLETE                           written last, before the atomic rename
 
 
 CHECKPOINT_PREFIX = "epoch_"
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder (but the checksums and the COMPLETE marker)."""
+    return {
+        p.name: _sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in (CHECKSUMS, "COMPLETE")
+    }
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise CheckpointError naming the first file of `folder` whose bytes are not those written (or
+    that is missing, or unlisted): a flipped bit or a truncated file is never loaded."""
+    try:
+        listed = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / CHECKSUMS} is missing or unreadable ({err})") from err
+    found = checksums(folder)
+    for name in sorted(set(listed) | set(found)):
+        if listed.get(name) != found.get(name):
+            what = "missing" if name not in found else "not listed" if name not in listed else "changed"
+            raise CheckpointError(
+                f"{folder / name}: checksum mismatch ({what} since the checkpoint was written)"
+            )
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,6 +148,7 @@ def write_checkpoint(
                 torch.save(value, tmp / f"{name}.pt")
         barrier()
         if is_main:
+            (tmp / CHECKSUMS).write_text(json.dumps(checksums(tmp), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -170,8 +207,11 @@ def latest_checkpoint(run_dir: Path, world_size: int) -> Path | None:
 
 
 def read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:
-    """Load (never unpickle arbitrary objects: weights_only=True) the parts of a complete checkpoint."""
+    """Load (never unpickle arbitrary objects: weights_only=True) the parts of a complete checkpoint,
+    once their checksums match (CheckpointError otherwise)."""
     from safetensors.torch import load_file
+
+    verify_checksums(folder)
 
     def load(name: str) -> Any:
         return torch.load(folder / name, map_location=device, weights_only=True)

@@ -81,6 +81,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         gold_reward_fn: RewardFn | None = None,
         normalisation: RewardNormalisation | None = None,
+        run_identity: dict[str, Any] | None = None,
     ) -> None:
         self.policy, self.algo, self.reward_fn, self.prompts = policy, algo, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
@@ -103,6 +104,9 @@ class Trainer:
         self.logger_run_id: str | None = None  # the tracker's run id, checkpointed: a resume continues it
         self.callbacks = list(callbacks)
         self.gold_reward_fn = gold_reward_fn
+        # run id + the config keys that define the run (rundir.run_identity), in every checkpoint: a
+        # resume proves it continues the same run; a restore adopts the checkpoint's
+        self.run_identity = run_identity
 
     # The optimizer side and the round's pieces under the names callers (tests, benchmarks) use.
     @property
@@ -352,6 +356,7 @@ class Trainer:
             "reward_normalisation": self.advantage.normalisation.state_dict(),  # per-component trackers
             "logger_run_id": self.logger_run_id,
             "world_size": self.accelerator.num_processes,
+            "run": self.run_identity,
         }
 
     def save_checkpoint(self) -> Path:
@@ -415,6 +420,7 @@ class Trainer:
             state["nonfinite_in_a_row"],
             state["logger_run_id"],
         )
+        self.run_identity = state.get("run", self.run_identity)
         if acc.is_main_process:  # records past the checkpoint will be written again, identically
             for f in (self.metrics, self.eval_file):
                 f.truncate(lambda r: r.get("epoch", r.get("epochs_done", 0) - 1) < self.epoch)
