@@ -30,6 +30,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
     from rlcm_exp.analysis.summary import RunSummary
     from rlcm_exp.training.build import train
+    from rlcm_exp.training.divergence import Diverged
     from rlcm_exp.training.trainer import PREEMPTED_EXIT_CODE, Preempted
 
     hc = HydraConfig.get()
@@ -44,6 +45,9 @@ def hydra_main(cfg: DictConfig) -> None:
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Diverged as err:  # one line, not a traceback: the numbers, not the code, went wrong
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except BaseException:  # a config error (SystemExit 2), a bug, Ctrl-C: maybe a run that never started
         if created_by_this_command(run_dir):
             clean_up_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)

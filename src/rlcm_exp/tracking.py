@@ -196,6 +196,24 @@ def wandb_logger(
     return WandbLogger(project, entity, group, tags or [], mode)
 
 
+DIVERGED_FILE = "diverged.json"  # in a run dir whose run diverged: {"epoch": N, "what": [...], "message"}
+
+
+def mark_diverged(run_dir: Path, epoch: int, bad: list[str], message: str) -> None:
+    (run_dir / DIVERGED_FILE).write_text(json.dumps({"epoch": epoch, "what": bad, "message": message}) + "\n")
+
+
+def diverged_at(run_dir: Path) -> int | None:
+    """The epoch at which the run in run_dir diverged, None if it did not."""
+    path = Path(run_dir) / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # a damaged marker still marks the run
+
+
 class MetricsFile:
     """Append-only JSON lines, one object per epoch; each line flushed so a crash loses at most one epoch."""
 

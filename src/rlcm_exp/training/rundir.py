@@ -28,7 +28,7 @@ RECORD_FILES = ("metrics.jsonl", "eval.jsonl")
 # rather than overwrite it
 RUN_OUTPUTS = (
     "git_commit.txt", "batch_plan.json", "samples", "rollouts", "eval", "reward_vs_time.png",
-    "before_after.png", "wandb",
+    "before_after.png", "wandb", "diverged.json",
 )  # fmt: skip
 # keys a resume may change: the length of the run, where and how fast it runs, what it logs;
 # anything else (task, reward, sampler, LoRA, batch sizes, seed, ...) would make it another run

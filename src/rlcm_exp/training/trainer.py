@@ -31,11 +31,12 @@ from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
 from rlcm_exp.rl.multi_reward import RewardNormalisation
-from rlcm_exp.tracking import Logger, MetricsFile
+from rlcm_exp.tracking import DIVERGED_FILE, Logger, MetricsFile, mark_diverged
 from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import checkpoint_dir, read_checkpoint, set_rng_state, write_checkpoint
+from rlcm_exp.training.divergence import Diverged, diverged_message, nonfinite
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.rounds import RoundAdvantages, RoundSampler
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
@@ -142,6 +143,8 @@ class Trainer:
         boundary, then `Preempted` is raised."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        if self.accelerator.is_main_process:  # an earlier attempt's mark: this attempt decides anew
+            (self.run_dir / DIVERGED_FILE).unlink(missing_ok=True)
         if self.epoch == 0 and self._eval_due(0):  # the base model's held-out score: the "before"
             self.evaluate(0)
 
@@ -221,6 +224,7 @@ class Trainer:
             dump_rollouts(self.run_dir / "rollouts", epoch, self.rank, traj, rewards["reward"], advantages)
         t_train = time.perf_counter()
         update_stats = self.update(epoch, traj, advantages)
+        self._stop_if_diverged(epoch, update_stats)
         timing["time_train_s"] = time.perf_counter() - t_train
         self.reward_queries += self.plan.samples_per_epoch
         self.elapsed_s += time.perf_counter() - start
@@ -253,6 +257,19 @@ class Trainer:
             self.logger.log(record, step=epoch)
         self.epoch = epoch + 1
         return record
+
+    def _stop_if_diverged(self, epoch: int, stats: dict[str, float]) -> None:
+        """Diverged (and RUN_DIR/diverged.json) when the update left anything non-finite; every
+        process holds the same weights, so every process stops."""
+        grads_checked = self.accelerator.scaler is None  # fp16's scaler skips inf steps by design
+        bad = nonfinite(stats, self.params, grads_checked)
+        if not bad:
+            return
+        lr = float(self.optimization.lr_scheduler.base_lrs[0])
+        message = diverged_message(epoch, bad, lr, self.optimization.max_grad_norm)
+        if self.accelerator.is_main_process:
+            mark_diverged(self.run_dir, epoch, bad, message)
+        raise Diverged(message)
 
     def _diversity(self, traj: Trajectory) -> dict[str, float]:
         """The round's within-prompt diversity (evaluation/diversity.py) over every process's images;
