@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
-from rlcm_exp.errors import ConfigError, exit_on_config_error
+from rlcm_exp.errors import ConfigError, RunStopped, exit_on_config_error
 from rlcm_exp.training import runlock
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
@@ -30,7 +30,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
     from rlcm_exp.analysis.summary import RunSummary
     from rlcm_exp.training.build import train
-    from rlcm_exp.training.divergence import Diverged
     from rlcm_exp.training.trainer import PREEMPTED_EXIT_CODE, Preempted
 
     hc = HydraConfig.get()
@@ -45,7 +44,7 @@ def hydra_main(cfg: DictConfig) -> None:
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except Diverged as err:  # one line, not a traceback: the numbers, not the code, went wrong
+    except RunStopped as err:  # diverged, a reward that hung: one line, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except BaseException:  # a config error (SystemExit 2), a bug, Ctrl-C: maybe a run that never started

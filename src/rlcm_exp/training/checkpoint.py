@@ -123,12 +123,14 @@ def write_checkpoint(
     barrier: Any,
     keep_last: int,
     extra: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write every process's part into folder.tmp, then (main process) mark complete and rename.
 
     A crash at any point leaves either the previous checkpoints only, or a `.tmp` folder that no
     loader reads; `barrier` synchronises the processes (accelerator.wait_for_everyone). `extra`:
-    more main-process parts, each written as NAME.pt (tensors and plain containers only).
+    more main-process parts, each written as NAME.pt (tensors and plain containers only). `rng`: the
+    RNG state to save (default: this moment's; a preemption mid-epoch saves the epoch start's).
     """
     tmp = folder.with_name(folder.name + ".tmp")
     try:
@@ -136,7 +138,7 @@ def write_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{rank}.pt")
         if is_main:
             write_lora_weights(unet, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

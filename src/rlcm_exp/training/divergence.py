@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from rlcm_exp.errors import RunStopped
 
-class Diverged(RuntimeError):
+
+class Diverged(RunStopped):
     """The run's numbers stopped being finite; the entry point prints the message and exits 1."""
 
 

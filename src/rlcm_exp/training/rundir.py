@@ -35,7 +35,7 @@ RUN_OUTPUTS = (
 RESUMABLE = (
     "train.epochs", "train.checkpoint_every", "train.keep_last", "train.reward_workers",
     "train.eval_every", "train.save_images", "train.save_images_every", "train.dump_rollouts",
-    "train.max_nonfinite_in_a_row", "resume", "device", "logger", "memory",
+    "train.max_nonfinite_in_a_row", "train.reward_timeout_s", "resume", "device", "logger", "memory",
 )  # fmt: skip
 
 
