@@ -57,8 +57,8 @@ class Preempted(Exception):
 
 
 class Abandoned(BaseException):
-    """Raised by the SIGTERM/SIGUSR1 handler inside a phase that may be dropped (sampling and scoring a
-    round, a held-out evaluation), so a reward that hangs cannot outlive preemption. A BaseException:
+    """Raised by the SIGTERM/SIGUSR1 handler inside the phase that may be dropped (sampling and scoring
+    a round: nothing of the epoch is applied yet), so a reward that hangs cannot outlive preemption. A BaseException:
     no `except Exception` of a reward or a library on the way swallows it."""
 
 
@@ -227,20 +227,19 @@ class Trainer:
             self._timed_checkpoint(lambda: self.save_checkpoint(rng=self._epoch_rng))
         if isinstance(stop, RewardTimeout):
             raise stop
-        where = "sampling" if self._untouched else "the held-out evaluation"
-        done = f"checkpoint after epoch {self.epoch - 1} written" if saved else "the last checkpoint stands"
+        done = f"checkpoint after epoch {self.epoch - 1} written" if saved else "no epoch finished yet"
         raise Preempted(
-            f"stopped by a signal during epoch {epoch}'s {where}; {done}, resume with resume=auto"
+            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto"
         ) from None
 
     @contextmanager
-    def _abandonable(self, check_first: bool) -> Iterator[None]:
+    def _abandonable(self) -> Iterator[None]:
         """A phase the signal handler may abandon at once (Abandoned), single-process runs only: every
-        process must reach the same collectives. `check_first`: a stop asked for just before counts."""
+        process must reach the same collectives. A stop asked for just before counts."""
         if self.accelerator.num_processes > 1:
             yield
             return
-        if check_first and self.stop_requested:
+        if self.stop_requested:
             raise Abandoned
         self._interruptible = True
         try:
@@ -275,7 +274,7 @@ class Trainer:
         acc = self.accelerator
         start = time.perf_counter()
         self._epoch_rng, self._untouched = rng_state(), True
-        with self._abandonable(check_first=True):
+        with self._abandonable():
             traj, rewards, timing = self.sample_round(epoch)
         self._untouched = False  # from here on (the advantages' trackers, the update) the epoch applies
         advantages, reward_stats = self.advantages(traj.prompts, rewards)
@@ -310,8 +309,7 @@ class Trainer:
             **timing,
         }
         if self._eval_due(epoch + 1):  # after this epoch's update; excluded from wallclock_s
-            with self._abandonable(check_first=False):
-                record.update(self.evaluate(epoch + 1))
+            record.update(self.evaluate(epoch + 1))
         self.metrics.write(record)
         if acc.is_main_process:
             self.logger.log(record, step=epoch)
