@@ -118,4 +118,4 @@ def test_a_fresh_run_never_overwrites_a_users_files(tiny_cache, tmp_path) -> Non
         run_in_process([*RESUMABLE, "train.epochs=1"], run_dir)
     assert (run_dir / "samples" / "epoch_0000.png").read_bytes() == b"my picture"
     assert (run_dir / "git_commit.txt").read_text() == "my notes\n"
-    assert sorted(p.name for p in run_dir.iterdir()) == [runlock.LOCK_NAME, "git_commit.txt", "samples"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["git_commit.txt", "samples"]  # no lock file left

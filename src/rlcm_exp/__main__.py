@@ -148,12 +148,17 @@ def main() -> None:
     locked = exit_on_config_error(lambda: lock_named_run_dir(sys.argv[1:]))
     try:
         hydra_main()
-    except BaseException:  # Hydra refused the overrides before the job ran: the folder locked above
-        if locked is not None and created_by_this_command(locked):
-            clean_up_unstarted(locked, "", date_folder=False)
-            for parent in CREATED_PARENTS:  # as they were: Hydra creates nothing for refused overrides
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+    except BaseException:  # a failed start (Hydra refused the overrides, or the job failed)
+        if locked is not None:
+            key = locked.resolve()
+            if created_by_this_command(locked):
+                clean_up_unstarted(locked, "", date_folder=False)
+                for parent in CREATED_PARENTS:  # as they were: Hydra creates nothing for refused overrides
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            runlock.release(
+                key, unstarted=not (locked / "config.yaml").exists()
+            )  # a user's folder: our lock file goes
         raise
 
 

@@ -5,12 +5,14 @@ OOM, a node reboot), so a dead run never leaves a stale lock behind and nothing 
 up by hand. A second run, or a second `resume=auto`, into a locked run dir is refused with one line
 naming the holder. The lock is re-entrant within a process (the entry point takes it before Hydra
 writes into the folder, `train` takes it again), so each of them can hold it without knowing the
-other. The lock file itself is never deleted while a run may use the folder (deleting a lock file
-lets two processes lock two different files); it goes only with a run dir that never started.
+other. A start that fails before its run began removes the lock file if it created it, while still
+holding the lock; `acquire` checks after locking that the file it locked is still the one at the
+path (else it locks again), so a removed lock file never lets two processes own one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ class RunDirBusy(ConfigError):
 class _Held:
     fd: int
     count: int
+    created: bool  # this process created the lock file (a failed start removes it again)
 
 
 _HELD: dict[Path, _Held] = {}  # resolved run dir -> this process's lock on it
@@ -53,6 +56,23 @@ def acquire(run_dir: Path) -> Path:
         held.count += 1
         return key
     lock_path = key / LOCK_NAME
+    while True:
+        created = not lock_path.exists()
+        fd = _lock(key, lock_path)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:  # removed by a failed start between our open and our lock
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = _Held(fd, 1, created)
+    return key
+
+
+def _lock(key: Path, lock_path: Path) -> int:
     try:  # O_CREAT without O_TRUNC: an existing file (a dead run's) is reused, never emptied first
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
@@ -67,17 +87,19 @@ def acquire(run_dir: Path) -> Path:
             f"{key} is in use by a live run ({_holder(lock_path)} holds {LOCK_NAME}); one process per run "
             "dir: wait for it to end (or stop it: SIGTERM checkpoints), or use another hydra.run.dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = _Held(fd, 1)
-    return key
+    return fd
 
 
-def release(key: Path) -> None:
+def release(key: Path, unstarted: bool = False) -> None:
+    """Undo one `acquire`; the last one drops the lock. `unstarted`: the run never began (a failed
+    start), so a lock file this process created is removed first, under the lock."""
     held = _HELD[key]
     held.count -= 1
     if held.count == 0:
         del _HELD[key]
+        if unstarted and held.created:
+            with contextlib.suppress(OSError):
+                (key / LOCK_NAME).unlink()
         os.close(held.fd)  # closing the last descriptor drops the flock
 
 
@@ -92,5 +114,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     key = acquire(run_dir)
     try:
         yield
-    finally:
-        release(key)
+    except BaseException:
+        release(key, unstarted=not (key / "config.yaml").exists())  # config.yaml: written once it starts
+        raise
+    release(key)
