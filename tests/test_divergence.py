@@ -28,7 +28,6 @@ def test_nonfinite_names_what_is_not_finite() -> None:
     assert nonfinite({"loss": 0.1, "grad_norm": 2.0, "ratio_first": 1.0}, finite, True) == []
 
 
-@pytest.mark.slow
 def test_a_learning_rate_of_1e30_stops_the_run_and_no_summary_ranks_it(tmp_path) -> None:
     run_dir = tmp_path / "sweep" / "lr_1e30"
     with pytest.raises(Diverged, match=r"diverged at epoch 1: non-finite loss nan.*optimizer\.lr=1e\+30"):
