@@ -7,6 +7,7 @@ CPU. See conf/config.yaml for every key; the run itself is `rlcm_exp.training.bu
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -93,6 +94,8 @@ def lock_named_run_dir(argv: list[str]) -> Path | None:
     anything of this one is written. (A timestamped run dir is new: `train` takes its lock.)
     Returns the folder locked, if any."""
     if any(a.split("=")[0] in NO_RUN_FLAGS for a in argv):
+        return None
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: the main process owns the dir
         return None
     for arg in argv:
         key, _, value = arg.lstrip("+~").partition("=")
