@@ -16,8 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from rlcm_exp.configs import HYDRA_CONFIG_PATH, OUTPUT_DIR_KEYS, check_output_dirs, register_help_resolver
-from rlcm_exp.errors import exit_on_config_error
+from rlcm_exp.errors import ConfigError, RunStopped, exit_on_config_error
 from rlcm_exp.secrets import redact_output
+from rlcm_exp.training import runlock
 
 register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/hydra/help/)
 
@@ -45,17 +46,23 @@ def hydra_main(cfg: DictConfig) -> None:
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except RunStopped as err:  # diverged, a reward that hung: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except BaseException:  # a config error (SystemExit 2), a bug, Ctrl-C: maybe a run that never started
         if created_by_this_command(run_dir):
-            remove_if_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)
+            clean_up_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)
         raise
 
 
 # run dirs (and sweep dirs) named on the command line that existed before this command ran: never
 # removed, even when a failed start left only Hydra's files there. None: one could not be told.
 PREEXISTING: list[Path] | None = []
+CREATED_PARENTS: list[Path] = []  # parents of hydra.run.dir that lock_named_run_dir created
 NAMED_DIR = False  # hydra.run.dir or hydra.sweep.dir given: its parent is the user's, never removed
 HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into RUN_DIR/.hydra
+# flags after which Hydra runs no job (help, printing the config, a sweep): no run dir to lock early
+NO_RUN_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-m", "--multirun", "-sc"}
 
 
 def note_preexisting_dirs(argv: list[str]) -> list[Path] | None:
@@ -82,6 +89,42 @@ def created_by_this_command(run_dir: Path) -> bool:
     return not any(path == p or p in path.parents for p in PREEXISTING)
 
 
+def lock_named_run_dir(argv: list[str]) -> Path | None:
+    """`hydra.run.dir=PATH` given: take PATH's lock (training/runlock.py) before Hydra writes its own
+    files there, held until this process ends; a live run there refuses this one with one line, before
+    anything of this one is written. (A timestamped run dir is new: `train` takes its lock.)
+    Returns the folder locked, if any."""
+    if any(a.split("=")[0] in NO_RUN_FLAGS for a in argv):
+        return None
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: the main process owns the dir
+        return None
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "hydra.run.dir" and value and "${" not in value:
+            folder = Path(value).expanduser().absolute()
+            CREATED_PARENTS[:] = [p for p in folder.parents if not p.exists()]  # deepest first
+            try:
+                folder.mkdir(parents=True, exist_ok=True)  # check_output_dirs probed that it can be
+            except OSError as err:
+                raise ConfigError(f"hydra.run.dir={value}: the folder cannot be created ({err})") from err
+            runlock.acquire(folder)
+            return folder
+    return None
+
+
+def clean_up_unstarted(run_dir: Path, job_log: str, date_folder: bool) -> None:
+    """remove_if_unstarted under the run dir's lock: never while another process holds it (when two
+    starts race into one new folder, the one refused must not delete the folder the other uses)."""
+    try:
+        key = runlock.acquire(run_dir)
+    except ConfigError:  # held by another process, or gone
+        return
+    try:
+        remove_if_unstarted(run_dir, job_log, date_folder)
+    finally:
+        runlock.release(key)
+
+
 def remove_if_unstarted(run_dir: Path, job_log: str, date_folder: bool = False) -> None:
     """Remove a run dir that holds nothing but Hydra's own files (.hydra/ and the job log): the run
     never started, and a folder per failed attempt would bury the real runs. Anything else there
@@ -89,7 +132,7 @@ def remove_if_unstarted(run_dir: Path, job_log: str, date_folder: bool = False) 
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
-        if entry.name == job_log and entry.is_file() and not entry.is_symlink():
+        if entry.name in (job_log, runlock.LOCK_NAME) and entry.is_file() and not entry.is_symlink():
             continue
         own = entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink()
         if own and all(f.name in HYDRA_FILES and f.is_file() for f in entry.iterdir()):
@@ -107,7 +150,21 @@ def main() -> None:
     PREEXISTING = note_preexisting_dirs(sys.argv[1:])  # before anything is created
     NAMED_DIR = any(a.lstrip("+~").startswith(tuple(k + "=" for k in OUTPUT_DIR_KEYS)) for a in sys.argv[1:])
     exit_on_config_error(lambda: check_output_dirs(sys.argv[1:]))
-    hydra_main()
+    locked = exit_on_config_error(lambda: lock_named_run_dir(sys.argv[1:]))
+    try:
+        hydra_main()
+    except BaseException:  # a failed start (Hydra refused the overrides, or the job failed)
+        if locked is not None:
+            key = locked.resolve()
+            if created_by_this_command(locked):
+                clean_up_unstarted(locked, "", date_folder=False)
+                for parent in CREATED_PARENTS:  # as they were: Hydra creates nothing for refused overrides
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            runlock.release(
+                key, unstarted=not (locked / "config.yaml").exists()
+            )  # a user's folder: our lock file goes
+        raise
 
 
 if __name__ == "__main__":

@@ -41,3 +41,8 @@ def exit_on_config_error(fn: Callable[[], T]) -> T:
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the previous one is untouched) or does not fit this model."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped for a reason its message states (diverged, a reward that hung): the entry point
+    prints the message as one line and exits 1, no traceback."""

@@ -196,6 +196,24 @@ def wandb_logger(
     return WandbLogger(project, entity, group, tags or [], mode)
 
 
+DIVERGED_FILE = "diverged.json"  # in a run dir whose run diverged: {"epoch": N, "what": [...], "message"}
+
+
+def mark_diverged(run_dir: Path, epoch: int, bad: list[str], message: str) -> None:
+    (run_dir / DIVERGED_FILE).write_text(json.dumps({"epoch": epoch, "what": bad, "message": message}) + "\n")
+
+
+def diverged_at(run_dir: Path) -> int | None:
+    """The epoch at which the run in run_dir diverged, None if it did not."""
+    path = Path(run_dir) / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # a damaged marker still marks the run
+
+
 class MetricsFile:
     """Append-only JSON lines, one object per epoch; each line flushed so a crash loses at most one epoch."""
 
@@ -221,17 +239,23 @@ class MetricsFile:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn line (a kill mid-write leaves the last one half
-    written) is dropped with a warning, so a resume rewrites it whole."""
-    records = []
+    """The records of a JSON-lines file. A torn last line (a kill mid-write leaves it half written) is
+    dropped with a warning, so a resume rewrites it whole; a bad line anywhere else is damage, not a
+    torn write: ConfigError naming the file and the line."""
+    records, torn = [], None
     with Path(path).open() as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            if torn is not None:
+                raise ConfigError(
+                    f"{path}: line {torn} is not a JSON record and is not the last line, so it is damage "
+                    "(an edit, a disk error), not a write cut short by a kill; restore the file or remove the line"
+                )
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                warnings.warn(
-                    f"{path}: line {number} is torn (a write was interrupted); dropped", stacklevel=2
-                )
+                torn = number
+    if torn is not None:
+        warnings.warn(f"{path}: line {torn} is torn (a write was interrupted); dropped", stacklevel=2)
     return records

@@ -91,6 +91,8 @@ LIST_RULES: dict[str, ListRule] = {
         Rule("name"), what="UNet layers that get a LoRA", example="[to_q,to_k,to_v,to_out.0]"
     ),
 }
+MAX_SAMPLES_PER_EPOCH = 2**20  # GLOBAL trajectories per round (the paper's rounds: 32 to 320)
+MAX_EVAL_SEEDS = 1024  # held-out seeds per prompt
 
 RULES: dict[str, Rule] = {
     "seed": _int(0, SEED_MAX, "global seed"),
@@ -98,7 +100,9 @@ RULES: dict[str, Rule] = {
     "mixed_precision": Rule("choice", choices=("auto", "no", "fp16", "bf16")),
     "tf32": BOOL,
     "train.epochs": _int(1, None, "sampling rounds"),
-    "train.samples_per_epoch": _int(1, None, "GLOBAL trajectories per round"),
+    # sizes bounded before anything is allocated: a round's trajectories (images, latents, log-probs)
+    # and the held-out images live in memory at once; 2^20 trajectories of 64x64 images alone are 48 GiB
+    "train.samples_per_epoch": _int(1, MAX_SAMPLES_PER_EPOCH, "GLOBAL trajectories per round"),
     "train.sample_batch_size": _int(1, None, "PER PROCESS trajectories per sampling forward"),
     "train.train_batch_size": _int(1, None, "PER PROCESS trajectories per minibatch"),
     "train.samples_per_step": _int(1, None, "GLOBAL trajectories per optimizer step"),
@@ -108,13 +112,16 @@ RULES: dict[str, Rule] = {
     "train.save_images": _int(0),
     "train.save_images_every": _int(0),
     "train.reward_workers": _int(0, 64),
+    "train.reward_timeout_s": Rule(
+        "float", 0.0, 7 * 86400, low_open=True, nullable=True, what="s per reward call"
+    ),
     "train.max_nonfinite_in_a_row": _int(1),
     "train.reward_server_gpus": _int(0),
     "train.checkpoint_every": _int(0),
     "train.keep_last": _int(0),
     "train.dump_rollouts": BOOL,
     "train.eval_every": _int(0),
-    "train.eval_seeds": _int(1),
+    "train.eval_seeds": _int(1, MAX_EVAL_SEEDS, "seeds per held-out prompt"),
     "train.max_wallclock_s": Rule(
         "float", 0.0, None, low_open=True, nullable=True, what="training budget in s"
     ),

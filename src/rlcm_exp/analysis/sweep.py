@@ -21,6 +21,7 @@ from typing import Any
 from rlcm_exp.analysis.runs import Run, differing_keys, read_evals, seed_mean_curve, time_to_threshold
 from rlcm_exp.analysis.tables import fmt, markdown_table
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.tracking import diverged_at
 
 THRESHOLD_RULE = "the lowest final seed-mean over the groups (runs that differ only in seed)"
 
@@ -78,6 +79,7 @@ def run_rows(runs: Sequence[Run], root: Path, metric: str, threshold: float) -> 
                 **{k: run.flat_config.get(k) for k in keys},
                 "epochs": len(values),
                 "final": values[-1],
+                "diverged_epoch": diverged_at(run.path),  # such a run's values are not results
                 "best": values[best],
                 "best_epoch": run.records[best].get("epoch", best),
                 "heldout_before": before,
@@ -149,7 +151,7 @@ def sweep_markdown(
     run_cols += ["wall-clock to threshold (s)", "reward queries to threshold"]
     cells = [
         [
-            *(r["run"], *(fmt(r[k]) for k in keys), r["epochs"], r["final"]),
+            *(r["run"], *(fmt(r[k]) for k in keys), r["epochs"], _final(r)),
             f"{fmt(r['best'])} ({r['best_epoch']})",
             *(r["heldout_before"], r["heldout_after"], r["wallclock_s"], r["reward_queries"]),
             *(r["wallclock_s_to_threshold"], r["reward_queries_to_threshold"]),
@@ -186,7 +188,14 @@ def sweep_markdown(
     )
 
 
+def _final(row: dict[str, Any]) -> Any:
+    if row["diverged_epoch"] is None:
+        return row["final"]
+    return f"DIVERGED at epoch {row['diverged_epoch']} (last finite: {fmt(row['final'])})"
+
+
 RUN_COLUMNS = {
+    "diverged_epoch",
     *("run", "epochs", "final", "best", "best_epoch", "heldout_before", "heldout_after"),
     *(
         "wallclock_s",

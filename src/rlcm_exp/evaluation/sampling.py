@@ -28,6 +28,24 @@ def image_name(index: int) -> str:
     return f"{index:04d}.png"
 
 
+MAX_IMAGES_PER_PROMPT = 100_000
+MAX_IMAGES = 1_000_000  # a request's jobs are listed before the first image: bounded before allocation
+MAX_BATCH_SIZE = 1024  # images per sampler forward
+
+
+def check_sizes(images_per_prompt: int, batch_size: int, prompts: int) -> None:
+    """Bounds on what a request allocates, checked before anything is (a ConfigError naming the key)."""
+    if images_per_prompt > MAX_IMAGES_PER_PROMPT:
+        raise ConfigError(f"images_per_prompt={images_per_prompt}: at most {MAX_IMAGES_PER_PROMPT:,}")
+    if images_per_prompt * prompts > MAX_IMAGES:
+        raise ConfigError(
+            f"images_per_prompt={images_per_prompt} x {prompts} prompts = {images_per_prompt * prompts:,} images: "
+            f"at most {MAX_IMAGES:,} per request; split it into several"
+        )
+    if batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"batch_size={batch_size}: at most {MAX_BATCH_SIZE} images per sampler forward")
+
+
 def check_request(cfg: DictConfig) -> list[str]:
     """The prompts, or a ConfigError naming the key: every check that needs no model, so a bad
     request is refused before anything loads."""
@@ -42,6 +60,7 @@ def check_request(cfg: DictConfig) -> list[str]:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             raise ConfigError(f"{key}={value!r}: must be an integer" + (f" >= {low}" if low else ""))
+    check_sizes(int(cfg.images_per_prompt), int(cfg.batch_size), len(prompts))
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ConfigError(f"overwrite={cfg.get('overwrite')!r}: must be true or false")
     return [str(p) for p in prompts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.failures import RankFailures
-from rlcm_exp.training.rundir import check_run_dir, reset_records, resume_candidates
+from rlcm_exp.training.rundir import (
+    check_identity,
+    check_run_dir,
+    reset_records,
+    resume_candidates,
+    run_identity,
+)
+from rlcm_exp.training.runlock import run_dir_lock
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
 from rlcm_exp.training.trainer import Preempted, Trainer
 from rlcm_exp.training.update import Optimization
@@ -138,6 +146,7 @@ def build_trainer(
         callbacks=callbacks,
         gold_reward_fn=build_reward(gold, accelerator.device) if gold is not None else None,
         normalisation=normalisation,
+        run_identity=run_identity(cfg),
     )
 
 
@@ -178,7 +187,9 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
         accelerator.wait_for_everyone()
         failures.watch()  # another rank's failure ends this process with its one line
     try:
-        return _train(cfg, run_dir, accelerator, callbacks)
+        # one process owns a run dir for the run's life (the main one; the others share its folder)
+        with run_dir_lock(run_dir) if accelerator.is_main_process else nullcontext():
+            return _train(cfg, run_dir, accelerator, callbacks)
     except Preempted:
         raise  # every rank stops together (the stop request is gathered)
     except Exception as err:
@@ -192,13 +203,15 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
 def _train(
     cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback]
 ) -> list[dict[str, Any]]:
-    """`train` once the accelerator and the shared run dir exist."""
+    """`train` once the run dir is this process's: checks, build, resume, fit."""
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
     # the image size against the VAE's factor, read from the member's config: no weights load
     check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))
     check_run_dir(cfg, run_dir)  # a fresh run never lands on another; a resume must be the same run
     check_checkpoint_folders(run_dir)  # checkpoints/ or a checkpoint in it replaced by a file: one line
     candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)
+    # each checkpoint a resume may load is this run's, config.yaml or not (refused naming the keys)
+    check_identity(candidates, run_identity(cfg), run_dir, cfg.resume)
     if accelerator.is_main_process:
         redact_run_dir(run_dir)  # Hydra's own copies hold the secrets until then, even if the build fails
     trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_logger(cfg, accelerator))

@@ -6,6 +6,7 @@ marker, so a crash or a full disk never leaves a half-written checkpoint where r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,10 +30,45 @@ from rlcm_exp.models.lora import write_lora_weights
 #   rng_rank{r}.pt                     python / numpy / torch CPU / CUDA RNG of each process
 #   state.json                         epoch, counters, time offsets, per-prompt buffers, wandb id
 #   ema.pt                             EMA of the LoRA weights (train.ema_decay set), tensors only
+#   checksums.json                     sha256 of every file above: a damaged file is detected, not loaded
 #   COMPLETE                           written last, before the atomic rename
 
 
 CHECKPOINT_PREFIX = "epoch_"
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder (but the checksums and the COMPLETE marker)."""
+    return {
+        p.name: _sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in (CHECKSUMS, "COMPLETE")
+    }
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise CheckpointError naming the first file of `folder` whose bytes are not those written (or
+    that is missing, or unlisted): a flipped bit or a truncated file is never loaded."""
+    try:
+        listed = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / CHECKSUMS} is missing or unreadable ({err})") from err
+    found = checksums(folder)
+    for name in sorted(set(listed) | set(found)):
+        if listed.get(name) != found.get(name):
+            what = "missing" if name not in found else "not listed" if name not in listed else "changed"
+            raise CheckpointError(
+                f"{folder / name}: checksum mismatch ({what} since the checkpoint was written)"
+            )
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,12 +124,14 @@ def write_checkpoint(
     barrier: Any,
     keep_last: int,
     extra: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write every process's part into folder.tmp, then (main process) mark complete and rename.
 
     A crash at any point leaves either the previous checkpoints only, or a `.tmp` folder that no
     loader reads; `barrier` synchronises the processes (accelerator.wait_for_everyone). `extra`:
-    more main-process parts, each written as NAME.pt (tensors and plain containers only).
+    more main-process parts, each written as NAME.pt (tensors and plain containers only). `rng`: the
+    RNG state to save (default: this moment's; a preemption mid-epoch saves the epoch start's).
     """
     tmp = folder.with_name(folder.name + ".tmp")
     try:
@@ -101,7 +139,7 @@ def write_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{rank}.pt")
         if is_main:
             write_lora_weights(unet, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -113,6 +151,7 @@ def write_checkpoint(
                 torch.save(value, tmp / f"{name}.pt")
         barrier()
         if is_main:
+            (tmp / CHECKSUMS).write_text(json.dumps(checksums(tmp), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -189,8 +228,11 @@ def latest_checkpoint(run_dir: Path, world_size: int) -> Path | None:
 
 
 def read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:
-    """Load (never unpickle arbitrary objects: weights_only=True) the parts of a complete checkpoint."""
+    """Load (never unpickle arbitrary objects: weights_only=True) the parts of a complete checkpoint,
+    once their checksums match (CheckpointError otherwise)."""
     from safetensors.torch import load_file
+
+    verify_checksums(folder)
 
     def load(name: str) -> Any:
         return torch.load(folder / name, map_location=device, weights_only=True)

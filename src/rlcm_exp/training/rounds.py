@@ -4,10 +4,13 @@ advantages of the gathered round. The update (update.py) is the second half.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +30,39 @@ from rlcm_exp.training.update import derive_seed
 Rewards = dict[str, torch.Tensor]
 
 
+class DaemonPool:
+    """`submit` as ThreadPoolExecutor's, on daemon threads: concurrent.futures joins its workers when
+    the process exits, so one reward call that hangs would keep a preempted run alive; these threads
+    never hold up the exit. `shutdown` never waits."""
+
+    def __init__(self, workers: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"reward-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # delivered to whoever waits on the future
+                    future.set_exception(err)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
 class RoundSampler:
     """Samples this process's share of a round and scores it with the task's reward."""
 
@@ -43,7 +79,7 @@ class RoundSampler:
     ) -> None:
         self.policy, self.reward_fn, self.prompts = policy, reward_fn, list(prompts)
         self.accelerator, self.plan, self.seed, self.group_size = accelerator, plan, seed, group_size
-        self.pool = ThreadPoolExecutor(reward_workers) if reward_workers > 0 else None
+        self.pool = DaemonPool(reward_workers) if reward_workers > 0 else None
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[Rewards, float]:
         start = time.perf_counter()
@@ -96,7 +132,7 @@ class RoundSampler:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown()
 
 
 class RoundAdvantages:

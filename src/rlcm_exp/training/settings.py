@@ -35,6 +35,9 @@ class TrainSettings:
     save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
     save_images_every: int = 0  # also save a grid every N epochs (0: only first and last)
     reward_workers: int = 1  # threads scoring rewards while the next batch samples (0: score inline)
+    # longest one reward call may take, seconds (training and held-out evaluation): past it the run
+    # stops with a one-line error (checkpointing the last finished epoch); null: no bound
+    reward_timeout_s: float | None = 3600.0
     max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
     checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)

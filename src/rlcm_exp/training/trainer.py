@@ -14,8 +14,8 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,20 @@ from rlcm_exp.models.lora import load_lora_into, save_lora
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
+from rlcm_exp.rewards.timeout import RewardTimeout, TimedReward
 from rlcm_exp.rl.multi_reward import RewardNormalisation
-from rlcm_exp.tracking import Logger, MetricsFile
+from rlcm_exp.tracking import DIVERGED_FILE, Logger, MetricsFile, mark_diverged
 from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
-from rlcm_exp.training.checkpoint import checkpoint_dir, read_checkpoint, set_rng_state, write_checkpoint
+from rlcm_exp.training.checkpoint import (
+    checkpoint_dir,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from rlcm_exp.training.divergence import Diverged, diverged_message, nonfinite
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.rounds import RoundAdvantages, RoundSampler
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
@@ -46,6 +54,12 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a chec
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE."""
+
+
+class Abandoned(BaseException):
+    """Raised by the SIGTERM/SIGUSR1 handler inside the phase that may be dropped (sampling and scoring
+    a round: nothing of the epoch is applied yet), so a reward that hangs cannot outlive preemption. A BaseException:
+    no `except Exception` of a reward or a library on the way swallows it."""
 
 
 def with_gold(reward_fn: RewardFn, gold_fn: RewardFn) -> RewardFn:
@@ -81,7 +95,13 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         gold_reward_fn: RewardFn | None = None,
         normalisation: RewardNormalisation | None = None,
+        run_identity: dict[str, Any] | None = None,
     ) -> None:
+        # every reward call bounded by train.reward_timeout_s, on a thread SIGTERM does not wait for
+        reward_fn = TimedReward(reward_fn, settings.reward_timeout_s)
+        gold_reward_fn = (
+            None if gold_reward_fn is None else TimedReward(gold_reward_fn, settings.reward_timeout_s)
+        )
         self.policy, self.algo, self.reward_fn, self.prompts = policy, algo, reward_fn, list(prompts)
         self.eval_prompts = list(eval_prompts or [])
         self.optimization, self.plan, self.settings = optimization, plan, settings
@@ -99,10 +119,16 @@ class Trainer:
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
         self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
+        self._interruptible = False  # in a phase the signal handler abandons at once (one process only)
+        self._untouched = True  # nothing of the current epoch applied yet: its state is the last epoch's
+        self._epoch_rng: dict[str, Any] | None = None  # every RNG at the current epoch's start
         self.budget_spent = False  # train.max_wallclock_s reached: this epoch is the run's last
         self.logger_run_id: str | None = None  # the tracker's run id, checkpointed: a resume continues it
         self.callbacks = list(callbacks)
         self.gold_reward_fn = gold_reward_fn
+        # run id + the config keys that define the run (rundir.run_identity), in every checkpoint: a
+        # resume proves it continues the same run; a restore adopts the checkpoint's
+        self.run_identity = run_identity
 
     # The optimizer side and the round's pieces under the names callers (tests, benchmarks) use.
     @property
@@ -138,11 +164,15 @@ class Trainer:
         boundary, then `Preempted` is raised."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        if self.accelerator.is_main_process:  # an earlier attempt's mark: this attempt decides anew
+            (self.run_dir / DIVERGED_FILE).unlink(missing_ok=True)
         if self.epoch == 0 and self._eval_due(0):  # the base model's held-out score: the "before"
             self.evaluate(0)
 
         def request_stop(signum: int, frame: Any) -> None:
             self.stop_requested = True
+            if self._interruptible:
+                raise Abandoned
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         records = []
@@ -152,7 +182,10 @@ class Trainer:
                     break
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
-                records.append(self.run_epoch(epoch))
+                try:
+                    records.append(self.run_epoch(epoch))
+                except (Abandoned, RewardTimeout) as stop:
+                    self._stop_mid_epoch(epoch, stop)
                 self._print_epoch(records[-1])
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch, records[-1])
@@ -185,6 +218,35 @@ class Trainer:
                 f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto"
             )
 
+    def _stop_mid_epoch(self, epoch: int, stop: BaseException) -> None:
+        """A signal (or a reward past its timeout) during epoch `epoch`: checkpoint the last finished
+        epoch when nothing of this one was applied yet (one process: the others would wait in the
+        checkpoint's barriers), then stop."""
+        saved = self._untouched and self.accelerator.num_processes == 1 and self.epoch > 0
+        if saved:
+            self._timed_checkpoint(lambda: self.save_checkpoint(rng=self._epoch_rng))
+        if isinstance(stop, RewardTimeout):
+            raise stop
+        done = f"checkpoint after epoch {self.epoch - 1} written" if saved else "no epoch finished yet"
+        raise Preempted(
+            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto"
+        ) from None
+
+    @contextmanager
+    def _abandonable(self) -> Iterator[None]:
+        """A phase the signal handler may abandon at once (Abandoned), single-process runs only: every
+        process must reach the same collectives. A stop asked for just before counts."""
+        if self.accelerator.num_processes > 1:
+            yield
+            return
+        if self.stop_requested:
+            raise Abandoned
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
     def _timed_checkpoint(self, write: Callable[[], Path]) -> None:
         start = time.perf_counter()
         folder = write()
@@ -211,12 +273,16 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         acc = self.accelerator
         start = time.perf_counter()
-        traj, rewards, timing = self.sample_round(epoch)
+        self._epoch_rng, self._untouched = rng_state(), True
+        with self._abandonable():
+            traj, rewards, timing = self.sample_round(epoch)
+        self._untouched = False  # from here on (the advantages' trackers, the update) the epoch applies
         advantages, reward_stats = self.advantages(traj.prompts, rewards)
         if self.settings.dump_rollouts:
             dump_rollouts(self.run_dir / "rollouts", epoch, self.rank, traj, rewards["reward"], advantages)
         t_train = time.perf_counter()
         update_stats = self.update(epoch, traj, advantages)
+        self._stop_if_diverged(epoch, update_stats)
         timing["time_train_s"] = time.perf_counter() - t_train
         self.reward_queries += self.plan.samples_per_epoch
         self.elapsed_s += time.perf_counter() - start
@@ -249,6 +315,19 @@ class Trainer:
             self.logger.log(record, step=epoch)
         self.epoch = epoch + 1
         return record
+
+    def _stop_if_diverged(self, epoch: int, stats: dict[str, float]) -> None:
+        """Diverged (and RUN_DIR/diverged.json) when the update left anything non-finite; every
+        process holds the same weights, so every process stops."""
+        grads_checked = self.accelerator.scaler is None  # fp16's scaler skips inf steps by design
+        bad = nonfinite(stats, self.params, grads_checked)
+        if not bad:
+            return
+        lr = float(self.optimization.lr_scheduler.base_lrs[0])
+        message = diverged_message(epoch, bad, lr, self.optimization.max_grad_norm)
+        if self.accelerator.is_main_process:
+            mark_diverged(self.run_dir, epoch, bad, message)
+        raise Diverged(message)
 
     def _diversity(self, traj: Trajectory) -> dict[str, float]:
         """The round's within-prompt diversity (evaluation/diversity.py) over every process's images;
@@ -352,9 +431,10 @@ class Trainer:
             "reward_normalisation": self.advantage.normalisation.state_dict(),  # per-component trackers
             "logger_run_id": self.logger_run_id,
             "world_size": self.accelerator.num_processes,
+            "run": self.run_identity,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
         acc = self.accelerator
         return write_checkpoint(
             checkpoint_dir(self.run_dir, self.epoch),
@@ -368,6 +448,7 @@ class Trainer:
             barrier=acc.wait_for_everyone,
             keep_last=self.settings.keep_last,
             extra={} if self.ema is None else {"ema": self.ema.state_dict()},
+            rng=rng,
         )
 
     def restore(self, candidates: Sequence[Path], fall_back: bool = True) -> Path | None:
@@ -415,6 +496,7 @@ class Trainer:
             state["nonfinite_in_a_row"],
             state["logger_run_id"],
         )
+        self.run_identity = state.get("run", self.run_identity)
         if acc.is_main_process:  # records past the checkpoint will be written again, identically
             for f in (self.metrics, self.eval_file):
                 f.truncate(lambda r: r.get("epoch", r.get("epochs_done", 0) - 1) < self.epoch)

@@ -1,0 +1,96 @@
+"""Nothing defeats preemption or hangs silently: every reward call is bounded by
+train.reward_timeout_s (rewards/timeout.py), SIGTERM stops a run within seconds even while a reward
+hangs in the trainer's reward thread (checkpointing the last finished epoch, exit 75), and sizes that
+would allocate without bound are refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlcm_exp.errors import ConfigError
+from rlcm_exp.evaluation.sampling import check_request
+from rlcm_exp.rewards.timeout import RewardTimeout, TimedReward
+from rlcm_exp.tracking import read_metrics
+
+from .helpers import RESUMABLE, cli_env, run_in_process, train_subprocess
+
+HANGING = ["reward=custom", "reward._target_=tests.user_reward.hangs", "train.eval_every=0"]
+
+
+def test_a_reward_call_past_its_timeout_raises_and_errors_pass_through() -> None:
+    def slow(images, prompts):
+        time.sleep(30)  # left behind on its daemon thread
+
+    def broken(images, prompts):
+        raise KeyError("inside the reward")
+
+    images = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(RewardTimeout, match=r"2 image\(s\) within train.reward_timeout_s=0.2 s"):
+        TimedReward(slow, 0.2)(images, ["a", "b"])
+    with pytest.raises(KeyError, match="inside the reward"):
+        TimedReward(broken, 5.0)(images, ["a", "b"])
+    assert TimedReward(lambda i, p: [1.0] * len(p), None)(images, ["a", "b"]) == [1.0, 1.0]
+
+
+def test_a_hung_reward_stops_the_run_after_its_timeout(tiny_cache, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RLCM_TEST_HANG_AFTER", "0")  # the first call hangs (for 20 s, on its own thread)
+    monkeypatch.setenv("RLCM_TEST_HANG_S", "20")
+    with pytest.raises(RewardTimeout, match="train.reward_timeout_s=0.5"):
+        run_in_process([*RESUMABLE, *HANGING, "train.reward_timeout_s=0.5"], tmp_path / "run")
+
+
+@pytest.mark.parametrize("override", ["train.samples_per_epoch=2000000000", "train.eval_seeds=1000000000"])
+def test_sizes_in_the_billions_are_refused_before_anything_is_allocated(tmp_path, override) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=\d+ .*is not valid: expected an integer >= 1 and <= \d+"):
+        run_in_process([*RESUMABLE, override], tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        ({"images_per_prompt": 10**9}, "images_per_prompt=1000000000: at most 100,000"),
+        ({"images_per_prompt": 1000, "prompts": ["a"] * 2000}, "2,000,000 images: at most 1,000,000"),
+        ({"batch_size": 10**6}, "batch_size=1000000: at most 1024"),
+    ],
+)
+def test_sample_sizes_are_bounded(request_, needle) -> None:
+    cfg = OmegaConf.create(
+        {"prompts": ["a cat"], "images_per_prompt": 1, "batch_size": 4, "seed": 0, **request_}
+    )
+    with pytest.raises(ConfigError, match=needle):
+        check_request(cfg)
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_sigterm_stops_a_run_whose_reward_hangs_and_checkpoints_the_last_epoch(tiny_cache, tmp_path) -> None:
+    run_dir, mark, err = tmp_path / "run", tmp_path / "hanging", tmp_path / "stderr.txt"
+    argv = [sys.executable, "-m", "rlcm_exp", *RESUMABLE, *HANGING, "train.checkpoint_every=0"]
+    env = {**cli_env(tiny_cache), "RLCM_TEST_HANG_AFTER": "2", "RLCM_TEST_HANG_MARK": str(mark)}
+    with err.open("w") as stderr:  # epochs 0 and 1 score; epoch 2's reward call hangs for an hour
+        proc = subprocess.Popen(
+            [*argv, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75, err.read_text()[-2000:]  # not an hour: the reward is left behind
+    assert "during epoch 2's sampling; checkpoint after epoch 1 written" in err.read_text()
+    state = json.loads((run_dir / "checkpoints" / "epoch_000002" / "state.json").read_text())
+    assert state["epoch"] == 2 and [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
+    resumed = train_subprocess(run_dir, tiny_cache, *HANGING, "train.checkpoint_every=0", "resume=auto")
+    assert "resumed from" in resumed.stdout
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
