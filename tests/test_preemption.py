@@ -94,3 +94,40 @@ def test_sigterm_stops_a_run_whose_reward_hangs_and_checkpoints_the_last_epoch(t
     resumed = train_subprocess(run_dir, tiny_cache, *HANGING, "train.checkpoint_every=0", "resume=auto")
     assert "resumed from" in resumed.stdout
     assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_round_is_bounded_by_its_memory_estimate_worked_by_hand() -> None:
+    """2 processes x 8 trajectories of T=3 transitions, 4x8x8 latents, 64 px images: each trajectory
+    holds 7 latents of 256 values and 3 x 64 x 64 image values, 4 bytes each."""
+    from rlcm_exp.training.batching import check_round_fits, plan_batches, round_bytes
+
+    plan = plan_batches(
+        world_size=2,
+        samples_per_epoch=16,
+        sample_batch_size=8,
+        train_batch_size=8,
+        samples_per_step=16,
+        inner_epochs=1,
+        transitions_per_trajectory=3,
+        timestep_fraction=1.0,
+    )
+    per_trajectory = 4 * (7 * 256 + 3 * 64 * 64)  # 56,320 bytes
+    assert round_bytes(plan, 256, 64) == 8 * per_trajectory
+    check_round_fits(plan, 256, 64, available=8 * per_trajectory * 2)  # fits within 80%
+    # 80% of 8 trajectories' bytes holds 6.4 per process: 6 x 2 processes
+    with pytest.raises(ConfigError, match=r"train\.samples_per_epoch=16: .* at most about 12 fit"):
+        check_round_fits(plan, 256, 64, available=8 * per_trajectory)
+
+
+def test_a_round_larger_than_the_free_memory_is_refused_before_sampling(tmp_path) -> None:  # noqa: ANN001
+    """Within the fixed bound (2^20) but not within this machine's memory for the toy model: refused
+    naming the key, after the model loads and before the first round."""
+    overrides = [
+        "model=toy",
+        "task=toy_compression",
+        "train.epochs=1",
+        f"train.samples_per_epoch={2**20}",
+        "train.sample_batch_size=64",
+    ]
+    with pytest.raises(ConfigError, match=r"train\.samples_per_epoch=1048576: .* GiB free; at most about"):
+        run_in_process(overrides, tmp_path)

@@ -198,3 +198,27 @@ def check_groups(group_size: int, sample_batch_size: int, train_batch_size: int,
             f"algo.loss pairs trajectories of one prompt: algo.group_size={group_size} must be even and divide "
             f"train.train_batch_size={train_batch_size} (PER PROCESS), so that every minibatch holds whole pairs",
         )
+
+
+def round_bytes(plan: BatchPlan, latent_elements: int, resolution: int) -> int:
+    """Bytes one process holds for a round's trajectories (float32): each trajectory's T states and T
+    next states, its final latent and its decoded image (3 x side x side). The conditioning, log-probs
+    and rewards are small beside these and left out."""
+    per_trajectory = (2 * plan.transitions_per_trajectory + 1) * latent_elements + 3 * resolution**2
+    return 4 * plan.samples_per_process * per_trajectory
+
+
+def check_round_fits(plan: BatchPlan, latent_elements: int, resolution: int, available: int) -> None:
+    """Refuse, before the first round allocates it, a round whose trajectories alone need more than
+    80% of the `available` bytes of the device that holds them: train.samples_per_epoch is bounded by
+    the model (latent size, resolution, transitions), not by a fixed number."""
+    need = round_bytes(plan, latent_elements, resolution)
+    if need > 0.8 * available:
+        per = need / plan.samples_per_process
+        fits = max(1, int(0.8 * available / per)) * plan.world_size
+        raise ConfigError(
+            f"train.samples_per_epoch={plan.samples_per_epoch}: a round's trajectories need about "
+            f"{need / 2**30:.1f} GiB per process ({plan.transitions_per_trajectory} transitions of "
+            f"{latent_elements} latent values and a {resolution} px image each), but the device has "
+            f"{available / 2**30:.1f} GiB free; at most about {fits} fit"
+        )

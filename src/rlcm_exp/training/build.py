@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.family import check_resolution
 from rlcm_exp.models.precision import Precision, apply_tf32, resolve_precision
+from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.build import build_policy
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.provenance import git_commit
@@ -31,7 +32,7 @@ from rlcm_exp.rewards.base import build_reward
 from rlcm_exp.rl.multi_reward import RewardNormalisation, SumOfRewards
 from rlcm_exp.secrets import redact, redact_run_dir
 from rlcm_exp.tracking import Logger, NullLogger
-from rlcm_exp.training.batching import BatchPlan, check_groups, plan_batches
+from rlcm_exp.training.batching import BatchPlan, check_groups, check_round_fits, plan_batches
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
@@ -107,6 +108,23 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
 
 
+def check_round_memory(plan: BatchPlan, policy: Policy, device: torch.device) -> None:
+    """The round's trajectories against the free memory of the device that holds them (a policy
+    without latent_channels / resolution / vae_scale, a user's own, is not estimated)."""
+    try:
+        side = policy.resolution // policy.vae_scale  # type: ignore[attr-defined]
+        elements = policy.latent_channels * side * side  # type: ignore[attr-defined]
+    except AttributeError:
+        return
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    check_round_fits(plan, elements, policy.resolution, available)  # type: ignore[attr-defined]
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -128,6 +146,7 @@ def build_trainer(
             "of 0), so there is no transition to train: raise sampler.noise_level / sampler.eta"
         )
     plan = check_batches(cfg, accelerator.num_processes, policy.num_transitions)
+    check_round_memory(plan, policy, accelerator.device)  # before the first round allocates it
     reward_fn = build_reward(cfg.reward, accelerator.device)
     prompts = instantiate(cfg.task.prompts)
     optimizer = instantiate(cfg.optimizer)(params)
