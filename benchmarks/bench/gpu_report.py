@@ -193,7 +193,7 @@ def render_gpu_markdown(report: dict[str, Any]) -> str:
         + (f" ({peak['flops_per_s'] / 1e12:.1f} TFLOP/s {peak['dtype']})" if peak else "")
         + ", training phase / whole round. The last column is the cheapest correctness check: before any "
         "optimizer step the ratios are 1, so a ratio_first_max_dev above the clip range (1e-4) or a nonzero "
-        "first-call clipfrac is precision noise (algo.update.recompute_old_log_probs).",
+        "first-call clipfrac is precision noise (algo.recompute_old_log_probs).",
         "",
         "| task | algo | per-GPU shape | variant | status | peak GiB | round s | sampling | reward wait "
         "| training | optimizer | other | rollout s/batch | MFU train / round "

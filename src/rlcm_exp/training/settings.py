@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.lora import LoraSettings
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.rl.objective import Loss, PPOLoss
@@ -80,6 +81,15 @@ class AlgoSettings:
     kl_coef: float = 0.0  # weight of the per-transition KL to the base model in the loss (0: none, the paper)
     # the algorithm's second half: (context, epoch, trajectories, advantages) -> metrics (training/update.py)
     update: Update = field(default_factory=PolicyGradientUpdate)
+    # auto | true | false: old log-probs recomputed in the training calls' layout and precision before
+    # a round's first step (PolicyGradientUpdate; auto: under fp16/bf16 only)
+    recompute_old_log_probs: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.recompute_old_log_probs not in (True, False, "auto"):
+            raise ConfigError(
+                f"algo.recompute_old_log_probs={self.recompute_old_log_probs!r}: use auto | true | false"
+            )
 
 
 @dataclass

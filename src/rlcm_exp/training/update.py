@@ -24,7 +24,6 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from rlcm_exp.errors import ConfigError
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
@@ -88,6 +87,7 @@ class AlgoView(Protocol):
     loss: Loss
     ppo: PPOSettings
     kl_coef: float
+    recompute_old_log_probs: bool | str  # auto | true | false (PolicyGradientUpdate)
 
 
 @dataclass
@@ -149,7 +149,7 @@ class PolicyGradientUpdate:
     accumulation: the update of RLCM, DDPO, GRPO and REBEL. The per-call loss is `algo.loss` (clipped
     PPO or REBEL), plus `algo.kl_coef` x the KL to the base model.
 
-    `recompute_old_log_probs`: before the first optimizer step, the round's old log-probs (of the
+    `algo.recompute_old_log_probs`: before the first optimizer step, the round's old log-probs (of the
     first inner epoch's trained transitions) are recomputed with the training calls' batch layout and
     precision, so that the first ratios are exactly 1. Under reduced precision the UNet's output
     depends on its batch size (~1e-2 for a bf16 SD UNet), sampling calls it at another size than
@@ -157,18 +157,17 @@ class PolicyGradientUpdate:
     (fp16/bf16), off in fp32 (where sampling and training agree to ~1e-6: fixed-seed results unchanged).
     Costs one no-grad forward per trained transition of the round."""
 
-    def __init__(self, recompute_old_log_probs: bool | str = "auto") -> None:
-        if recompute_old_log_probs not in (True, False, "auto"):
-            raise ConfigError(
-                f"algo.update.recompute_old_log_probs={recompute_old_log_probs!r}: use auto | true | false"
-            )
+    def __init__(self, recompute_old_log_probs: bool | str | None = None) -> None:
+        # None: `algo.recompute_old_log_probs` decides (the config's way); a value here overrides it
         self.recompute_old_log_probs = recompute_old_log_probs
         self._warned = False
 
     def recomputes(self, ctx: UpdateContext) -> bool:
-        if self.recompute_old_log_probs == "auto":
+        setting = self.recompute_old_log_probs
+        setting = ctx.algo.recompute_old_log_probs if setting is None else setting
+        if setting == "auto":
             return ctx.accelerator.mixed_precision != "no"
-        return bool(self.recompute_old_log_probs)
+        return bool(setting)
 
     def __call__(
         self, ctx: UpdateContext, epoch: int, traj: Trajectory, advantages: torch.Tensor
@@ -222,7 +221,7 @@ class PolicyGradientUpdate:
             warnings.warn(
                 f"ratio_first_max_dev={max_dev:.2e} exceeds algo.ppo.clip_range={clip:g} before any optimizer "
                 "step: sampling and training disagree numerically (reduced precision, a nondeterministic "
-                "kernel). Set algo.update.recompute_old_log_probs=true, mixed_precision=no, or a wider clip range.",
+                "kernel). Set algo.recompute_old_log_probs=true, mixed_precision=no, or a wider clip range.",
                 stacklevel=2,
             )
 
