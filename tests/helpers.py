@@ -6,6 +6,7 @@ Test modules import from here, never from one another; fixtures live in conftest
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw, ImageFont
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+CONF = ROOT / "conf"
 # a two-epoch-capable run on the random tiny family: seconds on one CPU core
 SMALL = [
     "model=tiny",
@@ -133,3 +135,62 @@ def render(words: list[str | None], size: tuple[int, int] = (256, 96)) -> torch.
             )
         out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
     return torch.stack(out)
+
+
+def free_port() -> int:
+    """A port for a server or a rendezvous that nothing listens on now, drawn at random below the
+    kernel's ephemeral range (32768-60999 on Linux): a port bound to 0 and closed may be handed to the
+    next caller, another test's process, at once; connections' own ports never land below the range."""
+    rng = random.Random()  # its own stream: the tests' seeded global RNGs would all draw the same port
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
+def run_ranks(
+    cmd: list[str], env: dict[str, str], log_dir: Path, world: int = 2, timeout_s: float = 300
+) -> list[tuple[int, str]]:
+    """`cmd` started `world` times as the ranks of one gloo group (as srun starts them: RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT set, no torchrun), from the checkout's root. Outputs go to files in
+    `log_dir` (a
+    rank that fills a pipe nobody reads would block), every rank is killed on the way out, and a
+    rendezvous whose port was taken in the meantime is retried on another one. Returns (exit code,
+    stdout and stderr) per rank."""
+    for _attempt in range(3):
+        port, procs, logs = free_port(), [], []
+        try:
+            for rank in range(world):
+                dist = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
+                rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                rank_env.update({k: str(v) for k, v in dist.items()})
+                logs.append((log_dir / f"rank{rank}.{port}.log").open("w+"))
+                procs.append(
+                    subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT)
+                )
+            deadline, timed_out = time.monotonic() + timeout_s, False
+            for p in procs:
+                try:
+                    p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+            outs = []
+            for log in logs:
+                log.seek(0)
+                outs.append(log.read())
+            assert not timed_out, f"a rank ran past {timeout_s} s:\n" + "\n".join(o[-2000:] for o in outs)
+            if not any("address already in use" in o.lower() for o in outs):
+                return [(p.returncode, o) for p, o in zip(procs, outs, strict=True)]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+    raise RuntimeError(f"three rendezvous ports were taken: {outs[0][-2000:]}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,11 @@ import torch
 
 from rlcm_exp.tracking import read_metrics
 
-from .helpers import SMALL, cli_env
+from .helpers import SMALL, cli_env, free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RUN = [*SMALL, "train.sample_batch_size=4", "train.epochs=2", "train.dump_rollouts=true"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tiny_cache: str, run_dir: Path, processes: int, cwd: Path) -> None:
@@ -85,30 +78,38 @@ def test_two_gloo_processes_match_one_process(tiny_cache, tmp_path) -> None:
 
 
 @pytest.mark.subprocess
-def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tiny_cache, tmp_path) -> None:
+def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path) -> None:
     """Two gloo processes started on their own (as srun starts ranks; torchrun would stop the other
     worker itself): rank 1's reward fails in epoch 1 while rank 0 waits in the round's gather. Both
-    stop at once, rank 0 with one line naming rank 1's error, not after the backend's timeout."""
-    port = free_port()
+    stop at once, rank 0 with one line naming rank 1's error, not after the backend's timeout. Both
+    start on an empty model cache: each builds the tiny family before the process group exists (on
+    rank 1 of a started group transformers would write its text encoder without weights)."""
     args = [
         *RUN, "train.epochs=3", "train.dump_rollouts=false", "train.eval_every=0", "reward=custom",
         "reward._target_=tests.user_reward.fails_on_rank", "+reward.after_calls=2",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    procs = []
-    for rank in (0, 1):
-        dist = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "MASTER_PORT": port}
-        env = {**cli_env(tiny_cache), "MASTER_ADDR": "127.0.0.1", **{k: str(v) for k, v in dist.items()}}
-        cmd = [sys.executable, "-m", "rlcm_exp", *args]
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    outs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] != [0, 0], outs
-    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
+    env = cli_env(str(tmp_path / "empty_cache"))
+    (code0, out0), (code1, out1) = run_ranks([sys.executable, "-m", "rlcm_exp", *args], env, tmp_path)
+    assert code0 != 0 and code1 != 0, (out0[-2000:], out1[-2000:])
     message = "rank 1 of 2 failed: RuntimeError: reward server unreachable (injected on rank 1)"
-    assert f"[rank 0] stopping: {message}" in outs[0], outs[0][-3000:]
-    assert "Traceback" not in outs[0], outs[0][-3000:]
-    assert "reward server unreachable" in outs[1]
+    assert f"[rank 0] stopping: {message}" in out0, out0[-3000:]
+    assert "Traceback" not in out0, out0[-3000:]
+    assert "reward server unreachable" in out1
+
+
+def test_a_synthetic_model_is_never_left_without_weights(tmp_path) -> None:
+    """On rank 1 of a started gloo group transformers' save_pretrained writes nothing (seen in CI: a
+    tiny family whose text encoder folders were empty). A build whose folders lack weights is refused
+    with one line and leaves nothing behind, so no later run loads it; train() builds before the
+    process group starts (the rank-failure test above starts both ranks on an empty cache)."""
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.models.synthetic import _build_once
+
+    def write(tmp: Path, tokenizer: object) -> None:  # what rank 1 wrote: a component folder, empty
+        (tmp / "lcm" / "text_encoder").mkdir(parents=True)
+        (tmp / "lcm" / "model_index.json").write_text("{}")
+
+    with pytest.raises(ConfigError, match=r"wrote no weights for lcm/text_encoder: .*rank > 0"):
+        _build_once(tmp_path / "cache", "tiny-test", write)
+    assert list((tmp_path / "cache").iterdir()) == []

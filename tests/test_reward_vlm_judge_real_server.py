@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,8 @@ from rlcm_exp.rewards.vlm_judge import (
     rubric_score,
     yes_probability,
 )
+
+from .helpers import free_port
 
 pytestmark = pytest.mark.subprocess  # every test here talks to a server process
 
@@ -156,12 +157,6 @@ def build_tiny_llava(folder: Path, yes_no_only: bool = False) -> None:
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

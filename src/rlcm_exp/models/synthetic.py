@@ -25,6 +25,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.hub import NO_SAFETY_CHECKER
 from rlcm_exp.tokenizer import write_clip_tokenizer
 
@@ -105,9 +106,34 @@ def _build_once(root: str | Path, version: str, write: Callable[[Path, CLIPToken
     with torch.random.fork_rng():
         write(tmp, CLIPTokenizer.from_pretrained(tok_folder))
     shutil.rmtree(tmp / "_tokenizer")
-    with contextlib.suppress(OSError):  # on failure another process won the race; its folder is complete
+    missing = missing_weights(tmp)
+    if missing:  # never renamed into place: every later run would fail to load it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(
+            f"building the synthetic model {final} wrote no weights for {', '.join(missing)}: a process "
+            "of rank > 0 in an initialised torch.distributed group cannot save transformers models; "
+            "build it before the process group starts (rlcm_exp's train does)"
+        )
+    try:
         tmp.rename(final)
+    except OSError:  # another process won the race: its folder is complete; drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def missing_weights(folder: Path) -> list[str]:
+    """The component folders under `folder` (any depth) left empty, or with a config.json but no
+    weights file."""
+    weights = ("*.safetensors", "*.bin")
+    return sorted(
+        str(d.relative_to(folder))
+        for d in folder.rglob("*")
+        if d.is_dir()
+        and (
+            not any(d.iterdir())
+            or ((d / "config.json").is_file() and not any(any(d.glob(w)) for w in weights))
+        )
+    )
 
 
 def _save_member(pipe: Any, folder: Path, tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:

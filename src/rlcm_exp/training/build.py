@@ -193,6 +193,9 @@ def start_logger(cfg: DictConfig, trainer: Trainer) -> None:
 def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
     """Run one training job into `run_dir` (the main process's; shared by every process)."""
     check_before_loading(cfg)  # types, ranges, `_target_`s and prompt files, before anything loads
+    # a family built from configs (tiny_*) writes its folders now, before the process group exists:
+    # transformers' save_pretrained writes nothing on a rank other than 0 of an initialised group
+    instantiate(cfg.model)
     accelerator = make_accelerator(cfg)
     run_dir = shared_run_dir(accelerator, run_dir)
     try:
