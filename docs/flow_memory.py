@@ -2,7 +2,7 @@
 real architectures, built from their published config.json values on the meta device (no weights, no
 download, no memory), and the activation arithmetic the table shows. Run:
 
-    PYTHONPATH=src python docs/flow_memory.py
+    PYTHONPATH=src:. python docs/flow_memory.py
 
 Estimates only, until `make gpu-check` measures them on a GPU. Not part of the package."""
 
@@ -12,44 +12,18 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from benchmarks.bench.full_models import CLIP_G_TEXT, SD3_VAE, SD15_TEXT, SD35_TRANSFORMERS, T5_XXL
+
 GIB = 2**30
-# transformer/config.json of each hub model (as published; only the sizes matter here)
-SD35_LARGE = dict(
-    attention_head_dim=64, num_attention_heads=38, num_layers=38, caption_projection_dim=2432,
-    in_channels=16, out_channels=16, joint_attention_dim=4096, pooled_projection_dim=2048,
-    patch_size=2, pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128,
-)  # fmt: skip
-SD35_MEDIUM = dict(
-    SD35_LARGE, num_attention_heads=24, num_layers=24, caption_projection_dim=1536,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-)  # fmt: skip
+# transformer/config.json sizes of the hub models: SD3.5's and its text encoders' are the GPU check's
+# (benchmarks/bench/full_models.py), FLUX.1's here
+SD35_LARGE, SD35_MEDIUM = SD35_TRANSFORMERS["sd35_large"], SD35_TRANSFORMERS["sd35_medium"]
 FLUX1 = dict(
     attention_head_dim=128, num_attention_heads=24, num_layers=19, num_single_layers=38, in_channels=64,
     joint_attention_dim=4096, pooled_projection_dim=768, patch_size=1, guidance_embeds=True,
 )  # fmt: skip
-CLIP_L = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
-)
-CLIP_G = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    projection_dim=1280,
-)
-T5_XXL = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-)
-VAE16 = dict(
-    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-)  # fmt: skip
+CLIP_L = {k: v for k, v in SD15_TEXT.items() if k != "hidden_act"}
+VAE16 = {k: v for k, v in SD3_VAE.items() if k not in ("scaling_factor", "shift_factor")}
 
 
 def count(module: torch.nn.Module) -> int:
@@ -116,8 +90,10 @@ def main() -> None:
             "SD3.5-Medium transformer": SD3Transformer2DModel(**SD35_MEDIUM),
             "FLUX.1-dev / schnell transformer": FluxTransformer2DModel(**FLUX1),
             "CLIP-L text (with projection)": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
-            "OpenCLIP bigG text (with projection)": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
-            "T5-XXL encoder": T5EncoderModel(T5Config(**T5_XXL)),
+            "OpenCLIP bigG text (with projection)": CLIPTextModelWithProjection(
+                CLIPTextConfig(**CLIP_G_TEXT)
+            ),
+            "T5-XXL encoder": T5EncoderModel(T5Config(vocab_size=32128, **T5_XXL)),
             "VAE (16 latent channels)": AutoencoderKL(**VAE16),
         }
     params = {name: count(m) for name, m in models.items()}
