@@ -5,7 +5,6 @@ one-line errors that come before any weights load."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -14,13 +13,11 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.family import ModelFamily, tiny_flux1_family, tiny_sd35_family
-from rlcm_exp.models.hub import MemberSource
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.flow import (
     FlowPolicy,
     build_flow_policy,
 )
-from rlcm_exp.policies.lcm import build_lcm_policy
 
 PROMPTS = ["a red cat", "a blue dog on a green background"]
 # conf/sampler/<kind>.yaml's defaults, as the CLI composes them
@@ -142,72 +139,85 @@ def test_the_training_window_records_only_the_chosen_steps(families) -> None:
 
 # ----------------------------------------------------------------------- errors before loading
 
-
-def unloadable(family: ModelFamily) -> ModelFamily:
-    """The family with members that cannot load: an error raised anyway came before loading."""
-    nowhere = MemberSource(local_path="/nonexistent/member")
-    return dataclasses.replace(family, diffusion=nowhere, lcm=nowhere)
-
-
-def test_a_flow_sampler_on_a_vp_family_and_the_reverse(families, tiny_family) -> None:
-    with pytest.raises(
-        ConfigError, match=r"sampler=flow_sde samples rectified flow, but model=tiny is VP"
-    ) as err:
-        build("flow_sde", unloadable(tiny_family))
-    assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match=r"sampler=lcm samples VP .* model=tiny_sd35 is rectified flow"):
-        build_lcm_policy(unloadable(families["tiny_sd35"]))
-
-
-def test_stochastic_steps_outside_the_schedule(families) -> None:
-    family = unloadable(families["tiny_sd35"])
-    with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[4\]"):
-        build("flow_sde", family, num_steps=4, stochastic_steps=[4])
-    with pytest.raises(ConfigError, match=r"sampler\.stochastic_steps=\[3\].*from \[0, 1, 2\]"):
-        build("flow_consistency", family, num_steps=4, stochastic_steps=[3])  # the last step is deterministic
-
-
-def test_guidance_a_member_does_not_support(families) -> None:
-    with pytest.raises(
-        ConfigError, match=r"sampler\.guidance_scale=3\.5: the lcm member .* no guidance embedding"
-    ):
-        build("flow_consistency", families["tiny_flux1"], guidance_scale=3.5)
-
-
-def test_a_resolution_patching_cannot_divide(families) -> None:
-    with pytest.raises(ConfigError, match=r"sampler\.resolution=34"):
-        build("flow_sde", families["tiny_flux1"], resolution=34)
-
-
-# ------------------------------------------------------------------------------ the smoke runs
-
-
-@pytest.mark.slow  # ~15-25 s of one core each (two epochs, held-out evaluation before and after)
-@pytest.mark.parametrize("model", ["tiny_sd35", "tiny_flux1"])
-@pytest.mark.parametrize(("algo", "sampler"), [("grpo", "flow_sde"), ("rlcm", "flow_consistency")])
-def test_flow_grpo_and_rlcm_smoke_runs(tiny_cache, tmp_path, model, algo, sampler) -> None:
-    """`python -m rlcm_exp model=M algo=A sampler=S task=compression train.epochs=2`, in process."""
-    from .helpers import run_in_process
-
-    overrides = [f"model={model}", f"algo={algo}", f"sampler={sampler}", "task=compression", "train.epochs=2"]
-    records = run_in_process(overrides, tmp_path)
-    assert [r["epoch"] for r in records] == [0, 1]
-    assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in records)
+# each class of issue 28's one-line errors: the CLI's overrides and the line, raised by the CLI's own
+# config check (validation.check_before_loading) before any weights load
+BEFORE_LOADING = {
+    "flow sampler on a VP family": (
+        ["model=tiny", "algo=grpo", "sampler=flow_sde"],
+        r"sampler=flow_sde samples rectified flow, but model=tiny is VP",
+    ),
+    "VP sampler on a flow family": (
+        ["model=tiny_sd35", "sampler=lcm"],
+        r"sampler=lcm samples VP .* model=tiny_sd35 is rectified flow",
+    ),
+    "DDIM on a flow family": (["model=sd35_medium", "sampler=ddim", "~paper"], r"sampler=ddim samples VP"),
+    "few-step sampler without a few-step member": (
+        ["model=sd35_medium", "sampler=flow_consistency"],
+        r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs",
+    ),
+    "guidance the member does not support": (
+        ["model=tiny_flux1", "sampler=flow_consistency", "sampler.guidance_scale=3.5"],
+        r"sampler\.guidance_scale=3\.5: the lcm member .* no guidance embedding",
+    ),
+    "resolution the patching cannot divide": (
+        ["model=tiny_flux1", "algo=grpo", "sampler=flow_sde", "sampler.resolution=34"],
+        r"sampler\.resolution=34: .* 2x2 patches need a multiple of 4; use e\.g\. 32",
+    ),
+    "resolution the VAE cannot divide": (
+        ["model=tiny_sd35", "algo=grpo", "sampler=flow_sde", "sampler.resolution=33"],
+        r"sampler\.resolution=33 is not a positive multiple of the VAE's factor 2",
+    ),
+    "stochastic step outside the schedule": (
+        [
+            "model=tiny_sd35",
+            "algo=grpo",
+            "sampler=flow_sde",
+            "sampler.num_steps=4",
+            "sampler.stochastic_steps=[4]",
+        ],
+        r"sampler\.stochastic_steps=\[4\]",
+    ),
+    "stochastic step on the deterministic last step": (
+        [
+            "model=tiny_flux1",
+            "sampler=flow_consistency",
+            "sampler.num_steps=4",
+            "sampler.stochastic_steps=[3]",
+        ],
+        r"sampler\.stochastic_steps=\[3\].*from \[0, 1, 2\]",
+    ),
+}
 
 
-def test_a_few_step_sampler_on_a_family_without_a_few_step_member() -> None:
-    """model=sd35_medium (the real config; nothing is loaded) has no few-step member."""
-    from hydra.utils import instantiate
-
+@pytest.mark.parametrize("case", list(BEFORE_LOADING))
+def test_the_clis_config_check_refuses_before_any_model_loads(tiny_cache, monkeypatch, case: str) -> None:
     from rlcm_exp.configs import compose
+    from rlcm_exp.models import hub
+    from rlcm_exp.validation import check_before_loading
 
-    family = instantiate(compose(overrides=["model=sd35_medium"]).model)
-    assert family.process == "rectified_flow"
-    with pytest.raises(
-        ConfigError, match=r"model=sd35_medium has no lcm member .* sampler=flow_consistency needs"
-    ):
-        build("flow_consistency", family)
-    with pytest.raises(ConfigError, match=r"sampler=ddim samples VP"):
-        from rlcm_exp.policies.ddim import build_ddim_policy
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model loaded")
 
-        build_ddim_policy(family)
+    monkeypatch.setattr(hub, "load_pipeline", no_loading)
+    monkeypatch.setattr(ModelFamily, "load", no_loading)
+    overrides, message = BEFORE_LOADING[case]
+    with pytest.raises(ConfigError, match=message) as err:
+        check_before_loading(compose(overrides=[*overrides, "task=compression"]))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny_sd35", "algo=grpo", "sampler=flow_sde", "sampler.stochastic_steps=[0,9]"],
+        ["model=tiny_flux1", "sampler=flow_consistency", "sampler.resolution=32"],
+        ["model=tiny_flux1", "algo=grpo", "sampler=cps", "~paper", "sampler.guidance_scale=3.5"],
+        ["model=sd35_large", "sampler=flow_consistency"],
+        ["model=tiny"],
+    ],
+)
+def test_the_clis_config_check_passes_what_fits(tiny_cache, overrides: list[str]) -> None:
+    from rlcm_exp.configs import compose
+    from rlcm_exp.validation import check_before_loading
+
+    check_before_loading(compose(overrides=[*overrides, "task=compression"]))

@@ -1,6 +1,7 @@
 """`make gpu-check` at CPU scale: the whole path (random members in the hub layout, the aesthetic
 reward's CLIP + head from local paths, RLCM and DDPO rounds through the production `train` in two
-variants, the report) runs, and its JSON and markdown carry what benchmarks/README.md documents.
+variants, the flow rows (SD3.5-Medium Flow-GRPO, SD3.5-Large-Turbo few-step) on the tiny SD3.5
+members, the report) runs, and its JSON and markdown carry what benchmarks/README.md documents.
 Never a time is asserted."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench.gpu_plan import REFERENCE_GPUS, VARIANTS, paper_settings, round_scale
+from benchmarks.bench.gpu_plan import FLOW_ROUNDS, REFERENCE_GPUS, VARIANTS, paper_settings, round_scale
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = {"sampling", "reward_wait", "training", "optimizer", "other"}
@@ -49,9 +50,13 @@ def test_report_fields(report: tuple[dict, Path]) -> None:
     data, _ = report
     assert data["scale"] == "cpu-scale" and data["device_slug"] == "cpu"
     runs = data["runs"]
-    assert {(r["settings"]["algo"], r["variant"]["name"]) for r in runs} == {
+    flow = [r for r in runs if "architecture" in r["settings"]]  # the flow rows (issue 28)
+    assert {(r["settings"]["algo"], r["variant"]["name"]) for r in runs if r not in flow} == {
         (a, v.name) for a in ("rlcm", "ddpo") for v in VARIANTS[:2]
     }
+    assert [(r["settings"]["task"], r["settings"]["sampler"]) for r in flow] == [
+        (row[0], row[2]) for row in FLOW_ROUNDS
+    ]
     for r in runs:
         assert r["status"] == "ok", r
         assert set(r["measured"]["phases"]) == PHASES and r["measured"]["round_s"] > 0
@@ -63,7 +68,9 @@ def test_report_fields(report: tuple[dict, Path]) -> None:
         plan, v = r["batch_plan"], r["variant"]
         per_call = v["transitions_per_forward"] or plan["trained_transitions"]
         assert plan["transitions_per_forward"] == per_call
-        cfg_factor = 2 if r["settings"]["algo"] == "ddpo" else 1  # CFG doubles DDPO's training batch
+        # CFG doubles DDPO's training batch, and SD3's under guidance (the Flow-GRPO row)
+        guided_flow = r in flow and r["settings"]["guidance_scale"] > 1
+        cfg_factor = 2 if r["settings"]["algo"] == "ddpo" or guided_flow else 1
         assert r["unet_batches"]["train"] == plan["train_batch_size"] * per_call * cfg_factor
         # the correctness monitors: fp32 on a CPU, so the first ratios are 1 and nothing clips on the first call
         m = r["monitors"]

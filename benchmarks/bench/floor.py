@@ -116,15 +116,21 @@ class Floor:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         return self.policy.denoiser_inputs(x, 0, embeds, training)
 
+    def _call(self, args: tuple[torch.Tensor, torch.Tensor, dict[str, Any]]) -> torch.Tensor:
+        """The denoiser on `denoiser_inputs`, as the Policy protocol names the call: `(x, t, **kw)` for
+        a UNet, `(hidden_states=x, timestep=t, **kw)` for an SD3 / FLUX transformer."""
+        x, t, kw = args
+        if hasattr(self.policy.denoiser.config, "down_block_types"):  # a UNet
+            return self.policy.denoiser(x, t, **kw, return_dict=False)[0]
+        return self.policy.denoiser(hidden_states=x, timestep=t, **kw, return_dict=False)[0]
+
     def _unet_forward(self) -> None:
-        x, t, kw = self.sample_args
         with torch.no_grad(), self.acc.autocast():
-            self.policy.denoiser(x, t, **kw)
+            self._call(self.sample_args)
 
     def _unet_train(self) -> None:
-        x, t, kw = self.train_args
         with self.acc.autocast():
-            out = self.policy.denoiser(x, t, **kw).sample
+            out = self._call(self.train_args)
         out.float().mean().backward()
 
     def flops(self) -> dict[str, int]:

@@ -224,3 +224,119 @@ def build_aesthetic_reward(root: Path, small: bool = False, device: str = "cpu")
         "reward.head_sha256=null",
         f"reward.head_local_path={head}",
     ]
+
+
+# ------------------------------------------------------------- SD3.5 members for the flow rows
+
+# transformer/config.json of stabilityai/stable-diffusion-3.5-large (and -large-turbo, the same
+# architecture) and -medium (MMDiT-X: dual attention in its first 13 blocks); docs/flow_memory.py
+# counts their parameters from these
+SD35_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "sd35_large": {
+        "attention_head_dim": 64,
+        "num_attention_heads": 38,
+        "num_layers": 38,
+        "caption_projection_dim": 2432,
+        "in_channels": 16,
+        "out_channels": 16,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048,
+        "patch_size": 2,
+        "pos_embed_max_size": 192,
+        "qk_norm": "rms_norm",
+        "sample_size": 128,
+    },
+}
+SD35_TRANSFORMERS["sd35_medium"] = {
+    **SD35_TRANSFORMERS["sd35_large"],
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "caption_projection_dim": 1536,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+}
+CLIP_G_TEXT: dict[str, Any] = {  # laion/CLIP-ViT-bigG-14's text tower, SD3's text_encoder_2
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+T5_XXL: dict[str, Any] = {  # google/t5-v1_1-xxl's encoder, SD3's text_encoder_3 (the vocabulary is ours)
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+}
+SD3_VAE: dict[str, Any] = {
+    **SD15_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "sample_size": 1024,
+}
+SD3_T5_LENGTH = 256  # T5 tokens SD3 encodes (its pipelines' max_sequence_length)
+
+
+def _sd3_pipeline(root: Path, architecture: str, device: str) -> Any:
+    """A random full-size SD3.5 pipeline (`architecture`: sd35_medium | sd35_large), drawn on `device`."""
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+
+    from rlcm_exp.models.synthetic import sd3_pipeline, tiny_captions
+    from rlcm_exp.tokenizer import write_t5_tokenizer
+
+    clip_dir = write_clip_tokenizer(root / "_sd3_clip_tokenizer", FULL_WORDS, model_max_length=77)
+    t5_dir = write_t5_tokenizer(root / "_sd3_t5_tokenizer", tiny_captions(), model_max_length=SD3_T5_LENGTH)
+    tokenizer, t5_tokenizer = (
+        CLIPTokenizer.from_pretrained(str(clip_dir)),
+        T5Tokenizer.from_pretrained(t5_dir),
+    )
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    with torch.device(device):
+        clips = [
+            CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), **special, **sizes))
+            for sizes in (SD15_TEXT, CLIP_G_TEXT)
+        ]
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=0, eos_token_id=1, **T5_XXL))
+        transformer = diffusers.SD3Transformer2DModel(**SD35_TRANSFORMERS[architecture])
+        return sd3_pipeline(
+            transformer, diffusers.AutoencoderKL(**SD3_VAE), clips, tokenizer, t5, t5_tokenizer
+        )
+
+
+def build_full_sd3_member(root: Path, architecture: str, device: str = "cpu") -> Path:
+    """Write a random full-size SD3.5 pipeline (bf16 on disk, hub layout) for the GPU check's flow rows;
+    return its folder. Members built after the first share its text encoders, VAE and tokenizers
+    (linked, not copied: 11 GB of T5-XXL and CLIPs written once); only the transformer is their own."""
+    folder = root / architecture
+    if (folder / "model_index.json").is_file():
+        return folder
+    first = next((root / a for a in SD35_TRANSFORMERS if (root / a / "model_index.json").is_file()), None)
+    tmp = root / f".{architecture}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if first is None:
+        pipe = _sd3_pipeline(root, architecture, device)
+        pipe.to("cpu", torch.bfloat16)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):  # transformers 5 saves tokenizer.json only
+            write_clip_tokenizer(tmp / sub, FULL_WORDS, model_max_length=77)
+        shutil.copy(root / "_sd3_t5_tokenizer" / "spiece.model", tmp / "tokenizer_3" / "spiece.model")
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            transformer = diffusers.SD3Transformer2DModel(**SD35_TRANSFORMERS[architecture])
+        transformer.to("cpu", torch.bfloat16).save_pretrained(tmp / "transformer", safe_serialization=True)
+        shutil.copy(first / "model_index.json", tmp / "model_index.json")
+        for part in first.iterdir():
+            if part.is_dir() and part.name != "transformer":
+                (tmp / part.name).symlink_to(part.resolve(), target_is_directory=True)
+    tmp.rename(folder)
+    gc.collect()
+    return folder

@@ -3,8 +3,10 @@
     python -m benchmarks.bench.gpu_check [--budget-s 540] [--tasks aesthetic,...] [--out benchmarks/results]
     python -m benchmarks.bench.gpu_check --cpu-scale --out /tmp/x      # the same path on a CPU, seconds
 
-Builds SD-1.5-sized members (LCM-Dreamshaper-v7 and Dreamshaper-7 shapes: UNet, VAE, text encoder)
-and the aesthetic reward's CLIP ViT-L/14 + LAION MLP head with random weights in the hub layout,
+Builds SD-1.5-sized members (LCM-Dreamshaper-v7 and Dreamshaper-7 shapes: UNet, VAE, text encoder),
+full-size SD3.5-Medium and SD3.5-Large(-Turbo) members for the flow rows (gpu_plan.FLOW_ROUNDS: a
+Flow-GRPO round and a few-step round), and the aesthetic reward's CLIP ViT-L/14 + LAION MLP head
+with random weights in the hub layout,
 then runs, for each paper task's per-GPU settings (gpu_plan.py), one short RLCM and DDPO round
 through the production `rlcm_exp.training.build.train` (fp16 weights, fp32 LoRA, SDPA attention),
 in each variant of gradient checkpointing x transitions per UNet call, each in its own process
@@ -30,7 +32,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench.gpu_plan import TASKS, VARIANTS, TaskSettings, Variant, paper_settings, run_overrides
+from benchmarks.bench.gpu_plan import (
+    TASKS,
+    VARIANTS,
+    FlowSettings,
+    TaskSettings,
+    Variant,
+    flow_overrides,
+    flow_settings,
+    paper_settings,
+    run_overrides,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +131,22 @@ def build_members(root: Path, cpu_scale: bool, cuda: bool) -> tuple[dict[str, Pa
     members = {
         kind: build_full_member(root, kind, small=cpu_scale, device=device) for kind in ("lcm", "diffusion")
     }
-    return members, build_aesthetic_reward(root, small=cpu_scale, device=device)
+    return members | build_flow_members(root, cpu_scale, device), build_aesthetic_reward(
+        root, small=cpu_scale, device=device
+    )
+
+
+def build_flow_members(root: Path, cpu_scale: bool, device: str) -> dict[str, Path]:
+    """The flow rows' random members by architecture: full-size SD3.5-Medium and SD3.5-Large(-Turbo)
+    transformers (text encoders shared); at --cpu-scale the tiny SD3.5 family's two members."""
+    from benchmarks.bench.full_models import SD35_TRANSFORMERS, build_full_sd3_member
+
+    if cpu_scale:
+        from rlcm_exp.models.synthetic import build_tiny_sd35_folders
+
+        tiny = build_tiny_sd35_folders(root / "tiny_sd35")
+        return {"sd35_medium": tiny / "diffusion", "sd35_large": tiny / "lcm"}
+    return {arch: build_full_sd3_member(root, arch, device=device) for arch in SD35_TRANSFORMERS}
 
 
 def run_all(
@@ -140,20 +167,23 @@ def run_all(
         build_s = time.perf_counter() - started
         print(f"[gpu-check] members built in {build_s:.0f} s", flush=True)
         last: dict[str, float] = {}  # the last run's seconds per algorithm: the next one's estimate
-        for settings, variant in plan_runs(
-            tasks, list(VARIANTS[: args.variants or (2 if args.cpu_scale else None)]), args.cpu_scale
-        ):
+        variants = list(VARIANTS[: args.variants or (2 if args.cpu_scale else None)])
+        planned = plan_runs(tasks, variants, args.cpu_scale)
+        # the flow rows (issue 28) in the default variant, after every task's default VP rows
+        planned[2 * len(tasks) : 2 * len(tasks)] = [(f, variants[0]) for f in flow_settings(args.cpu_scale)]
+        for settings, variant in planned:
             record = {"settings": settings.as_dict(), "variant": dataclasses_dict(variant)}
             elapsed = time.perf_counter() - started
             if elapsed + last.get(settings.algo, 0.0) > args.budget_s:
                 records.append({**record, "status": "skipped", "error": f"budget {args.budget_s:.0f} s"})
                 continue
-            member = members[MEMBER[settings.algo]]
-            spec = {
-                "algo": settings.algo,
-                "warmup": warmup,
-                "overrides": run_overrides(settings, variant, member, reward, cuda, warmup),
-            }
+            if isinstance(settings, FlowSettings):
+                member = members[settings.architecture]
+                overrides = flow_overrides(settings, variant, member, cuda, warmup)
+            else:
+                member = members[MEMBER[settings.algo]]
+                overrides = run_overrides(settings, variant, member, reward, cuda, warmup)
+            spec = {"algo": settings.algo, "warmup": warmup, "overrides": overrides}
             print(f"[gpu-check] {settings.task} {settings.algo} {variant.name}", flush=True)
             t0 = time.perf_counter()
             timeout = min(args.run_timeout_s, args.budget_s - elapsed)

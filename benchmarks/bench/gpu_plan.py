@@ -141,3 +141,84 @@ def round_scale(s: TaskSettings) -> dict[str, float]:
         "training": s.per_gpu_samples / s.short_samples,
         "optimizer": (s.per_gpu_samples / s.per_gpu_samples_per_step) / (s.short_samples / per_step),
     }
+
+
+# ---------------------------------------------------------------- flow rows (issue 28)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSettings(TaskSettings):
+    """A full-size random-weight flow round: the model config, the member slot its random weights fill,
+    the sampler, and which SD3.5 architecture (full_models.SD35_TRANSFORMERS) is built for it."""
+
+    model: str  # conf/model/<model>.yaml
+    member: str  # the slot (diffusion | lcm) whose local_path is the random member
+    sampler: str  # conf/sampler/<sampler>.yaml
+    architecture: str  # sd35_medium | sd35_large
+
+
+# (label, algo, sampler, model, member, architecture, steps, guidance, px): Flow-GRPO on SD3.5-Medium at
+# Flow-GRPO's 512 px and 10 steps, and RLCM-style few-step training of SD3.5-Large-Turbo (4 steps, no
+# CFG, 1024 px native); sampled in batches of 8, trained in minibatches of 2 (conf/config.yaml's sizes)
+FLOW_ROUNDS = (
+    ("sd35m_flow_grpo", "grpo", "flow_sde", "sd35_medium", "diffusion", "sd35_medium", 10, 4.5, 512),
+    ("sd35lt_few_step", "rlcm", "flow_consistency", "sd35_large", "lcm", "sd35_large", 4, 1.0, 1024),
+)
+
+
+def flow_settings(cpu_scale: bool = False) -> list[FlowSettings]:
+    """The flow rows' one-GPU short rounds; `cpu_scale`: the tiny SD3.5 members, 3 steps, 32 px,
+    batches of 4 (a GRPO group) and 2."""
+    rows = []
+    for label, algo, sampler, model, member, arch, steps, guidance, px in FLOW_ROUNDS:
+        batch, train, steps, px = (4, 2, 3, 32) if cpu_scale else (8, 2, steps, px)
+        rows.append(
+            FlowSettings(
+                task=label,
+                algo=algo,
+                gpus=1,
+                per_gpu_samples=batch,
+                sample_batch_size=batch,
+                train_batch_size=train,
+                per_gpu_samples_per_step=batch,
+                num_steps=steps,
+                guidance_scale=guidance,
+                resolution=px,
+                short_samples=batch,
+                model=model,
+                member=member,
+                sampler=sampler,
+                architecture=arch,
+            )
+        )
+    return rows
+
+
+def flow_overrides(s: FlowSettings, variant: Variant, member: Path, cuda: bool, warmup: int) -> list[str]:
+    """The Hydra overrides of one flow round: JPEG compressibility as the reward (no reward model), bf16
+    weights and autocast on a GPU (SD3.5's release dtype)."""
+    return [
+        f"model={s.model}",
+        f"algo={s.algo}",
+        f"sampler={s.sampler}",
+        "task=compression",
+        "logger=none",
+        "train.eval_every=0",
+        f"model.{s.member}.local_path={member}",
+        f"sampler.num_steps={s.num_steps}",
+        f"sampler.guidance_scale={s.guidance_scale}",
+        f"sampler.resolution={s.resolution}",
+        f"train.samples_per_epoch={s.short_samples}",
+        f"train.sample_batch_size={s.sample_batch_size}",
+        f"train.train_batch_size={s.train_batch_size}",
+        f"train.samples_per_step={s.per_gpu_samples_per_step}",
+        f"train.transitions_per_forward={variant.transitions_per_forward}",
+        f"memory.gradient_checkpointing={str(variant.gradient_checkpointing).lower()}",
+        f"train.epochs={warmup + 1}",
+        "train.checkpoint_every=0",
+        *(
+            ["model.dtype=bfloat16", "mixed_precision=bf16"]
+            if cuda
+            else ["model.dtype=float32", "device=cpu"]
+        ),
+    ]

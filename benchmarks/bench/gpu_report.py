@@ -3,6 +3,7 @@ per task and variant the RLCM:DDPO ratios. JSON (everything) and a markdown tabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -37,7 +38,8 @@ def _project(measured: dict[str, float], settings: dict[str, Any]) -> dict[str, 
     """The short round's phases scaled to one GPU's share of the paper's round (gpu_plan.round_scale)."""
     from benchmarks.bench.gpu_plan import TaskSettings, round_scale
 
-    factor = round_scale(TaskSettings(**settings))
+    fields = {f.name for f in dataclasses.fields(TaskSettings)}  # a flow row's settings carry more
+    factor = round_scale(TaskSettings(**{k: v for k, v in settings.items() if k in fields}))
     scale = {
         "sampling": factor["sampling"],
         "reward_wait": factor["sampling"],

@@ -366,11 +366,28 @@ def check_sampler_options(cfg: DictConfig) -> None:
             )
 
 
+def check_sampler_fits_model(cfg: DictConfig) -> None:
+    """The sampler against the model family, reading only config files (no weights load): the builder's
+    `check_family(family, sampler_node)` where it has one: a flow sampler on a VP family or the
+    reverse, a family without the member the sampler drives, guidance the member does not support, a
+    resolution its VAE and patching cannot divide, `sampler.stochastic_steps` outside the schedule."""
+    from hydra.utils import instantiate
+
+    node, model = cfg.get("sampler"), cfg.get("model")
+    if not isinstance(node, DictConfig) or not isinstance(model, DictConfig) or "_target_" not in model:
+        return
+    check_family = getattr(locate(str(node._target_)), "check_family", None)
+    if check_family is not None:
+        check_family(instantiate(model), node)
+
+
 def check_before_loading(cfg: DictConfig) -> None:
     """Everything about a training config that needs no model: types and ranges, the device and
-    precision, `_target_`s, the sampler's options, the user's prompt files."""
+    precision, `_target_`s, the sampler's options, the user's prompt files, the sampler against the
+    model family's configs."""
     check_config(cfg)
     check_device(cfg)
     check_targets(cfg)
     check_sampler_options(cfg)
     check_prompt_sources(cfg)
+    check_sampler_fits_model(cfg)

@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.runs import LORA_WEIGHTS, load_run_config
-from rlcm_exp.models.lora import check_lora_file, resolve_lora_folder
+from rlcm_exp.models.hub import transformer_pipeline
+from rlcm_exp.models.lora import check_lora_file, resolve_lora_folder, write_pipeline_lora
 from rlcm_exp.policies.members import sampler_member
 from rlcm_exp.tracking import read_metrics
 
@@ -63,7 +64,7 @@ def model_card(run_dir: Path, kind: str) -> str:
         "",
         f"- base model: `{base}` (family `{cfg.model.get('name', '?')}`, member `{member}`)",
         *lcm_lora_lines(source, kind),
-        f"- algorithm: {cfg.algo.name}; sampler `{cfg.sampler._target_.rsplit('.', 1)[-1]}`, "
+        f"- algorithm: {cfg.algo.name}; sampler `{cfg.sampler.get('kind') or cfg.sampler._target_.rsplit('.', 1)[-1]}`, "
         f"steps {cfg.sampler.num_steps}, guidance {cfg.sampler.guidance_scale}",
         f"- task: {cfg.task.name}; reward `{cfg.reward._target_}`",
         f"- LoRA: rank {cfg.algo.lora.rank}, alpha {cfg.algo.lora.alpha}, modules {list(cfg.algo.lora.target_modules)}",
@@ -340,13 +341,17 @@ def export(
             f"{_describe(target, out is not None)}: cannot write beside it ({err.strerror})"
         ) from None
     try:
-        if fmt == "lora":
-            shutil.copy2(lora / LORA_WEIGHTS, staging / LORA_WEIGHTS)
-        else:  # a standalone pipeline of the member the sampler drives, LoRA fused into its UNet
-            pipe = instantiate(cfg.model).load(sampler_member(cfg.sampler))
-            pipe.load_lora_weights(str(lora))
+        family, member = instantiate(cfg.model), sampler_member(cfg.sampler)
+        # the LoRA as the member's stock pipeline loads it (a transformer's under its own prefix)
+        stock = staging if fmt == "lora" else staging / ".lora"
+        stock.mkdir(exist_ok=True)
+        write_pipeline_lora(lora / LORA_WEIGHTS, stock, transformer_pipeline(member, family.member(member)))
+        if fmt == "pipeline":  # a standalone pipeline of the member the sampler drives, LoRA fused in
+            pipe = family.load(member)
+            pipe.load_lora_weights(str(stock))
             pipe.fuse_lora()
             pipe.unload_lora_weights()
+            shutil.rmtree(stock)
             pipe.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(run_dir, fmt))
         write_manifest(staging, {rel: _digest(staging / rel) for rel in files_under(staging)})

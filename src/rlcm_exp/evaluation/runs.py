@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlcm_exp.configs import load_saved_config
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.models.lora import check_lora_file, resolve_lora_folder
+from rlcm_exp.models.lora import UNET_PREFIX, check_lora_file, resolve_lora_folder
 from rlcm_exp.policies.base import Policy
 
 # taken from the run's config.yaml unless overridden on the command line (algo only labels the results)
@@ -149,7 +149,7 @@ def load_lora(policy: Policy, checkpoint: str | Path, ema: bool = False) -> Path
             "unless model=... is set on the command line."
         )
     try:
-        policy.denoiser.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_WEIGHTS)
+        policy.denoiser.load_lora_adapter(str(folder), prefix=UNET_PREFIX, weight_name=LORA_WEIGHTS)
     except (RuntimeError, ValueError, KeyError) as err:  # what the header check cannot see
         raise ConfigError(f"checkpoint={checkpoint}: its LoRA does not load into this model ({err})") from err
     return folder

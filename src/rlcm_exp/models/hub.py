@@ -193,6 +193,19 @@ def vae_scale(vae_config: Mapping[str, Any]) -> int:
     return int(2 ** (len(vae_config["block_out_channels"]) - 1))
 
 
+def transformer_pipeline(kind: str, source: MemberSource) -> Any | None:
+    """The pipeline class of a transformer member (StableDiffusion3Pipeline, FluxPipeline), as its
+    model_index.json names it; None for a UNet member. Reads the folder, or the hub's model_index.json."""
+    try:
+        cls = _pipeline_class(kind, source)[0]
+    except OSError as err:  # a hub member never downloaded here, offline: its format cannot be known
+        raise ConfigError(
+            f"model.{kind}: its model_index.json is not on this machine and cannot be downloaded ({err}); "
+            "export where the model was trained, or with the hub reachable"
+        ) from err
+    return cls if cls in NAMED_PIPELINES.values() else None
+
+
 def member_file(source: MemberSource, rel: str) -> Path | None:
     """The member's file `rel` (e.g. "vae/config.json") when it is on this machine: in its local
     folder, or a hub id's copy in the local hub cache (looked up without any download); else None."""

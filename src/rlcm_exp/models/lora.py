@@ -18,6 +18,9 @@ from peft.utils import get_peft_model_state_dict
 
 from rlcm_exp.errors import CheckpointError, ConfigError
 
+UNET_PREFIX = "unet"  # the prefix of every key of a saved LoRA (StableDiffusionPipeline.save_lora_weights)
+METADATA_KEY = "lora_adapter_metadata"  # the safetensors metadata entry holding the LoraConfig (JSON)
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -89,6 +92,35 @@ def write_lora_weights(unet: torch.nn.Module, folder: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
     )
+
+
+def write_pipeline_lora(lora_file: Path, folder: Path, transformer_pipeline: Any | None) -> None:
+    """The run's LoRA (`lora_file`, saved under the `unet` prefix whatever the denoiser) written into
+    `folder` as the member's stock diffusers pipeline loads it with `load_lora_weights`: a copy for a
+    UNet member; for a transformer member (SD3, FLUX.1: `transformer_pipeline` is its pipeline class)
+    the same tensors and LoraConfig under the `transformer` prefix, by that pipeline's save_lora_weights."""
+    if transformer_pipeline is None:
+        shutil.copy2(lora_file, folder / lora_file.name)
+        return
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(lora_file), "pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+    state = {_unprefixed(k): v for k, v in load_file(str(lora_file)).items()}
+    transformer_pipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata={_unprefixed(k): v for k, v in metadata.items()} or None,
+        weight_name=lora_file.name,
+        safe_serialization=True,
+    )
+
+
+def _unprefixed(key: str) -> str:
+    return key.removeprefix(f"{UNET_PREFIX}.")
 
 
 def save_lora(unet: torch.nn.Module, folder: Path) -> Path:

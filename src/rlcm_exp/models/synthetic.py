@@ -328,12 +328,30 @@ def _save_flow_member(
     shutil.copy(t5_dir / "spiece.model", folder / t5 / "spiece.model")  # the trained SentencePiece model
 
 
+def sd3_pipeline(transformer: Any, vae: Any, clips: Any, tokenizer: Any, t5: Any, t5_tokenizer: Any) -> Any:
+    """A StableDiffusion3Pipeline of these parts: both CLIPs (`clips`) share `tokenizer`, T5 third;
+    SD3's scheduler with its static shift 3 (the tiny SD3.5 family and the GPU check's full-size members)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(dynamic=False, shift=3.0),
+        vae=vae,
+        text_encoder=clips[0],
+        tokenizer=tokenizer,
+        text_encoder_2=clips[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
 def build_tiny_sd35_folders(root: str | Path, seed: int = 0) -> Path:
     """A random tiny SD3.5 family (32 px) in the hub layout under root, both members
     StableDiffusion3Pipeline folders: two CLIPs with projections (states + pooled) and a T5, an
     SD3Transformer2DModel (patch 2), SD3's VAE scaling/shift and scheduler shift 3. `diffusion` is
     the many-step member (SD3.5-Large's stand-in), `lcm` the few-step one (Large-Turbo's)."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     def write(tmp: Path, tokenizer: CLIPTokenizer) -> None:
         torch.manual_seed(seed)
@@ -355,16 +373,8 @@ def build_tiny_sd35_folders(root: str | Path, seed: int = 0) -> Path:
             pos_embed_max_size=16,
         )
         for member in ("diffusion", "lcm"):
-            pipe = StableDiffusion3Pipeline(
-                transformer=SD3Transformer2DModel(**transformer_kwargs),
-                scheduler=_flow_scheduler(dynamic=False, shift=3.0),
-                vae=vae,
-                text_encoder=clips[0],
-                tokenizer=tokenizer,
-                text_encoder_2=clips[1],
-                tokenizer_2=tokenizer,
-                text_encoder_3=t5,
-                tokenizer_3=t5_tokenizer,
+            pipe = sd3_pipeline(
+                SD3Transformer2DModel(**transformer_kwargs), vae, clips, tokenizer, t5, t5_tokenizer
             )
             _save_flow_member(pipe, tmp / member, ("tokenizer", "tokenizer_2"), tmp / "_t5", "tokenizer_3")
         shutil.rmtree(tmp / "_t5")

@@ -58,6 +58,15 @@ def pipeline_modules(pipe: Any) -> PipelineModules:
     )
 
 
+def check_member_fits(member: str, family: Any, resolution: int | None) -> None:
+    """The checks of a VP sampler over the family's `member` ("lcm": sampler=lcm, "diffusion":
+    sampler=ddim) that read only configs: the family's process, the member, the VAE's resolution."""
+    check_process = getattr(family, "check_process", None)  # a VP sampler on a flow family is refused
+    if check_process is not None:
+        check_process("vp", "lcm" if member == "lcm" else "ddim")
+    check_member_resolution(family, member, resolution)
+
+
 def from_family(
     policy_class: type[P], family: Any, device: torch.device | str, resolution: int | None, **options: Any
 ) -> P:
@@ -65,10 +74,7 @@ def from_family(
     `resolution=None` uses the member's own. The builders named by conf/sampler/ call this.
     A resolution the member's VAE cannot produce is refused before its weights load."""
     member = policy_class.member
-    check_process = getattr(family, "check_process", None)  # a VP sampler on a flow family is refused
-    if check_process is not None:
-        check_process("vp", "lcm" if member == "lcm" else "ddim")
-    check_member_resolution(family, member, resolution)
+    check_member_fits(member, family, resolution)
     build = cast(Callable[..., P], policy_class)  # a concrete policy class: its own __init__, not Policy's
     pipe = family.load(member, device)
     # the member's native side: configured, read from its folder, or (a hub member first seen now)

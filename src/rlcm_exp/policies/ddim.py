@@ -274,3 +274,9 @@ def build_ddim_policy(
         guidance_scale=guidance_scale,
         train_cfg=train_cfg,
     )
+
+
+# validation.check_sampler_fits_model runs the checks that need no weights against the model config
+build_ddim_policy.check_family = lambda family, node: _sd.check_member_fits(  # type: ignore[attr-defined]
+    DDIMPolicy.member, family, node.get("resolution")
+)

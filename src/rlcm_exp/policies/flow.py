@@ -26,7 +26,7 @@ import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.family import check_resolution as check_member_resolution
-from rlcm_exp.models.hub import member_config
+from rlcm_exp.models.hub import MemberSource, local_vae_scale, member_config
 from rlcm_exp.policies import _sd
 from rlcm_exp.policies.base import DenoiserInputs, Generators
 from rlcm_exp.policies.conditioning import Conditioning
@@ -376,11 +376,17 @@ def _possible_stochastic(kind: str, num_steps: int, noise_level: float, eta: flo
     return possible
 
 
-def _from_family(
-    kind: str, member: str, family: Any, device: torch.device | str, resolution: int | None, **options: Any
-) -> FlowPolicy:
-    """The sampler `kind` over the family's `member`, after the checks that need no weights:
-    the family's process, sampler.stochastic_steps, the resolution and guidance against the configs."""
+def _patch_factor(is_flux: bool, transformer: dict[str, Any]) -> int:
+    """Latent cells per token along a side: FLUX packs 2x2, SD3 patches by its config's patch_size."""
+    return 2 if is_flux else int(transformer.get("patch_size", 2))
+
+
+def check_member_fits(
+    kind: str, member: str, family: Any, resolution: int | None, **options: Any
+) -> MemberSource:
+    """The checks of sampler `kind` over the family's `member` that read only configs, never weights:
+    the family's process and member, sampler.stochastic_steps, the resolution against the VAE and the
+    transformer's patching, and the guidance the member supports. Returns the member's source."""
     check_process: Callable[[str, str], None] | None = getattr(family, "check_process", None)
     if check_process is None:
         raise ConfigError(f"sampler={kind} needs a rectified-flow family (model=tiny_sd35, tiny_flux1, ...)")
@@ -394,11 +400,29 @@ def _from_family(
         kind,
     )
     check_member_resolution(family, member, resolution)
-    source = family.member(member)
+    source: MemberSource = family.member(member)
     transformer = member_config(source, "transformer/config.json") or {}
+    if not transformer:  # a hub member not on this machine yet: FlowPolicy checks once it is loaded
+        return source
     is_flux = "Flux" in str(transformer.get("_class_name", ""))
-    if transformer:
-        _check_guidance(is_flux, bool(transformer.get("guidance_embeds")), options["guidance_scale"], member)
+    _check_guidance(is_flux, bool(transformer.get("guidance_embeds")), options["guidance_scale"], member)
+    side, scale = resolution or source.resolution, local_vae_scale(source)
+    if side is not None and scale is not None and side % (scale * _patch_factor(is_flux, transformer)):
+        cell = scale * _patch_factor(is_flux, transformer)
+        raise ConfigError(
+            f"sampler.resolution={side}: the {member} member's VAE ({scale} px per latent cell) and its "
+            f"transformer's {cell // scale}x{cell // scale} patches need a multiple of {cell}; "
+            f"use e.g. {max(cell, side - side % cell)} (or null for the model's own resolution)"
+        )
+    return source
+
+
+def _from_family(
+    kind: str, member: str, family: Any, device: torch.device | str, resolution: int | None, **options: Any
+) -> FlowPolicy:
+    """The sampler `kind` over the family's `member`, after the checks that need no weights
+    (`check_member_fits`)."""
+    source = check_member_fits(kind, member, family, resolution, **options)
     pipe = family.load(member, device)
     native = source.resolution or int(
         getattr(pipe.transformer.config, "sample_size", 128)
@@ -450,7 +474,23 @@ def build_flow_policy(
     return _from_family(kind, member, family, device, resolution, **options, **own)
 
 
+def check_flow_config(family: Any, node: Any) -> None:
+    """A flow sampler config (conf/sampler/<kind>.yaml, composed) against the model family, without
+    loading any weights: `build_flow_policy`'s checks before it loads."""
+    kind = str(node.get("kind"))
+    member, own = flow_sampler(kind, node.get("noise_level"), node.get("eta"))
+    steps = node.get("stochastic_steps")
+    options = {
+        "num_steps": node.get("num_steps"),
+        "guidance_scale": node.get("guidance_scale"),
+        "stochastic_steps": None if steps is None else list(steps),
+    }
+    check_member_fits(kind, member, family, node.get("resolution"), **options, **own)
+
+
 # validation.check_sampler_options asks the builder which of its keys a given `kind` takes
 build_flow_policy.check_options = lambda node: flow_sampler(  # type: ignore[attr-defined]
     str(node.get("kind")), node.get("noise_level"), node.get("eta")
 )
+# validation.check_sampler_fits_model runs the checks that need no weights against the model config
+build_flow_policy.check_family = check_flow_config  # type: ignore[attr-defined]

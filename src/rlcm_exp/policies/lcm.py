@@ -278,3 +278,9 @@ def build_lcm_policy(
         noisy_final_step=noisy_final_step,
         timestep_schedule=timestep_schedule,
     )
+
+
+# validation.check_sampler_fits_model runs the checks that need no weights against the model config
+build_lcm_policy.check_family = lambda family, node: _sd.check_member_fits(  # type: ignore[attr-defined]
+    LCMPolicy.member, family, node.get("resolution")
+)
