@@ -157,7 +157,9 @@ RULES: dict[str, Rule] = {
     "model.seed": _int(0, SEED_MAX),
     "model.memory.frozen_params_b": _pos("billions of frozen parameters a training process loads"),
     "model.memory.reference_resolution": _int(8, 8192, "px at which the activation figures hold"),
-    "model.memory.activation_gib": Rule("float", 0.0, None, low_open=True, nullable=True, what="GiB per image"),
+    "model.memory.activation_gib": Rule(
+        "float", 0.0, None, low_open=True, nullable=True, what="GiB per image"
+    ),
     "model.memory.checkpointed_activation_gib": Rule(
         "float", 0.0, None, low_open=True, nullable=True, what="GiB per image, checkpointed"
     ),
