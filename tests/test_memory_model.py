@@ -118,6 +118,8 @@ def test_paper_configurations_that_cannot_fit_80gb_are_refused(overrides, images
         ["model=sdxl_lcm", "algo=ddpo", "task=aesthetic"],  # conf/model_defaults/sdxl_lcm.yaml: checkpointing
         ["model=sdxl_lcm", "algo=rlcm", "task=aesthetic"],
         ["model=sd15_lcm_lora", "algo=rlcm", "task=aesthetic"],
+        ["model=sd35_large", "algo=grpo", "sampler=flow_sde"],  # model_defaults: checkpointing
+        ["model=flux1", "algo=grpo", "sampler=flow_sde"],
     ],
 )
 def test_the_default_configurations_fit_80gb(overrides) -> None:
