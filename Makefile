@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 WORKERS ?= 2
 XDIST   := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: help install demo test test-fast lint format toy-model toy-flow-model bench gpu-check reproduce-paper clean
+.PHONY: help install demo test test-fast lint format toy-model toy-flow-model bench gpu-check gpu-wheels reproduce-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor,
 
 gpu-check: $(STAMP)  ## full-size random-weight RLCM and DDPO rounds per paper task on one GPU (<= 10 min, no downloads)
 	$(BIN)/python -m benchmarks.bench.gpu_check --out benchmarks/results
+
+gpu-wheels: $(STAMP)  ## gpu_wheels/: the wheels an air-gapped GPU image lacks (< 40 MiB); there: OUT=DIR benchmarks/gpu/run.sh
+	PY=$(BIN)/python benchmarks/gpu/wheels.sh gpu_wheels
 
 reproduce-paper: $(STAMP)  ## paper Figs. 4-7 + experiments/paper/$(SCALE)/ (SCALE=full|smoke, or the toy study: toy-tune then toy; JOBS=N); finished runs skipped
 	$(BIN)/python -m rlcm_exp.reproduce --scale $(SCALE) --jobs $(JOBS)

@@ -108,3 +108,16 @@ def test_a_child_run_past_its_timeout_is_killed_and_recorded(tmp_path) -> None:
     spec = {"algo": "rlcm", "warmup": 0, "overrides": []}
     raw = _run_one(spec, in_process=False, tmp=tmp_path, timeout_s=0.2)
     assert raw["status"] == "timeout" and "--run-timeout-s" in raw["error"]
+
+
+def test_variants_the_memory_model_refuses_are_skipped_with_its_reason() -> None:
+    from benchmarks.bench.gpu_plan import Variant, memory_refusal, run_overrides
+
+    s = paper_settings("ddpo", "aesthetic")  # 50 steps x 4 x CFG 2: 400 images per call with tpf=all
+
+    def overrides(v: Variant) -> list[str]:
+        return run_overrides(s, v, Path("/nonexistent"), [], cuda=True, warmup=1)
+
+    why = memory_refusal(overrides(Variant(False, 0)), 80e9)
+    assert why is not None and "400 images at 512 px" in why and "transitions_per_forward" in why
+    assert memory_refusal(overrides(Variant(False, 1)), 80e9) is None

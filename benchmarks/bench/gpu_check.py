@@ -11,7 +11,8 @@ then runs, for each paper task's per-GPU settings (gpu_plan.py), one short RLCM 
 through the production `rlcm_exp.training.build.train` (fp16 weights, fp32 LoRA, SDPA attention),
 in each variant of gradient checkpointing x transitions per UNet call, each in its own process
 (its own peak memory; an out-of-memory variant is recorded, not fatal; a child past --run-timeout-s
-is killed and recorded). Runs are ordered so that the most useful come first; once `--budget-s` would
+is killed and recorded; a variant the memory model, rlcm_exp/models/memory.py, says cannot fit is
+skipped with its reason). Runs are ordered so that the most useful come first; once `--budget-s` would
 be exceeded the rest are recorded as skipped. Writes OUT/gpu-{device}.json and .md (gpu_report.py;
 format in benchmarks/README.md) after every run, so a check cut short keeps what it measured. Each row
 carries the round's correctness monitors (ratio_first_max_dev, the first loss call's clipfrac). No
@@ -40,6 +41,7 @@ from benchmarks.bench.gpu_plan import (
     Variant,
     flow_overrides,
     flow_settings,
+    memory_refusal,
     paper_settings,
     run_overrides,
 )
@@ -184,6 +186,11 @@ def run_all(
                 member = members[MEMBER[settings.algo]]
                 overrides = run_overrides(settings, variant, member, reward, cuda, warmup)
             spec = {"algo": settings.algo, "warmup": warmup, "overrides": overrides}
+            why = memory_refusal(overrides, device_memory(cuda))  # certain OOM: not run
+            if why is not None:
+                records.append({**record, "status": "skipped", "error": f"memory model: {why}"})
+                written(records, build_s)
+                continue
             print(f"[gpu-check] {settings.task} {settings.algo} {variant.name}", flush=True)
             t0 = time.perf_counter()
             timeout = min(args.run_timeout_s, args.budget_s - elapsed)
@@ -195,6 +202,16 @@ def run_all(
         if args.work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
     return records, build_s
+
+
+def device_memory(cuda: bool) -> float:
+    """The device's memory in bytes (CUDA: its total, the child runs alone on it; CPU: available)."""
+    import psutil
+    import torch
+
+    return float(
+        torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().available
+    )
 
 
 def dataclasses_dict(variant: Variant) -> dict[str, Any]:

@@ -132,6 +132,21 @@ def run_overrides(
     return overrides
 
 
+def memory_refusal(overrides: list[str], available: float) -> str | None:
+    """Why the memory model (rlcm_exp/models/memory.py) says the run of `overrides` cannot fit
+    `available` bytes, or None: the check skips such a variant instead of running it out of memory."""
+    from hydra.utils import instantiate
+
+    from rlcm_exp.models.memory import refusal
+    from rlcm_exp.policies.members import sampler_member
+    from rlcm_exp.training.memory_check import training_call
+
+    cfg: Any = compose("config", overrides)
+    family = instantiate(cfg.model)
+    stated = training_call(cfg, family, sampler_member(cfg.sampler), str(cfg.mixed_precision))
+    return None if stated is None else refusal(stated[0], stated[1], available, stated[2])
+
+
 def round_scale(s: TaskSettings) -> dict[str, float]:
     """Factors from the short round to the per-GPU round: sampling per batch, training per trajectory,
     optimizer per step."""

@@ -87,6 +87,12 @@ LIST_RULES: dict[str, ListRule] = {
     "optimizer.betas": ListRule(
         Rule("float", 0.0, 1.0, high_open=True), length=2, what="Adam's beta1, beta2", example="[0.9,0.999]"
     ),
+    "model.memory.guidance_embedding": ListRule(
+        Rule("choice", choices=("diffusion", "lcm", "flow", "flow_few_step")),
+        min_length=0,
+        what="members whose guidance is an embedding",
+        example="[lcm]",
+    ),
     "algo.lora.target_modules": ListRule(
         Rule("name"), what="UNet layers that get a LoRA", example="[to_q,to_k,to_v,to_out.0]"
     ),
@@ -149,6 +155,14 @@ RULES: dict[str, Rule] = {
     "model.dtype": Rule("choice", choices=("auto", "float32", "float16", "bfloat16")),
     "model.*.resolution": _int(8, 8192, "native side in px; null: from the weights", nullable=True),
     "model.seed": _int(0, SEED_MAX),
+    "model.memory.frozen_params_b": _pos("billions of frozen parameters a training process loads"),
+    "model.memory.reference_resolution": _int(8, 8192, "px at which the activation figures hold"),
+    "model.memory.activation_gib": Rule(
+        "float", 0.0, None, low_open=True, nullable=True, what="GiB per image"
+    ),
+    "model.memory.checkpointed_activation_gib": Rule(
+        "float", 0.0, None, low_open=True, nullable=True, what="GiB per image, checkpointed"
+    ),
     "model.process": Rule("choice", choices=("vp", "rectified_flow"), what="what the family's members are"),
     "sampler.num_steps": _int(1, 1000, "sampler steps"),
     "sampler.guidance_scale": _nonneg("guidance scale"),

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
-from torchvision.utils import save_image
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.heldout import seeded_generators
+from rlcm_exp.evaluation.png import save_png
 from rlcm_exp.evaluation.runs import config_for_checkpoint, load_lora, pick_device
 from rlcm_exp.policies.build import build_policy
 
@@ -157,6 +157,6 @@ def sample_images(cfg: DictConfig, overrides: list[str] | None = None) -> list[d
         write_listing(out, records)  # listed before written: a killed run leaves no unlisted PNG
         images = policy.sample([p for p, _ in chunk], seeded_generators([s for _, s in chunk], device)).images
         for record, image in zip(records[first:], images, strict=True):
-            save_image(image, out / record["file"])
+            save_png(image, out / record["file"])
     print(f"wrote {len(records)} images to {out}")
     return records

@@ -30,6 +30,7 @@ from rlcm_exp.models.hub import (
     resolve_member,
     torch_dtype,
 )
+from rlcm_exp.models.memory import MemoryProfile
 from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.models.synthetic import (
     build_tiny_family_folders,
@@ -67,6 +68,9 @@ class ModelFamily:
     # the few-step model distilled from it (model=toy_flow; UNets, which the flow samplers do not drive yet)
     flow: MemberSource | None = None
     flow_few_step: MemberSource | None = None
+    # the memory model's figures (models/memory.py; estimates): a training call that cannot fit the
+    # device is refused before any weights load. None (tiny and toy families): not estimated
+    memory: MemoryProfile | None = None
 
     def member(self, kind: str) -> MemberSource:
         """The member's source, checked before loading and completed from its folder (native

@@ -32,12 +32,12 @@ def save_sample_grid(
 ) -> tuple[torch.Tensor, list[str]]:
     """The round's first `count` images as epoch_NNNN.png (a square-ish grid) and their captions
     (prompt | reward) as epoch_NNNN.txt; returns both, for the tracker."""
-    from torchvision.utils import save_image
+    from rlcm_exp.evaluation.png import save_png
 
     folder.mkdir(exist_ok=True)
     k = min(count, len(traj))
     images = traj.images[:k].float().cpu()
-    save_image(images, folder / f"epoch_{epoch:04d}.png", nrow=int(math.ceil(math.sqrt(k))))
+    save_png(images, folder / f"epoch_{epoch:04d}.png", nrow=int(math.ceil(math.sqrt(k))))
     captions = [f"{p} | {r:.3f}" for p, r in zip(traj.prompts[:k], rewards[:k].tolist(), strict=True)]
     (folder / f"epoch_{epoch:04d}.txt").write_text("\n".join(captions) + "\n")
     return images, captions

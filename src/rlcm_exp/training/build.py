@@ -37,6 +37,7 @@ from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.failures import RankFailures
+from rlcm_exp.training.memory_check import check_training_memory, free_memory
 from rlcm_exp.training.rundir import (
     check_identity,
     check_run_dir,
@@ -116,13 +117,7 @@ def check_round_memory(plan: BatchPlan, policy: Policy, device: torch.device) ->
         elements = policy.latent_channels * side * side  # type: ignore[attr-defined]
     except AttributeError:
         return
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    check_round_fits(plan, elements, policy.resolution, available)  # type: ignore[attr-defined]
+    check_round_fits(plan, elements, policy.resolution, free_memory(device))  # type: ignore[attr-defined]
 
 
 def build_trainer(
@@ -228,7 +223,10 @@ def _train(
     """`train` once the run dir is this process's: checks, build, resume, fit."""
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
     # the image size against the VAE's factor, read from the member's config: no weights load
-    check_resolution(instantiate(cfg.model), sampler_member(cfg.sampler), cfg.sampler.get("resolution"))
+    family, member = instantiate(cfg.model), sampler_member(cfg.sampler)
+    check_resolution(family, member, cfg.sampler.get("resolution"))
+    # the training call's estimate (weights + saved activations) against the device: no weights load
+    check_training_memory(cfg, family, member, accelerator.mixed_precision, accelerator.device)
     check_run_dir(cfg, run_dir)  # a fresh run never lands on another; a resume must be the same run
     check_checkpoint_folders(run_dir)  # checkpoints/ or a checkpoint in it replaced by a file: one line
     candidates = resume_candidates(cfg.resume, run_dir, accelerator.num_processes)

@@ -36,6 +36,7 @@ RESUMABLE = (
     "train.epochs", "train.checkpoint_every", "train.keep_last", "train.reward_workers",
     "train.eval_every", "train.save_images", "train.save_images_every", "train.dump_rollouts",
     "train.max_nonfinite_in_a_row", "train.reward_timeout_s", "resume", "device", "logger", "memory",
+    "model.memory",  # the memory model's figures: an estimate, no part of what the run computes
 )  # fmt: skip
 
 
