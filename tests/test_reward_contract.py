@@ -205,6 +205,29 @@ def test_model_rewards_share_their_runtime_keys_and_name_a_typo() -> None:
         runtime_settings({"devcie": "cpu"})  # type: ignore[typeddict-unknown-key]
 
 
+def test_shared_keyword_groups_are_declared_once_and_name_a_typo() -> None:
+    """The aesthetic rewards' head keys (HeadRewardSettings) and the server rewards' retry keys
+    (rewards.retry.RetryPolicy) are keywords of their builders, and a misspelt one is named before
+    anything loads or connects."""
+    from rlcm_exp.errors import ConfigError
+    from rlcm_exp.rewards.aesthetic import aesthetic
+    from rlcm_exp.rewards.aesthetic_v25 import aesthetic_v25
+    from rlcm_exp.rewards.base import keywords
+    from rlcm_exp.rewards.remote import remote
+    from rlcm_exp.rewards.retry import retry_settings
+    from rlcm_exp.rewards.vlm_judge import vlm_judge
+
+    head = {"head_url", "head_sha256", "head_local_path", "cache_dir", "download_timeout_s", "device"}
+    assert head <= keywords(aesthetic) and head <= keywords(aesthetic_v25)
+    retry = {"timeout_s", "max_retries", "backoff_s", "max_backoff_s"}
+    assert retry <= keywords(remote) and retry <= keywords(vlm_judge)
+    assert retry_settings({"max_retries": 0}, timeout_s=120.0) == (120.0, 0, 2.0, 60.0)
+    with pytest.raises(ConfigError, match=r"reward\.max_retires is not a setting.*retry settings"):
+        remote("http://127.0.0.1:9", max_retires=0)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=r"reward\.head_ulr is not a setting"):
+        aesthetic(head_ulr="x")  # type: ignore[call-arg]
+
+
 # ----------------------------------------------------------------------------- pins of the shipped configs
 
 

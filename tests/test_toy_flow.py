@@ -121,8 +121,9 @@ def test_flow_acceptance_needs_a_margin_on_each_split() -> None:
 @pytest.mark.slow
 def test_tiny_flow_recipe_saves_loadable_members(tmp_path) -> None:  # noqa: ANN001
     from rlcm_exp.toy.flow_runner import FLOW_RECIPE_VERSION, run_flow
+    from rlcm_exp.toy.runner import RecipeOptions
 
-    record = run_flow(tmp_path, seed=0, schedule="tiny", threads=1)
+    record = run_flow(tmp_path, RecipeOptions(seed=0, schedule="tiny", threads=1))
     assert record["recipe_version"] == FLOW_RECIPE_VERSION and "quality" in record["wall_clock_s"]
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert set(quality["scores"]) == {"train", "heldout"} and "student4" in quality["scores"]["train"]

@@ -14,7 +14,7 @@ from rlcm_exp.toy import captions, data, runner
 
 @pytest.mark.slow  # the whole recipe at its tiny schedule: ~1-2 minutes on one core (make test runs it)
 def test_tiny_recipe_saves_loadable_pipelines(tmp_path) -> None:  # noqa: ANN001
-    record = runner.run(tmp_path, seed=0, schedule="tiny", caption_noise=0.2)
+    record = runner.run(tmp_path, runner.RecipeOptions(seed=0, schedule="tiny", caption_noise=0.2))
     assert record["recipe_version"] == runner.RECIPE_VERSION and record["caption_noise"] == 0.2
     saved = json.loads((tmp_path / "recipe.json").read_text())
     assert saved["schedule"] == "tiny" and "quality" in saved["wall_clock_s"]
@@ -57,4 +57,4 @@ def test_caption_noise_redraws_attributes_and_never_trains_a_held_out_caption() 
 
 def test_recipe_refuses_a_caption_noise_outside_0_1(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="caption_noise"):
-        runner.run(tmp_path, schedule="tiny", caption_noise=1.0)
+        runner.run(tmp_path, runner.RecipeOptions(schedule="tiny", caption_noise=1.0))

@@ -258,6 +258,11 @@ def build_tiny_sdxl_folders(root: str | Path, seed: int = 0) -> Path:
 TINY_SD35_VERSION = "tiny-sd35-v1"
 TINY_FLUX1_VERSION = "tiny-flux1-v1"
 TINY_T5_LENGTH = 32  # T5 tokens the tiny pipelines encode (their tokenizer's model_max_length)
+TINY_T5_WIDTH = 64  # the tiny T5's d_model: the width of the text states the flow transformers attend to
+# the joint attention both tiny flow transformers (SD3's, FLUX's) share: 2 heads of 8 over T5's states
+TINY_JOINT_ATTENTION: dict[str, Any] = dict(
+    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TINY_T5_WIDTH
+)
 
 
 def tiny_captions() -> list[str]:
@@ -281,7 +286,7 @@ def _tiny_t5(tokenizer_dir: Path) -> tuple[Any, Any]:
     tokenizer = T5Tokenizer.from_pretrained(folder)
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=64,
+        d_model=TINY_T5_WIDTH,
         d_kv=16,
         d_ff=64,
         num_layers=1,
@@ -365,9 +370,7 @@ def build_tiny_sd35_folders(root: str | Path, seed: int = 0) -> Path:
             in_channels=16,
             out_channels=16,
             num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=64,  # T5's width; both CLIPs' states (32 + 32) are padded to it
+            **TINY_JOINT_ATTENTION,  # both CLIPs' states (32 + 32) are padded to T5's width
             caption_projection_dim=16,
             pooled_projection_dim=64,  # both CLIPs' pooled projections concatenated
             pos_embed_max_size=16,
@@ -400,9 +403,7 @@ def build_tiny_flux1_folders(root: str | Path, seed: int = 0) -> Path:
                 in_channels=64,  # 16 latent channels x a 2x2 patch
                 num_layers=1,
                 num_single_layers=1,
-                attention_head_dim=8,
-                num_attention_heads=2,
-                joint_attention_dim=64,  # T5's width
+                **TINY_JOINT_ATTENTION,
                 pooled_projection_dim=32,  # CLIP's pooled output
                 guidance_embeds=guidance,
                 axes_dims_rope=(2, 2, 4),

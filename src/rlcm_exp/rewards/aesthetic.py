@@ -20,19 +20,13 @@ import os
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Unpack
+from typing import TypedDict, Unpack
 
 import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.clip import ClipEmbedder, load_clip_embedder
-from rlcm_exp.rewards.hub import (
-    ModelRuntime,
-    describe_download,
-    describe_source,
-    existing_path,
-    runtime_settings,
-)
+from rlcm_exp.rewards.hub import HubSource, ModelRuntime, describe_download, existing_path, runtime_settings
 from rlcm_exp.rewards.scorer import EmbeddingHeadReward
 from rlcm_exp.rewards.weights import file_sha256, load_state_into
 
@@ -150,6 +144,34 @@ def fetch_head_weights(
     return cached
 
 
+class HeadSource(TypedDict, total=False):
+    """Where the MLP head of an embedding + head reward comes from: the keys the LAION and v2.5 aesthetic
+    rewards share, read by `head_weights` (the pinned URL and sha256 default to each reward's own file)."""
+
+    head_url: str | None  # reward.head_url: where the head's weights are fetched once
+    head_sha256: str | None  # reward.head_sha256: the sha256 the fetched (or local) file must have
+    head_local_path: str | None  # reward.head_local_path: a local copy used instead of head_url
+    cache_dir: str | None  # reward.cache_dir: folder of fetched heads (null: default_cache_dir()/aesthetic)
+    download_timeout_s: float  # reward.download_timeout_s: seconds without data before a fetch gives up (60)
+
+
+class HeadRewardSettings(ModelRuntime, HeadSource, total=False):
+    """The keywords of an embedding + head reward beside its embedder's source, declared once: the runtime
+    keys (rewards.hub.ModelRuntime) and the head's (HeadSource). Builders accept them as
+    `**settings: Unpack[HeadRewardSettings]`."""
+
+
+def head_weights(settings: HeadSource, url: str, sha256: str) -> tuple[Path, str]:
+    """The head's weight file (`fetch_head_weights`) and what /health reports for it, from a builder's
+    keywords; `url` and `sha256` are the builder's pinned file, the defaults of head_url and head_sha256."""
+    url_, sha256_ = settings.get("head_url", url), settings.get("head_sha256", sha256)
+    local_path = settings.get("head_local_path")
+    path = fetch_head_weights(
+        url_, sha256_, local_path, settings.get("cache_dir"), settings.get("download_timeout_s", 60.0)
+    )
+    return path, describe_download(url_, sha256_, local_path)
+
+
 def load_head(path: Path, embed_dim: int = 768) -> AestheticHead:
     """Build the MLP and load a state dict saved by torch.save (tensors only) or as safetensors."""
     return load_state_into(AestheticHead(embed_dim), path, "the LAION aesthetic head")
@@ -171,25 +193,14 @@ def aesthetic(
     clip_model_id: str | None = "openai/clip-vit-large-patch14",
     clip_revision: str = "main",
     clip_local_path: str | None = None,
-    head_url: str | None = LAION_HEAD_URL,
-    head_sha256: str | None = LAION_HEAD_SHA256,
-    head_local_path: str | None = None,
-    cache_dir: str | None = None,
-    download_timeout_s: float = 60.0,
-    **runtime: Unpack[ModelRuntime],
+    **settings: Unpack[HeadRewardSettings],
 ) -> AestheticReward:
-    """The LAION aesthetic reward: CLIP ViT-L/14 image embedding -> L2 norm -> MLP head."""
-    dtype, device, batch_size = runtime_settings(runtime)
-    path = fetch_head_weights(head_url, head_sha256, head_local_path, cache_dir, download_timeout_s)
-    embedder = load_clip_embedder(
-        model_id=clip_model_id,
-        revision=clip_revision,
-        local_path=clip_local_path,
-        key="reward.clip_",
-        with_tokenizer=False,
-        dtype=dtype,
-        device=device,
-    )
+    """The LAION aesthetic reward: CLIP ViT-L/14 image embedding -> L2 norm -> MLP head (HeadSource: by
+    default LAION's file, fetched once and checked against its pinned sha256)."""
+    dtype, device, batch_size = runtime_settings(settings, declared=HeadRewardSettings)
+    path, head_source = head_weights(settings, LAION_HEAD_URL, LAION_HEAD_SHA256)
+    clip = HubSource(clip_model_id, clip_revision, clip_local_path, "reward.clip_")
+    embedder = load_clip_embedder(clip, with_tokenizer=False, dtype=dtype, device=device)
     embed_dim = embedder.model.config.projection_dim
     if embed_dim != 768:
         raise ConfigError(
@@ -197,8 +208,6 @@ def aesthetic(
             f"{embed_dim} dimensions, but the LAION aesthetic head takes CLIP ViT-L/14's 768."
         )
     head = load_head(path, embed_dim)
-    models = {
-        "clip": describe_source(clip_model_id, clip_revision, clip_local_path),
-        "aesthetic_head": describe_download(head_url, head_sha256, head_local_path),
-    }
-    return AestheticReward(embedder, head, batch_size, models)
+    return AestheticReward(
+        embedder, head, batch_size, {"clip": clip.describe(), "aesthetic_head": head_source}
+    )

@@ -25,14 +25,8 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, SiglipVisionModel
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.aesthetic import fetch_head_weights
-from rlcm_exp.rewards.hub import (
-    HoldsModel,
-    ModelRuntime,
-    describe_download,
-    load_with_processor,
-    runtime_settings,
-)
+from rlcm_exp.rewards.aesthetic import HeadRewardSettings, head_weights
+from rlcm_exp.rewards.hub import HoldsModel, HubSource, load_with_processor, runtime_settings
 from rlcm_exp.rewards.scorer import EmbeddingHeadReward
 from rlcm_exp.rewards.weights import load_state_into
 
@@ -129,29 +123,17 @@ def aesthetic_v25(
     siglip_model_id: str | None = "google/siglip-so400m-patch14-384",
     siglip_revision: str = "main",
     siglip_local_path: str | None = None,
-    head_url: str | None = V25_HEAD_URL,
-    head_sha256: str | None = V25_HEAD_SHA256,
-    head_local_path: str | None = None,
-    cache_dir: str | None = None,
-    download_timeout_s: float = 60.0,
-    **runtime: Unpack[ModelRuntime],
+    **settings: Unpack[HeadRewardSettings],
 ) -> AestheticV25Reward:
     """The Aesthetic Predictor V2.5 reward: SigLIP pooled image embedding -> L2 norm -> MLP head."""
-    dtype, device, batch_size = runtime_settings(runtime)
-    path = fetch_head_weights(head_url, head_sha256, head_local_path, cache_dir, download_timeout_s)
-    model, processor, siglip = load_with_processor(
-        SiglipVisionModel.from_pretrained,
-        AutoImageProcessor.from_pretrained,
-        siglip_model_id,
-        siglip_revision,
-        siglip_local_path,
-        dtype,
-        key="reward.siglip_",
+    dtype, device, batch_size = runtime_settings(settings, declared=HeadRewardSettings)
+    path, head_source = head_weights(settings, V25_HEAD_URL, V25_HEAD_SHA256)
+    siglip = HubSource(siglip_model_id, siglip_revision, siglip_local_path, "reward.siglip_")
+    model, processor, siglip_source = load_with_processor(
+        SiglipVisionModel.from_pretrained, AutoImageProcessor.from_pretrained, siglip, dtype
     )
     embedder = SiglipImageEmbedder(model, processor).to(device)
     head = load_v25_head(path, int(model.config.hidden_size))
-    models = {
-        "siglip": siglip,
-        "aesthetic_head": describe_download(head_url, head_sha256, head_local_path),
-    }
-    return AestheticV25Reward(embedder, head, batch_size, models)
+    return AestheticV25Reward(
+        embedder, head, batch_size, {"siglip": siglip_source, "aesthetic_head": head_source}
+    )

@@ -108,6 +108,17 @@ def keywords(target: Callable[..., Any]) -> set[str]:
     return names
 
 
+def check_declared(given: Mapping[str, Any], declared: type, what: str) -> None:
+    """A keyword in `given` that the TypedDict `declared` does not declare is the user's typo: a
+    ConfigError naming it and the reward's `what` settings (a builder's `**kwargs: Unpack[declared]`)."""
+    unknown = sorted(set(given) - set(declared.__annotations__))
+    if unknown:
+        raise ConfigError(
+            f"reward.{unknown[0]} is not a setting of this reward; its {what} settings are "
+            f"{sorted(declared.__annotations__)} (see the reward's YAML in conf/reward/ for the others)"
+        )
+
+
 def _options(reward_cfg: Any) -> dict[str, Any]:
     """The keys of a reward config other than Hydra's own (`_target_`, `_recursive_`, ...), resolved."""
     from omegaconf import DictConfig, OmegaConf

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, load_with_processor, runtime_settings
+from rlcm_exp.rewards.hub import HoldsModel, HubSource, ModelRuntime, load_with_processor, runtime_settings
 
 
 def greedy_recall(
@@ -110,7 +110,8 @@ def load_bertscore(
 ) -> tuple[BertScorer, str]:
     """Load the encoder and tokenizer; returns the scorer and a description for /health."""
     dtype, device, batch_size = runtime_settings(runtime)
+    source = HubSource(model_id, revision, local_path, key)
     model, tokenizer, description = load_with_processor(
-        AutoModel.from_pretrained, AutoTokenizer.from_pretrained, model_id, revision, local_path, dtype, key
+        AutoModel.from_pretrained, AutoTokenizer.from_pretrained, source, dtype
     )
     return BertScorer(model.to(device), tokenizer, num_layers, batch_size), description

@@ -22,14 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.rewards.hub import (
-    HoldsModel,
-    ModelRuntime,
-    describe_source,
-    load_pretrained,
-    runtime_settings,
-    torch_dtype,
-)
+from rlcm_exp.rewards.hub import HoldsModel, HubSource, ModelRuntime, runtime_settings, torch_dtype
 from rlcm_exp.rewards.scorer import ChunkedPromptImageReward
 
 
@@ -116,15 +109,8 @@ class ClipEmbedder(HoldsModel, torch.nn.Module):
 
 
 def load_clip_embedder(
-    *,
-    model_id: str | None,
-    revision: str,
-    local_path: str | None,
-    processor_id: str | None = None,
-    processor_revision: str = "main",
-    processor_local_path: str | None = None,
-    key: str = "reward.",
-    processor_key: str | None = None,
+    model: HubSource,
+    processor: HubSource | None = None,
     with_tokenizer: bool = True,
     dtype: str = "float32",
     device: str = "cpu",
@@ -132,32 +118,15 @@ def load_clip_embedder(
     """Load a CLIPModel and its image processor (and tokenizer); the processor may live in another repo.
 
     PickScore ships only the model; its processor is the LAION ViT-H one, hence the separate
-    processor source. With no processor source given, the model's own repo supplies it.
+    processor source. With no processor source given (None, or neither its id nor its folder set),
+    the model's own repo supplies it.
     """
-    if processor_id is None and processor_local_path is None:
-        processor_id, processor_revision, processor_local_path = model_id, revision, local_path
-        processor_key = key
-    processor_key = processor_key or key
-    source: dict[str, Any] = {
-        "model_id": processor_id,
-        "revision": processor_revision,
-        "local_path": processor_local_path,
-    }
-    model = load_pretrained(
-        CLIPModel.from_pretrained,
-        model_id=model_id,
-        revision=revision,
-        local_path=local_path,
-        key=key,
-        dtype=torch_dtype(dtype),
-    )
-    image_processor = load_pretrained(AutoImageProcessor.from_pretrained, **source, key=processor_key)
-    tokenizer = (
-        load_pretrained(AutoTokenizer.from_pretrained, **source, key=processor_key)
-        if with_tokenizer
-        else None
-    )
-    return ClipEmbedder(model, image_processor, tokenizer).to(device)
+    if processor is None or (processor.model_id is None and processor.local_path is None):
+        processor = model
+    clip = model.load(CLIPModel.from_pretrained, dtype=torch_dtype(dtype))
+    image_processor = processor.load(AutoImageProcessor.from_pretrained)
+    tokenizer = processor.load(AutoTokenizer.from_pretrained) if with_tokenizer else None
+    return ClipEmbedder(clip, image_processor, tokenizer).to(device)
 
 
 class ClipAlignmentReward(ChunkedPromptImageReward):
@@ -195,11 +164,9 @@ def clip_score(
 ) -> ClipAlignmentReward:
     """CLIP score: scale * cosine similarity of the CLIP image and prompt embeddings (scale 1: in [-1, 1])."""
     dtype, device, batch_size = runtime_settings(runtime)
-    embedder = load_clip_embedder(
-        model_id=model_id, revision=revision, local_path=local_path, dtype=dtype, device=device
-    )
-    models = {"clip": describe_source(model_id, revision, local_path)}
-    return ClipAlignmentReward(embedder, scale, batch_size, models)
+    clip = HubSource(model_id, revision, local_path)
+    embedder = load_clip_embedder(clip, dtype=dtype, device=device)
+    return ClipAlignmentReward(embedder, scale, batch_size, {"clip": clip.describe()})
 
 
 def pickscore(
@@ -213,19 +180,8 @@ def pickscore(
 ) -> ClipAlignmentReward:
     """PickScore: the model's logit_scale (about 100) * cosine of image and prompt embeddings."""
     dtype, device, batch_size = runtime_settings(runtime)
-    embedder = load_clip_embedder(
-        model_id=model_id,
-        revision=revision,
-        local_path=local_path,
-        processor_id=processor_id,
-        processor_revision=processor_revision,
-        processor_local_path=processor_local_path,
-        processor_key="reward.processor_",
-        dtype=dtype,
-        device=device,
-    )
-    models = {
-        "pickscore": describe_source(model_id, revision, local_path),
-        "processor": describe_source(processor_id, processor_revision, processor_local_path),
-    }
+    model = HubSource(model_id, revision, local_path)
+    processor = HubSource(processor_id, processor_revision, processor_local_path, "reward.processor_")
+    embedder = load_clip_embedder(model, processor, dtype=dtype, device=device)
+    models = {"pickscore": model.describe(), "processor": processor.describe()}
     return ClipAlignmentReward(embedder, None, batch_size, models)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import torch
 from transformers.utils import logging as transformers_logging
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.rewards.base import check_declared
 
 transformers_logging.disable_progress_bar()
 
@@ -45,16 +46,12 @@ class ModelRuntime(TypedDict, total=False):
 
 
 def runtime_settings(
-    runtime: ModelRuntime, batch_size: int = 32, dtype: str = "float32"
+    runtime: ModelRuntime, batch_size: int = 32, dtype: str = "float32", declared: type = ModelRuntime
 ) -> tuple[str, str, int]:
     """(dtype, device, batch_size) from a builder's runtime keywords, `batch_size` and `dtype` being the
-    builder's defaults. A keyword that is not a ModelRuntime key is the user's typo: a ConfigError naming it."""
-    unknown = sorted(set(runtime) - set(ModelRuntime.__annotations__))
-    if unknown:
-        raise ConfigError(
-            f"reward.{unknown[0]} is not a setting of this reward; its runtime settings are "
-            f"{sorted(ModelRuntime.__annotations__)} (see the reward's YAML in conf/reward/ for the others)"
-        )
+    builder's defaults. A keyword that `declared` (ModelRuntime, or a TypedDict extending it that the
+    builder takes) does not declare is the user's typo: a ConfigError naming it."""
+    check_declared(runtime, declared, "runtime")
     return (
         runtime.get("dtype", dtype),
         runtime.get("device", "cpu"),
@@ -111,25 +108,38 @@ def load_pretrained(
         raise ConfigError(f"could not load {where}: {type(err).__name__}: {reason}.{hint}") from err
 
 
+class HubSource(NamedTuple):
+    """Where one pretrained part comes from: a hub id at a revision, or a local folder in the hub layout
+    (used instead when set), and the config key prefix the user sets them with (e.g. "reward.clip_")."""
+
+    model_id: str | None
+    revision: str
+    local_path: str | None
+    key: str = "reward."
+
+    def load(self, loader: Callable[..., T], **kwargs: Any) -> T:
+        """`loader` (a `from_pretrained`) on this source, through `load_pretrained`."""
+        return load_pretrained(
+            loader,
+            model_id=self.model_id,
+            revision=self.revision,
+            local_path=self.local_path,
+            key=self.key,
+            **kwargs,
+        )
+
+    def describe(self) -> str:
+        """What /health and logs report for the part loaded from here."""
+        return describe_source(self.model_id, self.revision, self.local_path)
+
+
 def load_with_processor(
-    model_loader: Callable[..., Any],
-    processor_loader: Callable[..., Any],
-    model_id: str | None,
-    revision: str,
-    local_path: str | None,
-    dtype: str,
-    key: str,
+    model_loader: Callable[..., Any], processor_loader: Callable[..., Any], source: HubSource, dtype: str
 ) -> tuple[Any, Any, str]:
     """A model and its tokenizer/processor from one source; returns (model, processor, description)."""
-    source: dict[str, Any] = {
-        "model_id": model_id,
-        "revision": revision,
-        "local_path": local_path,
-        "key": key,
-    }
-    processor = load_pretrained(processor_loader, **source)
-    model = load_pretrained(model_loader, **source, dtype=torch_dtype(dtype))
-    return model, processor, describe_source(model_id, revision, local_path)
+    processor = source.load(processor_loader)
+    model = source.load(model_loader, dtype=torch_dtype(dtype))
+    return model, processor, source.describe()
 
 
 def describe_source(model_id: str | None, revision: str, local_path: str | None) -> str:

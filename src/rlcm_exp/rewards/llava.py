@@ -31,7 +31,7 @@ from rlcm_exp.errors import ConfigError
 from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
-from rlcm_exp.rewards.hub import HoldsModel, ModelRuntime, load_with_processor, runtime_settings
+from rlcm_exp.rewards.hub import HoldsModel, HubSource, ModelRuntime, load_with_processor, runtime_settings
 
 QUESTION = "Answer concisely: what is going on in this image?"
 LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # the llava-hf 1.5 conversation format
@@ -181,14 +181,9 @@ def llava_bertscore(
     dtype = load_dtype(dtype, device)
     # the query is checked before the (large) models load, so a config mistake fails at once
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
+    vlm = HubSource(vlm_model_id, vlm_revision, vlm_local_path, "reward.vlm_")
     model, processor, vlm_source = load_with_processor(
-        AutoModelForImageTextToText.from_pretrained,
-        AutoProcessor.from_pretrained,
-        vlm_model_id,
-        vlm_revision,
-        vlm_local_path,
-        dtype,
-        "reward.vlm_",
+        AutoModelForImageTextToText.from_pretrained, AutoProcessor.from_pretrained, vlm, dtype
     )
     answerer = VlmAnswerer(model.to(device), processor, query, batch_size)
     # BERTScore stays float32 whatever `dtype` is: it is small next to the VLM, and cosine

@@ -38,12 +38,13 @@ import logging
 import math
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
+from rlcm_exp.rewards.retry import RetryPolicy, backoff_delay, retry_settings
 from rlcm_exp.secrets import DEFAULT_TOKEN_ENV, check_header_token, read_token, redact_url
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class RemoteReward:
                 last = str(err)
                 if attempt == attempts:
                     break
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
                 log.warning(
                     "reward server %s%s: %s; retry %d/%d in %.1fs",
                     self.url,
@@ -341,10 +342,6 @@ def _status_message(url: str, path: str, status: int, text: str) -> str:
 def remote(
     url: str = "http://127.0.0.1:8060",
     token: str | None = None,
-    timeout_s: float = 300.0,
-    max_retries: int = 3,
-    backoff_s: float = 2.0,
-    max_backoff_s: float = 60.0,
     image_format: str = "png",
     jpeg_quality: int = 95,
     max_images_per_request: int = 32,
@@ -352,14 +349,17 @@ def remote(
     token_env: str | None = DEFAULT_TOKEN_ENV,
     token_file: str | None = None,
     server_reward: str | None = None,
+    **retry: Unpack[RetryPolicy],
 ) -> RemoteReward:
     """A reward scored by `python -m rlcm_exp.reward_server` at `url`; see the module docstring for the policy.
 
-    The token is `token` if given, else the first line of `token_file`, else the environment
-    variable `token_env` (unset: no token). With wait_for_server_s > 0, building it waits (polling
-    /health) until the server is up, so a run started next to a server that is still loading models
-    fails fast only if it never comes up.
+    Its timeout and retries are RetryPolicy's keywords (timeout_s default 300). The token is `token`
+    if given, else the first line of `token_file`, else the environment variable `token_env` (unset:
+    no token). With wait_for_server_s > 0, building it waits (polling /health) until the server is
+    up, so a run started next to a server that is still loading models fails fast only if it never
+    comes up.
     """
+    timing = retry_settings(retry, timeout_s=300.0)
     if token:
         log.warning(
             "reward.token is given inline: on a command line it shows in `ps` and shell history; prefer "
@@ -369,10 +369,7 @@ def remote(
     client = RemoteReward(
         url,
         read_token(token, token_env, token_file, "reward.token_file"),
-        timeout_s,
-        max_retries,
-        backoff_s,
-        max_backoff_s,
+        *timing,
         image_format,
         jpeg_quality,
         max_images_per_request,

@@ -41,13 +41,14 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
+from rlcm_exp.rewards.retry import RetryPolicy, backoff_delay, retry_settings
 from rlcm_exp.secrets import read_token
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class VlmJudge:
                         f"{time.monotonic() - start:.1f}s (last error: {_one_line(last)}); is it running at "
                         "reward.base_url and serving reward.model? A slow server needs a larger reward.timeout_s."
                     ) from err
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
                 log.warning(
                     "%s: %s; retry %d/%d in %.2fs", self._where, last, attempt, self.max_retries, delay
                 )
@@ -341,16 +342,15 @@ def vlm_judge(
     top_logprobs: int = 20,
     missing_logprobs: str = "error",
     max_tokens: int | None = None,
-    timeout_s: float = 120.0,
-    max_retries: int = 3,
-    backoff_s: float = 2.0,
-    max_backoff_s: float = 60.0,
     max_concurrency: int = 8,
     api_key_env: str | None = "OPENAI_API_KEY",
     api_key_file: str | None = None,
+    **retry: Unpack[RetryPolicy],
 ) -> VlmJudge:
     """A VLM judge behind the OpenAI-compatible server at `base_url` (the URL ending in /v1); see the
-    module docstring for the modes and the failure policy. max_tokens None: 1 (yes_no), 16 (rubric)."""
+    module docstring for the modes and the failure policy. max_tokens None: 1 (yes_no), 16 (rubric).
+    Its timeout and retries are RetryPolicy's keywords (timeout_s default 120)."""
+    timeout_s, max_retries, backoff_s, max_backoff_s = retry_settings(retry, timeout_s=120.0)
     try:
         import openai
     except ImportError as err:

@@ -33,32 +33,32 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from rlcm_exp.toy import DIFFUSION_DIR, data
 from rlcm_exp.toy.build import NO_SAFETY_CHECKER, flow_pipeline, save_pipeline, tokenize
-from rlcm_exp.toy.captions import CAPTION_NOISE, caption_attributes
+from rlcm_exp.toy.captions import caption_attributes
 from rlcm_exp.toy.flow import SCHEDULER_CONFIG
 from rlcm_exp.toy.flow_scoring import FlowMember, measure_flow
 from rlcm_exp.toy.flow_stages import CD_GRID, FLOW_SCHEDULES, distill_flow_consistency, train_flow_teacher
-from rlcm_exp.toy.runner import _Record, folder_bytes, n_params, start_run
+from rlcm_exp.toy.runner import RecipeOptions, _Record, folder_bytes, n_params, start_run
 from rlcm_exp.toy.scoring import cycle
 from rlcm_exp.toy.stages import CAPTION_DROPOUT, LCD_TARGET_EMA, LCD_W_MAX, LCD_W_MIN, encode_pool
 
 FLOW_RECIPE_VERSION = "toy-flow-recipe-1"
 
 
-def _settings(seed: int, schedule: str, threads: int, caption_noise: float, base: Path) -> dict:
+def _settings(options: RecipeOptions, base: Path) -> dict:
     """The run's settings, the head of recipe.json."""
     return {
         "recipe_version": FLOW_RECIPE_VERSION,
         "family": "flow",
-        "seed": seed,
-        "schedule": schedule,
-        "threads": threads,
-        "schedule_steps": FLOW_SCHEDULES[schedule].as_record(),
+        "seed": options.seed,
+        "schedule": options.schedule,
+        "threads": options.threads,
+        "schedule_steps": FLOW_SCHEDULES[options.schedule].as_record(),
         "base_components": str(base.name),  # the frozen VAE, text encoder and tokenizer came from here
         "scheduler": SCHEDULER_CONFIG,
         "teacher_objective": "rectified flow, v = eps - x0, s ~ U(0, 1)",
         "cd": {"grid": CD_GRID, "w_range": [LCD_W_MIN, LCD_W_MAX], "target_ema": LCD_TARGET_EMA},
         "caption_dropout": CAPTION_DROPOUT,
-        "caption_noise": caption_noise,
+        "caption_noise": options.caption_noise,
     }
 
 
@@ -115,10 +115,7 @@ def _pool(base: Path, n: int, rng: np.random.Generator) -> _Pool:
 
 def run_flow(
     out: str | Path,
-    seed: int = 0,
-    schedule: str = "full",
-    threads: int = 2,
-    caption_noise: float = CAPTION_NOISE,
+    options: RecipeOptions = RecipeOptions(),  # noqa: B008 (a frozen dataclass: immutable)
     base: str | Path = DIFFUSION_DIR,
 ) -> dict:
     """Run every stage, save both members under `out`, measure them; returns the recipe record.
@@ -126,10 +123,10 @@ def run_flow(
     `base`: the pipeline folder whose VAE, text encoder and tokenizer the pair reuses, frozen, and
     whose UNet the teacher starts from.
     """
-    s = FLOW_SCHEDULES[schedule]
-    out, rng, gen = start_run(out, seed, threads, caption_noise)
+    s, seed, caption_noise = FLOW_SCHEDULES[options.schedule], options.seed, options.caption_noise
+    out, rng, gen = start_run(out, options)
     base = Path(base)
-    record = _Record(_settings(seed, schedule, threads, caption_noise, base))
+    record = _Record(_settings(options, base))
     pool = _pool(base, s.n_latents, rng)
     record.lap("encode")
 

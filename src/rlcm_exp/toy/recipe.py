@@ -18,7 +18,7 @@ from rlcm_exp.toy import FLOW_WEIGHTS_DIR, WEIGHTS_DIR
 from rlcm_exp.toy.captions import CAPTION_NOISE, check_caption_noise
 from rlcm_exp.toy.flow_runner import run_flow
 from rlcm_exp.toy.flow_stages import FLOW_SCHEDULES
-from rlcm_exp.toy.runner import run
+from rlcm_exp.toy.runner import RecipeOptions, run
 from rlcm_exp.toy.stages import SCHEDULES
 
 
@@ -51,8 +51,11 @@ def main() -> None:
     if flow and args.schedule not in FLOW_SCHEDULES:
         parser.error(f"--schedule {args.schedule}: the flow recipe's schedules are {sorted(FLOW_SCHEDULES)}")
     out = args.out or str(FLOW_WEIGHTS_DIR if flow else WEIGHTS_DIR)
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("family", "out")}
-    (run_flow if flow else run)(out=out, **kwargs)  # every other flag is one of their arguments, by name
+    options = RecipeOptions(args.seed, args.schedule, args.threads, args.caption_noise)
+    if flow:
+        run_flow(out, options)
+    else:
+        run(out, options)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,22 @@ from rlcm_exp.toy.stages import (
 RECIPE_VERSION = "toy-recipe-2"  # 2: caption noise 0.2 by default (1: none)
 
 
+@dataclass(frozen=True)
+class RecipeOptions:
+    """The options of a toy recipe run, the same for both recipes (`run`, `flow_runner.run_flow`);
+    `python -m rlcm_exp.toy.recipe` fills them from its flags and recipe.json records them."""
+
+    seed: int = 0  # seeds the data (numpy) and noise (torch) generators and torch's global one
+    # a key of the recipe's schedules: full (makes the committed weights) | tiny (checks the plumbing)
+    schedule: str = "full"
+    # torch intra-op threads. On a machine whose cores are shared with other jobs, use 1 (and pin it
+    # with taskset): OpenMP threads that wait on a busy core ran ~10x slower here.
+    threads: int = 2
+    # probability of re-drawing each attribute word of a teacher training caption (0: clean
+    # captions); distillation always sees the true captions
+    caption_noise: float = CAPTION_NOISE
+
+
 class _Record:
     """recipe.json as it grows: the settings, then each stage's evaluation and wall-clock seconds."""
 
@@ -93,14 +109,14 @@ class _Record:
         (out / "recipe.json").write_text(json.dumps(self.data, indent=1))
 
 
-def _settings(seed: int, schedule: str, threads: int, caption_noise: float) -> dict:
+def _settings(options: RecipeOptions) -> dict:
     """The run's settings and software versions, the head of recipe.json."""
     return {
         "recipe_version": RECIPE_VERSION,
-        "seed": seed,
-        "schedule": schedule,
-        "threads": threads,
-        "schedule_steps": SCHEDULES[schedule].as_record(),
+        "seed": options.seed,
+        "schedule": options.schedule,
+        "threads": options.threads,
+        "schedule_steps": SCHEDULES[options.schedule].as_record(),
         "image_size": data.IMAGE_SIZE,
         "lcd": {
             "origin_steps": LCD_ORIGIN_STEPS,
@@ -109,7 +125,7 @@ def _settings(seed: int, schedule: str, threads: int, caption_noise: float) -> d
             "target_ema": LCD_TARGET_EMA,
         },
         "caption_dropout": CAPTION_DROPOUT,
-        "caption_noise": caption_noise,
+        "caption_noise": options.caption_noise,
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -256,39 +272,24 @@ def _setup_torch(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(
-    out: str | Path, seed: int, threads: int, caption_noise: float
-) -> tuple[Path, np.random.Generator, torch.Generator]:
-    """A recipe's start: torch set up (`_setup_torch`), `caption_noise` checked, `out` made; returns it
-    with the run's data generator (numpy) and noise generator (torch), both seeded with `seed`."""
-    _setup_torch(seed, threads)
-    check_caption_noise(caption_noise)
+def start_run(out: str | Path, options: RecipeOptions) -> tuple[Path, np.random.Generator, torch.Generator]:
+    """A recipe's start: torch set up (`_setup_torch`), the caption noise checked, `out` made; returns it
+    with the run's data generator (numpy) and noise generator (torch), both seeded with the seed."""
+    _setup_torch(options.seed, options.threads)
+    check_caption_noise(options.caption_noise)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out, np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    return out, np.random.default_rng(options.seed), torch.Generator().manual_seed(options.seed)
 
 
-def run(
-    out: str | Path,
-    seed: int = 0,
-    schedule: str = "full",
-    threads: int = 2,
-    caption_noise: float = CAPTION_NOISE,
-) -> dict:
-    """Run every stage, save both pipelines under `out`, evaluate; returns the recipe record.
-
-    `caption_noise`: probability of re-drawing each attribute word of a teacher training caption
-    (0: clean captions). Distillation always sees the true captions.
-
-    `threads`: torch intra-op threads. On a machine whose cores are shared with other jobs, use
-    1 (and pin it with taskset): OpenMP threads that wait on a busy core ran ~10x slower here.
-    """
-    s = SCHEDULES[schedule]
-    out, rng, gen = start_run(out, seed, threads, caption_noise)
-    record = _Record(_settings(seed, schedule, threads, caption_noise))
+def run(out: str | Path, options: RecipeOptions = RecipeOptions()) -> dict:
+    """Run every stage, save both pipelines under `out`, evaluate; returns the recipe record."""
+    s, seed = SCHEDULES[options.schedule], options.seed
+    out, rng, gen = start_run(out, options)
+    record = _Record(_settings(options))
 
     vae = _vae_stage(s, seed, rng, record)
-    teacher = _teacher_stage(vae, s, seed, rng, gen, caption_noise, out, record)
+    teacher = _teacher_stage(vae, s, seed, rng, gen, options.caption_noise, out, record)
     lcm, lcm_unet = _lcd_stage(vae, teacher, s, seed, gen, record)
 
     # 4. save ------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def run(
     record.write(out)
 
     # 5. quality, with the pipelines loaded back from disk ----------------------------------
-    measure(out, n=s.quality_n, seed=seed, sweep_n=max(4, s.quality_n // 4), threads=threads)
+    measure(out, n=s.quality_n, seed=seed, sweep_n=max(4, s.quality_n // 4), threads=options.threads)
     record.lap("quality")
     record.data["wall_clock_s"]["total"] = round(sum(record.data["wall_clock_s"].values()), 1)
     record.write(out)
