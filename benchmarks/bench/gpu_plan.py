@@ -96,6 +96,12 @@ def paper_settings(algo: str, task: str, cpu_scale: bool = False) -> TaskSetting
     return settings
 
 
+# --cpu-scale: the tiny members stand in for the full-size ones, so the configuration's memory
+# figures (those of the real model, e.g. SD3.5-Medium's 10 GB of fp32 text encoders) describe
+# nothing that runs: no estimate
+CPU_SCALE_OVERRIDES = ["model.dtype=float32", "device=cpu", "model.memory=null"]
+
+
 def run_overrides(
     s: TaskSettings, variant: Variant, member: Path, reward: list[str], cuda: bool, warmup: int
 ) -> list[str]:
@@ -126,9 +132,7 @@ def run_overrides(
         # the LLaVA + BERTScore server runs on its own GPUs in the paper; JPEG stands in for it here
         overrides.append("reward=jpeg_compressibility")
     # fp16 frozen weights, fp32 LoRA (the accelerator's fp16 autocast); SDPA is diffusers' default
-    overrides += (
-        ["model.dtype=float16", "mixed_precision=fp16"] if cuda else ["model.dtype=float32", "device=cpu"]
-    )
+    overrides += ["model.dtype=float16", "mixed_precision=fp16"] if cuda else CPU_SCALE_OVERRIDES
     return overrides
 
 
@@ -231,9 +235,5 @@ def flow_overrides(s: FlowSettings, variant: Variant, member: Path, cuda: bool, 
         f"memory.gradient_checkpointing={str(variant.gradient_checkpointing).lower()}",
         f"train.epochs={warmup + 1}",
         "train.checkpoint_every=0",
-        *(
-            ["model.dtype=bfloat16", "mixed_precision=bf16"]
-            if cuda
-            else ["model.dtype=float32", "device=cpu"]
-        ),
+        *(["model.dtype=bfloat16", "mixed_precision=bf16"] if cuda else CPU_SCALE_OVERRIDES),
     ]
