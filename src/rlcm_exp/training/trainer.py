@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -23,10 +22,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from rlcm_exp.errors import ConfigError
 from rlcm_exp.evaluation.diversity import pixel_features, within_prompt_diversity
 from rlcm_exp.evaluation.heldout import evaluate_policy
-from rlcm_exp.models.lora import load_lora_into, save_lora
+from rlcm_exp.models.lora import save_lora
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rewards.base import RewardFn, as_reward_dict
@@ -37,14 +35,11 @@ from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import (
-    checkpoint_dir,
-    read_checkpoint,
     rng_state,
-    set_rng_state,
-    write_checkpoint,
 )
 from rlcm_exp.training.divergence import Diverged, diverged_message, nonfinite
 from rlcm_exp.training.ema import EMA
+from rlcm_exp.training.resumable import Resumable
 from rlcm_exp.training.rounds import RoundAdvantages, RoundSampler
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
 from rlcm_exp.training.update import Optimization, UpdateContext
@@ -72,7 +67,7 @@ def with_gold(reward_fn: RewardFn, gold_fn: RewardFn) -> RewardFn:
     return scored
 
 
-class Trainer:
+class Trainer(Resumable):
     """Holds what persists across epochs (counters, the round's components); `run_epoch` is one round.
 
     A round is `sampler` (rollouts + rewards) -> `advantages` -> `algo.update` (the algorithm's second
@@ -414,92 +409,6 @@ class Trainer:
             return
         images, captions = save_sample_grid(self.run_dir / "samples", epoch, traj, rewards, s.save_images)
         self.logger.log_images("samples", images, captions, step=epoch)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state(self) -> dict[str, Any]:
-        """Everything besides weights/optimizer that an exact resume needs (sampling and shuffling
-        streams derive from (seed, epoch, ...), so the epoch number restores them)."""
-        return {
-            "epoch": self.epoch,
-            "optimizer_steps": self.optimization.steps,
-            "reward_queries": self.reward_queries,
-            "elapsed_s": self.elapsed_s,
-            "gpu_hours": self.gpu_hours(),
-            "nonfinite_in_a_row": self.advantage.nonfinite_in_a_row,
-            "stat_tracker": self.algo.stat_tracker.state_dict(),
-            "reward_normalisation": self.advantage.normalisation.state_dict(),  # per-component trackers
-            "logger_run_id": self.logger_run_id,
-            "world_size": self.accelerator.num_processes,
-            "run": self.run_identity,
-        }
-
-    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
-        acc = self.accelerator
-        return write_checkpoint(
-            checkpoint_dir(self.run_dir, self.epoch),
-            is_main=acc.is_main_process,
-            rank=self.rank,
-            unet=acc.unwrap_model(self.policy.denoiser),
-            optimizer=self.optimization.optimizer,
-            lr_scheduler=self.optimization.lr_scheduler,
-            scaler=acc.scaler,
-            state=self.state(),
-            barrier=acc.wait_for_everyone,
-            keep_last=self.settings.keep_last,
-            extra={} if self.ema is None else {"ema": self.ema.state_dict()},
-            rng=rng,
-        )
-
-    def restore(self, candidates: Sequence[Path], fall_back: bool = True) -> Path | None:
-        """Load the first of `candidates` whose files load; a newer checkpoint with a truncated or
-        corrupt file is skipped with a warning (fall_back) or refused. Returns the folder used."""
-        for folder in candidates:
-            try:
-                ckpt = read_checkpoint(folder, self.rank, self.accelerator.device)
-            except Exception as err:  # torch, safetensors and json each raise their own type
-                if not fall_back:
-                    raise ConfigError(f"resume={folder}: the checkpoint does not load ({err})") from err
-                warnings.warn(
-                    f"checkpoint {folder} does not load ({type(err).__name__}: {err}); trying the one before",
-                    stacklevel=2,
-                )
-                continue
-            self._apply_checkpoint(folder, ckpt)
-            return folder
-        return None
-
-    def _apply_checkpoint(self, folder: Path, ckpt: dict[str, Any]) -> None:
-        acc = self.accelerator
-        state = ckpt["state"]
-        if state["world_size"] != acc.num_processes:
-            raise RuntimeError(
-                f"{folder} was written by {state['world_size']} processes, this run has {acc.num_processes}: "
-                "resume with the same number of processes"
-            )
-        load_lora_into(acc.unwrap_model(self.policy.denoiser), ckpt["lora"])
-        self.optimization.optimizer.load_state_dict(ckpt["optimizer"])
-        self.optimization.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if ckpt["scaler"] is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        if self.ema is not None:
-            if ckpt.get("ema") is None:
-                raise ConfigError(f"{folder} holds no EMA weights (ema.pt) but train.ema_decay is set")
-            self.ema.load_state_dict(ckpt["ema"])
-        self.algo.stat_tracker.load_state_dict(state["stat_tracker"])
-        self.advantage.normalisation.load_state_dict(state.get("reward_normalisation", {}))
-        self.epoch, self.optimization.steps = state["epoch"], state["optimizer_steps"]
-        self.reward_queries, self.elapsed_s = state["reward_queries"], state["elapsed_s"]
-        self.budget_spent = self._budget_reached()
-        self.advantage.nonfinite_in_a_row, self.logger_run_id = (
-            state["nonfinite_in_a_row"],
-            state["logger_run_id"],
-        )
-        self.run_identity = state.get("run", self.run_identity)
-        if acc.is_main_process:  # records past the checkpoint will be written again, identically
-            for f in (self.metrics, self.eval_file):
-                f.truncate(lambda r: r.get("epoch", r.get("epochs_done", 0) - 1) < self.epoch)
 
     def should_stop(self) -> bool:
         """True on every process if any process was asked to stop (signals may reach only some)."""
