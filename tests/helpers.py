@@ -194,3 +194,51 @@ def run_ranks(
             for log in logs:
                 log.close()
     raise RuntimeError(f"three rendezvous ports were taken: {outs[0][-2000:]}")
+
+
+# the toy learning tests' evaluation (tests/test_learning.py, test_learning_flow.py): the run's base and
+# trained policy on the 81 training compositions x 1 fixed seed, before and after only
+EVAL = [
+    "train.eval_every=1000",  # before and after only
+    "task.eval_prompts.name=toy_train",
+    "train.eval_seeds=1",
+    "train.save_images=16",
+    "train.checkpoint_every=0",
+]
+
+
+# the alignment tests: one detector decision on 81 images is 0.004, and their gains are a few hundredths
+EVAL_4_SEEDS = [*(o for o in EVAL if not o.startswith("train.eval_seeds=")), "train.eval_seeds=4"]
+
+
+def before_after(run_dir, key: str = "eval_reward_mean") -> tuple[float, float]:  # noqa: ANN001
+    """A run's first and last held-out evaluation of `key` (eval.jsonl)."""
+    from rlcm_exp.tracking import read_metrics
+
+    evals = read_metrics(run_dir / "eval.jsonl")
+    return evals[0][key], evals[-1][key]
+
+
+def print_detector_parts(run_dir) -> None:  # noqa: ANN001
+    """Which of the detector's thirds moved: the share of images with colour / shape / background right."""
+    from rlcm_exp.toy.detector import PARTS
+
+    for part in PARTS:
+        first, last = before_after(run_dir, f"eval_reward/{part}")
+        print(f"  {part} right {first:.3f} -> {last:.3f}")
+
+
+def jpeg_cut(run_dir) -> float:  # noqa: ANN001
+    """The held-out JPEG size's relative cut from the first to the last evaluation (rewards are -kB),
+    printed."""
+    before, after = before_after(run_dir)
+    print(f"JPEG kB before {-before:.4f} after {-after:.4f} ({(before - after) / before:+.1%})")
+    return (before - after) / before
+
+
+def detector_gain(run_dir) -> float:  # noqa: ANN001
+    """The held-out detector score's gain from the first to the last evaluation, printed with its thirds."""
+    before, after = before_after(run_dir)
+    print(f"detector score before {before:.4f} after {after:.4f} ({after - before:+.4f})")
+    print_detector_parts(run_dir)
+    return after - before

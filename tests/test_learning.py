@@ -17,36 +17,9 @@ from __future__ import annotations
 
 import pytest
 
-from rlcm_exp.toy.detector import PARTS
-from rlcm_exp.tracking import read_metrics
-
-from .helpers import run_in_process
+from .helpers import EVAL, EVAL_4_SEEDS, before_after, print_detector_parts, run_in_process
 
 pytestmark = pytest.mark.slow
-
-EVAL = [
-    "train.eval_every=1000",  # before and after only
-    "task.eval_prompts.name=toy_train",
-    "train.eval_seeds=1",
-    "train.save_images=16",
-    "train.checkpoint_every=0",
-]
-
-
-# the alignment tests: one detector decision on 81 images is 0.004, and their gains are a few hundredths
-EVAL_4_SEEDS = [*(o for o in EVAL if not o.startswith("train.eval_seeds=")), "train.eval_seeds=4"]
-
-
-def before_after(run_dir, key: str = "eval_reward_mean") -> tuple[float, float]:  # noqa: ANN001
-    evals = read_metrics(run_dir / "eval.jsonl")
-    return evals[0][key], evals[-1][key]
-
-
-def print_detector_parts(run_dir) -> None:  # noqa: ANN001
-    """Which of the detector's thirds moved: the share of images with colour / shape / background right."""
-    for part in PARTS:
-        first, last = before_after(run_dir, f"eval_reward/{part}")
-        print(f"  {part} right {first:.3f} -> {last:.3f}")
 
 
 def test_rlcm_compression_cuts_jpeg_size_by_15_percent(tmp_path) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ from rlcm_exp.models.hub import MemberSource
 from rlcm_exp.toy import DIFFUSION_DIR, FLOW_WEIGHTS_DIR, data
 from rlcm_exp.toy.build import build_unet, guidance_embedding
 from rlcm_exp.toy.detector import detector_score
-from rlcm_exp.toy.family import toy_family, toy_flow_family
+from rlcm_exp.toy.family import toy_flow_family
 from rlcm_exp.toy.flow import (
     consistency_grid,
     eps_from_velocity,
@@ -23,6 +23,7 @@ from rlcm_exp.toy.flow import (
     guided,
     interpolate,
     student_sample,
+    teacher_sample,
     x0_from_velocity,
 )
 from rlcm_exp.toy.flow_scoring import FlowMember, flow_acceptance
@@ -80,8 +81,9 @@ def test_student_sampler_renoises_x0_hat_and_ends_deterministic() -> None:
 
 def test_committed_flow_pair_loads_and_the_student_samples_in_two_steps() -> None:
     family = toy_flow_family()
-    assert family.member("flow").resolution == 32 and family.member("flow_few_step").resolution == 32
-    pipe = family.load("flow_few_step")
+    assert family.process == "rectified_flow"
+    assert family.member("diffusion").resolution == 32 and family.member("lcm").resolution == 32
+    pipe = family.load("lcm")
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert pipe.unet.dtype == torch.float32 and pipe.unet.config.time_cond_proj_dim is not None
     prompts = data.heldout_prompts()[:4]
@@ -93,17 +95,16 @@ def test_committed_flow_pair_loads_and_the_student_samples_in_two_steps() -> Non
 
 
 def test_flow_and_vp_members_refuse_each_others_slots_before_loading() -> None:
-    with pytest.raises(ConfigError, match=r"model=toy_flow has no lcm member .*flow, flow_few_step"):
-        toy_flow_family().member("lcm")
-    with pytest.raises(
-        ConfigError, match=r"model=toy has no flow member .*lcm, diffusion: sampler=lcm; sampler=ddim"
-    ):
-        toy_family().member("flow")
-    vp_in_flow = ModelFamily(name="x", flow=MemberSource(local_path=str(DIFFUSION_DIR)))
-    with pytest.raises(ConfigError, match=r"model.flow .* is a VP diffusion model .*DDIMScheduler"):
-        vp_in_flow.member("flow")
+    student_only = ModelFamily(name="x", lcm=toy_flow_family().lcm, process="rectified_flow")
+    with pytest.raises(ConfigError, match=r"model=x has no diffusion member .*sampler=flow_sde or cps needs"):
+        student_only.member("diffusion")
+    vp_in_flow = ModelFamily(
+        name="x", diffusion=MemberSource(local_path=str(DIFFUSION_DIR)), process="rectified_flow"
+    )
+    with pytest.raises(ConfigError, match=r"model.diffusion .* is a VP diffusion model .*DDIMScheduler"):
+        vp_in_flow.member("diffusion")
     flow_in_vp = ModelFamily(name="x", lcm=MemberSource(local_path=str(FLOW_WEIGHTS_DIR / "student")))
-    with pytest.raises(ConfigError, match=r"model.lcm .* is a rectified-flow model .*model.flow_few_step"):
+    with pytest.raises(ConfigError, match=r"model.lcm .* is a rectified-flow model .*rectified_flow family"):
         flow_in_vp.member("lcm")
 
 
@@ -128,5 +129,35 @@ def test_tiny_flow_recipe_saves_loadable_members(tmp_path) -> None:  # noqa: ANN
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert set(quality["scores"]) == {"train", "heldout"} and "student4" in quality["scores"]["train"]
     family = toy_flow_family(str(tmp_path))
-    for kind in ("flow", "flow_few_step"):
+    for kind in ("diffusion", "lcm"):
         assert type(family.load(kind).scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_flow_policies_drive_the_toy_pair_as_its_own_samplers_do() -> None:
+    """The RL flow samplers over the toy pair's UNets (issue 28): the teacher under sampler=flow_sde with
+    noise level 0 is the scheduler's Euler sampler with CFG (teacher_sample), the student under
+    sampler=flow_consistency the multistep consistency sampler (student_sample, same draws)."""
+    from rlcm_exp.policies.flow import build_flow_policy
+
+    family, prompts = toy_flow_family(), data.heldout_prompts()[:3]
+    teacher = build_flow_policy(family, "flow_sde", num_steps=5, guidance_scale=3.0, noise_level=0.0)
+    student = build_flow_policy(family, "flow_consistency", num_steps=4, guidance_scale=5.0)
+    states = teacher.encode_prompts(prompts).field("states")
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = teacher_sample(
+        teacher.denoiser,
+        states,
+        teacher.encode_prompts([""]).field("states").expand(3, -1, -1),
+        noise,
+        5,
+        3.0,
+    )
+    got = teacher.sample(prompts, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.final_latents, want, rtol=0, atol=1e-5)
+    w = guidance_embedding(torch.full((3,), 4.0))
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    want = student_sample(student.denoiser, states, w, noise, 4, gen)
+    got = student.sample(prompts, torch.Generator().manual_seed(1))
+    assert got.latents.shape[1] == 3  # three re-noised transitions, the last step deterministic
+    torch.testing.assert_close(got.final_latents, want, rtol=0, atol=1e-5)

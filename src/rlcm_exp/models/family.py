@@ -1,8 +1,9 @@
 """Model families: a diffusion model and the LCM distilled from it, loaded the same way real or tiny.
 
 A family names its members: `sampler=lcm` drives the `lcm` member, `sampler=ddim` the `diffusion`
-member; rectified-flow families (model=toy_flow) name `flow` (many-step) and `flow_few_step` (its
-distilled few-step model) instead. A family without the member a sampler needs is refused with a clear error,
+member; in a rectified-flow family (process "rectified_flow": tiny_sd35, flux1, toy_flow) the same two
+slots hold the many-step flow model (`sampler=flow_sde` or `cps`) and its distilled few-step model
+(`sampler=flow_consistency`). A family without the member a sampler needs is refused with a clear error,
 so LCM-only or diffusion-only models are fine. An LCM member may be a base with an LCM-LoRA fused
 (model=sd15_lcm_lora, sdxl_lcm): RLCM and DDPO then run on the same weights underneath. A member's
 native resolution and kind are read from its folder (see hub.resolve_member). Every member loads
@@ -46,12 +47,11 @@ PROCESSES = {
     "rectified_flow": "rectified flow: sampler=flow_sde, cps or flow_consistency",
 }
 
-# which samplers drive each member (the error for a family without the member names them)
+# which samplers drive each member of a family of each process (the error for a family without the
+# member names them)
 MEMBER_SAMPLERS = {
-    "diffusion": "sampler=ddim",
-    "lcm": "sampler=lcm",
-    "flow": "a many-step rectified-flow sampler",
-    "flow_few_step": "a few-step rectified-flow sampler",
+    "vp": {"diffusion": "sampler=ddim", "lcm": "sampler=lcm"},
+    "rectified_flow": {"diffusion": "sampler=flow_sde or cps", "lcm": "sampler=flow_consistency"},
 }
 
 
@@ -63,11 +63,9 @@ class ModelFamily:
     # dtype of the frozen weights (fp16/bf16 halves memory on a GPU); "auto": training resolves it to the
     # mixed precision's dtype on CUDA (models/precision.py), other commands load float16 on CUDA, else float32
     dtype: str = "float32"
-    process: str = "vp"  # "vp" (SD 1.x/2.x, SDXL, LCM) | "rectified_flow" (SD3, FLUX): which samplers apply
-    # the toy flow pair's members (x_s = (1 - s) x0 + s eps, velocity prediction): a many-step model and
-    # the few-step model distilled from it (model=toy_flow; UNets, which the flow samplers do not drive yet)
-    flow: MemberSource | None = None
-    flow_few_step: MemberSource | None = None
+    process: str = (
+        "vp"  # "vp" (SD 1.x/2.x, SDXL, LCM) | "rectified_flow" (SD3, FLUX, toy_flow): which samplers apply
+    )
     # the memory model's figures (models/memory.py; estimates): a training call that cannot fit the
     # device is refused before any weights load. None (tiny and toy families): not estimated
     memory: MemoryProfile | None = None
@@ -77,12 +75,7 @@ class ModelFamily:
         resolution when null; warnings when the configuration disagrees with the weights)."""
         source = getattr(self, kind) if kind in PIPELINES else None
         if source is None:
-            flow = self.process == "rectified_flow"
-            samplers = {
-                **MEMBER_SAMPLERS,
-                "diffusion": "sampler=flow_sde or cps" if flow else "sampler=ddim",
-                "lcm": "sampler=flow_consistency" if flow else "sampler=lcm",
-            }
+            samplers = MEMBER_SAMPLERS[self.process]
             has = [k for k in PIPELINES if getattr(self, k) is not None]
             raise ConfigError(
                 f"model={self.name} has no {kind} member (model.{kind} is null), but "
@@ -102,7 +95,7 @@ class ModelFamily:
             )
 
     def load(self, kind: str, device: torch.device | str = "cpu") -> DiffusionPipeline:
-        """Load the `kind` member (a key of PIPELINES: 'lcm', 'diffusion', 'flow', 'flow_few_step') as a
+        """Load the `kind` member (a key of PIPELINES: 'lcm' or 'diffusion') as a
         diffusers pipeline on `device`."""
         return load_pipeline(kind, self.member(kind), torch_dtype(load_dtype(self.dtype, device)), device)
 

@@ -34,12 +34,7 @@ transformers_logging.disable_progress_bar()
 PIPELINES = {
     "lcm": LatentConsistencyModelPipeline,
     "diffusion": StableDiffusionPipeline,
-    # the toy flow pair's members load as the class their model_index.json names (StableDiffusionPipeline
-    # folders holding a FlowMatchEulerDiscreteScheduler)
-    "flow": DiffusionPipeline,
-    "flow_few_step": DiffusionPipeline,
 }
-FLOW_KINDS = ("flow", "flow_few_step")  # the members that are rectified-flow models (v ~ eps - x0)
 # flow pipelines a member's model_index.json may name, loaded as themselves (no safety checker);
 # an SDXL one ("XL" in the name) loads as StableDiffusionXLPipeline
 NAMED_PIPELINES: dict[str, Any] = {
@@ -145,7 +140,9 @@ def _pipeline_class(kind: str, source: MemberSource) -> tuple[Any, dict[str, Any
         return named, {}
     if source.lcm_lora is not None:
         return StableDiffusionPipeline, NO_SAFETY_CHECKER
-    return PIPELINES[kind], {} if kind in FLOW_KINDS else NO_SAFETY_CHECKER
+    if folder_kind(source) == "flow":  # the toy flow pair: StableDiffusionPipeline folders holding a
+        return DiffusionPipeline, {}  # FlowMatchEulerDiscreteScheduler, loaded as the class they name
+    return PIPELINES[kind], NO_SAFETY_CHECKER
 
 
 def adapter_location(adapter: AdapterSource, key: str) -> tuple[str, dict[str, Any]]:
@@ -334,10 +331,9 @@ def resolve_member(kind: str, source: MemberSource, process: str = "vp") -> Memb
     """Check member `kind` before any weights load and read what the folder says about itself: a
     local folder must be a pipeline, an LCM-LoRA belongs to the LCM member, and a null resolution is
     the folder's native one. A rectified-flow folder in a VP family's diffusion or lcm slot, or a VP
-    folder in a flow slot (flow, flow_few_step, or any slot of a `rectified_flow` family such as
-    tiny_sd35) is refused; a configured resolution or VP slot that otherwise disagrees with the
+    folder in any slot of a `rectified_flow` family (tiny_sd35, toy_flow) is refused; a configured resolution or VP slot that otherwise disagrees with the
     weights is kept, with a warning."""
-    flow_slot = kind in FLOW_KINDS or process == "rectified_flow"
+    flow_slot = process == "rectified_flow"
     if source.local_path is not None:
         _pipeline_location(kind, source)  # refuses a folder that is not a pipeline
     if source.lcm_lora is not None:
@@ -351,10 +347,11 @@ def resolve_member(kind: str, source: MemberSource, process: str = "vp") -> Memb
     found = folder_kind(source)
     if found is not None and (found == "flow") != flow_slot:
         where = source.local_path or source.hub_id
-        slots = "model.flow or model.flow_few_step" if found == "flow" else "model.diffusion or model.lcm"
+        family = "a rectified_flow family" if found == "flow" else "a VP family"
         raise ConfigError(
             f"model.{kind} ({where}) is a {'rectified-flow' if found == 'flow' else 'VP diffusion'} model "
-            f"(scheduler {member_scheduler(source)}), which model.{kind} cannot hold: name it as {slots}"
+            f"(scheduler {member_scheduler(source)}), which model.{kind} of a {process} family cannot hold: "
+            f"make it a member of {family} (process: {'rectified_flow' if found == 'flow' else 'vp'})"
         )
     if found is not None and found != kind and not flow_slot:
         where = source.local_path or source.hub_id

@@ -1,5 +1,5 @@
 """Rectified-flow samplers (Flow-SDE, CPS, consistency re-noise) as one Gaussian policy over SD3 and
-FLUX.1 transformers.
+FLUX.1 transformers and the toy flow pair's UNets.
 
 One class holds the three samplers (../shared/flow-models.md): the denoiser's velocity v gives
 (x0_hat, eps_hat), and a per-step table (a_k, b_k, std_k) built by flow_steps.step_table says what
@@ -11,8 +11,13 @@ for every sampler, CPS included (its public implementations use -(x - mean)^2 in
 
 Family specifics live in two small classes: SD3 (two CLIPs + T5, pooled projections, classifier-free
 guidance by batch doubling, timestep 1000 s) and FLUX.1 (CLIP pooled + T5 states, text and image
-ids, 2x2-packed latents, timestep s, a guidance embedding on FLUX.1-dev, none on schnell). The
-policy's state is always the unpacked (B, C, h, w) float32 latent, the pipelines' draws in their order.
+ids, 2x2-packed latents, timestep s, a guidance embedding on FLUX.1-dev, none on schnell). A UNet
+member (model=toy_flow: StableDiffusionPipeline folders holding a FlowMatchEulerDiscreteScheduler) is
+conditioned as SD 1.5 (_sd.SDText) at timestep 1000 s, guided classifier-free by batch doubling, or by
+its guidance embedding (w = guidance_scale - 1, as an LCM) when the UNet has one (the toy student);
+the few-step UNet member steps on the grid 1, 1 - 1/H, ..., 1/H it was distilled on
+(rlcm_exp.toy.flow.consistency_grid, as FLUX.1-schnell's pipeline), the many-step one on its
+scheduler's own grid. The policy's state is always the unpacked (B, C, h, w) float32 latent, the pipelines' draws in their order.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from rlcm_exp.policies.flow_steps import (
     step_mean,
     step_table,
 )
+from rlcm_exp.policies.lcm import guidance_embedding
 from rlcm_exp.policies.trajectory import Trajectory
 from rlcm_exp.rl.gaussian import gaussian_log_prob
 
@@ -166,7 +172,8 @@ class FlowPolicy:
 
     The trainer's transition index j is the j-th stochastic step (`trained_steps[j]`);
     `denoiser_inputs` takes a step index k in 0..H-1. The denoiser is called as
-    `denoiser(hidden_states=x, timestep=t, **kwargs)`."""
+    `denoiser(hidden_states=x, timestep=t, **kwargs)` (a transformer) or `denoiser(x, t, **kwargs)`
+    (a UNet)."""
 
     def __init__(
         self,
@@ -183,27 +190,23 @@ class FlowPolicy:
         if num_steps < 1:
             raise ConfigError(f"sampler.num_steps={num_steps}: a flow sampler needs at least one step")
         self.member, self.sampler = member, sampler
-        self.denoiser, self.vae = pipe.transformer, pipe.vae
+        self.unet = getattr(pipe, "transformer", None) is None  # the toy flow pair's UNets
+        self.denoiser, self.vae = (pipe.unet if self.unet else pipe.transformer), pipe.vae
         self.flux = type(pipe).__name__.startswith("Flux")
         self.tokenizer = pipe.tokenizer
         self.num_steps, self.guidance_scale = num_steps, float(guidance_scale)
         self.latent_channels = int(self.denoiser.config.in_channels) // (4 if self.flux else 1)
         self.vae_scale = _sd.vae_scale_factor(self.vae)
-        patch = 2 if self.flux else int(self.denoiser.config.patch_size)
+        patch = 2 if self.flux else 1 if self.unet else int(self.denoiser.config.patch_size)
         _sd.check_resolution(resolution, self.vae_scale * patch)
         self.resolution = resolution
-        t5_tokenizer = pipe.tokenizer_2 if self.flux else pipe.tokenizer_3
-        t5_length = min(512 if self.flux else 256, int(t5_tokenizer.model_max_length))
-        if self.flux:
-            self._text: Any = FluxText(
-                [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], t5_length
-            )
-        else:
-            encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-            self._text = SD3Text([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], encoders, t5_length)
+        self._text: Any = _text_conditioning(pipe, self.flux, self.unet)
+        # a guidance embedding: FLUX.1-dev's `guidance`, or a UNet's w embedding (time_cond_proj_dim)
+        self._w_dim = getattr(self.denoiser.config, "time_cond_proj_dim", None) if self.unet else None
         self._embedded_guidance = bool(getattr(self.denoiser.config, "guidance_embeds", False))
         _check_guidance(self.flux, self._embedded_guidance, self.guidance_scale, member)
-        cfg_scale = self.guidance_scale if not self.flux else 1.0  # FLUX: no batch doubling
+        embedded = self.flux or self._w_dim is not None  # no batch doubling
+        cfg_scale = 1.0 if embedded else self.guidance_scale
         self._cfg = _sd.ClassifierFreeGuidance(cfg_scale, self._text, lambda: self.device)
         self.init_noise_sigma = 1.0
         self.table = step_table(
@@ -232,7 +235,8 @@ class FlowPolicy:
                 config.get("max_shift", 1.15),
             )
         base = None
-        if self.flux:  # FluxPipeline passes its own linear grid
+        # FluxPipeline's own linear grid 1, 1 - 1/H, ..., 1/H; also the toy student's (its distillation's)
+        if self.flux or (self.unet and self.member == "lcm"):
             base = torch.from_numpy(np.linspace(1.0, 1 / self.num_steps, self.num_steps))
         return flow_sigmas(
             self.num_steps, float(config.get("shift", 1.0)), mu, base, config.num_train_timesteps
@@ -277,19 +281,31 @@ class FlowPolicy:
         step = _sd.step_indices(step_index, batch, device)
         t = self._tables(device)[1][step]
         x = latents.to(cond.dtype)
-        if not self.flux:
-            return (
-                self._cfg.doubled(x, t, cond) if self._cfg.enabled else (x, t, self._text.unet_kwargs(cond))
-            )
+        if not self.flux:  # SD3 and the UNets: the timestep 1000 s, batch doubled under guidance
+            return self._unet_inputs(x, t, cond)
         h, w = x.shape[-2:]
         kwargs = {**self._text.unet_kwargs(cond), "img_ids": image_ids(h, w).to(device, cond.dtype)}
         if self._embedded_guidance:
             kwargs["guidance"] = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
         return pack(x), t.to(cond.dtype) / 1000, kwargs
 
+    def _unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> DenoiserInputs:
+        """SD3's or a UNet member's call: one classifier-free doubled batch when guidance_scale > 1, unless
+        the UNet has a guidance embedding, which takes w = guidance_scale - 1 as `timestep_cond`."""
+        if self._cfg.enabled:
+            return self._cfg.doubled(x, t, cond)
+        kwargs = self._text.unet_kwargs(cond)
+        if self._w_dim is not None:
+            w = torch.full((x.shape[0],), self.guidance_scale - 1.0)
+            kwargs["timestep_cond"] = guidance_embedding(w, int(self._w_dim)).to(x.device, cond.dtype)
+        return x, t, kwargs
+
     def velocity(self, latents: torch.Tensor, step: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The (guided) velocity v at step k, float32, in the latent's (B, C, h, w) layout."""
         x, t, kwargs = self.denoiser_inputs(latents, step, cond, training=False)
+        if self.unet:
+            v = self.denoiser(x, t, **kwargs).sample.float()
+            return self._cfg.combine(v) if self._cfg.enabled else v
         v = self.denoiser(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0].float()
         if self.flux:
             return unpack(v, *latents.shape[-2:])
@@ -353,6 +369,20 @@ class FlowPolicy:
         step = self._tables(latents.device)[2][step_index.to(device=latents.device, dtype=torch.long)]
         mean, std, _ = self._mean(latents.float(), step, cond)
         return mean, std
+
+
+def _text_conditioning(pipe: Any, flux: bool, unet: bool) -> Any:
+    """The family's text conditioning: SD 1.5's (a UNet member), FLUX.1's or SD3's."""
+    if unet:
+        return _sd.SDText(pipe.tokenizer, pipe.text_encoder)
+    t5_tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer_3
+    t5_length = min(512 if flux else 256, int(t5_tokenizer.model_max_length))
+    if flux:
+        return FluxText(
+            [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], t5_length
+        )
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    return SD3Text([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], encoders, t5_length)
 
 
 def _check_guidance(flux: bool, embedded: bool, scale: float, member: str) -> None:
@@ -424,9 +454,10 @@ def _from_family(
     (`check_member_fits`)."""
     source = check_member_fits(kind, member, family, resolution, **options)
     pipe = family.load(member, device)
-    native = source.resolution or int(
-        getattr(pipe.transformer.config, "sample_size", 128)
-    ) * _sd.vae_scale_factor(pipe.vae)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    native = source.resolution or int(getattr(denoiser.config, "sample_size", 128)) * _sd.vae_scale_factor(
+        pipe.vae
+    )
     return FlowPolicy(pipe, kind, member, resolution=resolution or native, **options)
 
 

@@ -40,9 +40,12 @@ def toy_family(weights_dir: str | None = None) -> ModelFamily:
 
 
 def toy_flow_family(weights_dir: str | None = None) -> ModelFamily:
-    """The toy flow pair (committed under src/rlcm_exp/toy/weights_flow, see `make toy-flow-model`): the
-    rectified-flow teacher as the `flow` member, its consistency-distilled student as `flow_few_step`."""
+    """The toy flow pair (committed under src/rlcm_exp/toy/weights_flow, see `make toy-flow-model`), a
+    rectified-flow family: the teacher in the many-step (`diffusion`) slot, which sampler=flow_sde and
+    cps drive, its consistency-distilled student in the few-step (`lcm`) slot, sampler=flow_consistency's."""
     root = Path(weights_dir).expanduser() if weights_dir else FLOW_WEIGHTS_DIR
-    members = {"flow": "teacher", "flow_few_step": "student"}
+    members = {"diffusion": "teacher", "lcm": "student"}
     found = _local_members("toy_flow", root, members, "Rebuild them with `make toy-flow-model`.")
-    return ModelFamily(name="toy_flow", flow=found["flow"], flow_few_step=found["flow_few_step"])
+    return ModelFamily(
+        name="toy_flow", diffusion=found["diffusion"], lcm=found["lcm"], process="rectified_flow"
+    )
