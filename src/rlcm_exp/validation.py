@@ -88,7 +88,7 @@ LIST_RULES: dict[str, ListRule] = {
         Rule("float", 0.0, 1.0, high_open=True), length=2, what="Adam's beta1, beta2", example="[0.9,0.999]"
     ),
     "model.memory.guidance_embedding": ListRule(
-        Rule("choice", choices=("diffusion", "lcm", "flow", "flow_few_step")),
+        Rule("choice", choices=("diffusion", "lcm")),
         min_length=0,
         what="members whose guidance is an embedding",
         example="[lcm]",
