@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -283,3 +284,16 @@ def test_analysis_and_reproduction_import_only_what_they_may() -> None:
         if not any(t == a or t.startswith(a + ".") for a in allowed)
     ]
     assert not bad, bad
+
+
+def test_the_readme_layout_matches_the_tree() -> None:
+    """README's "Where things are": every package folder of src/rlcm_exp is there, and every file it
+    names exists."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Where things are")
+    section = readme[start : readme.index("Rules the layout keeps", start)]
+    package = ROOT / "src" / "rlcm_exp"
+    folders = [d.name for d in package.iterdir() if d.is_dir() and d.name not in ("conf", "__pycache__")]
+    assert [d for d in folders if f"{d}/" not in section] == []
+    existing = {f.name for f in ROOT.rglob("*.py") if ".venv" not in f.parts}
+    assert sorted(n for n in set(re.findall(r"\b(\w+\.py)\b", section)) if n not in existing) == []
