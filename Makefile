@@ -30,10 +30,10 @@ install: $(STAMP)  ## create .venv and install the package (torch pinned first)
 demo: $(STAMP)  ## the quickstart: RLCM on the toy world, a few minutes on a CPU
 	$(BIN)/python -m rlcm_exp experiment=quickstart
 
-test: $(STAMP)  ## the whole CPU suite, learning tests included (not gpu/hub/long): CI's command, 2 workers, < 20 min
+test: $(STAMP)  ## the whole CPU suite, learning tests included (not gpu/hub/long): CI's command, 2 workers, ~50 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not gpu and not hub and not long" $(XDIST) --durations=25
 
-test-fast: $(STAMP)  ## the inner loop: unit, hand-worked, tiny-model tests in process (not slow/subprocess/gpu/hub), < 5 min
+test-fast: $(STAMP)  ## the inner loop: unit, hand-worked, tiny-model tests in process (not slow/subprocess/gpu/hub), ~6 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not slow and not subprocess and not gpu and not hub" $(XDIST)
 
 lint: $(STAMP)  ## ruff lint + format check, mypy on src/
@@ -56,7 +56,7 @@ bench: $(STAMP)  ## phase benchmark of RLCM and DDPO vs the model-compute floor,
 	# one intra-op thread: on the 2-core CPU two OpenMP threads ran these 1M-parameter models ~4x slower
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench --scale toy --repeats 3 --compare-transitions-per-forward --out benchmarks/results --readme benchmarks/README.md
 
-gpu-check: $(STAMP)  ## full-size random-weight RLCM and DDPO rounds per paper task on one GPU (<= 10 min, no downloads)
+gpu-check: $(STAMP)  ## full-size random-weight RLCM and DDPO rounds per paper task and two SD3.5 flow rounds on one GPU (<= 10 min, no downloads)
 	$(BIN)/python -m benchmarks.bench.gpu_check --out benchmarks/results
 
 gpu-wheels: $(STAMP)  ## gpu_wheels/: the wheels an air-gapped GPU image lacks (< 40 MiB); there: OUT=DIR benchmarks/gpu/run.sh
