@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.models.family import check_resolution
+from rlcm_exp.models.family import ModelFamily, check_resolution
 from rlcm_exp.models.precision import Precision, apply_tf32, resolve_precision
 from rlcm_exp.policies.base import Policy
 from rlcm_exp.policies.build import build_policy
@@ -190,7 +190,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     check_before_loading(cfg)  # types, ranges, `_target_`s and prompt files, before anything loads
     # a family built from configs (tiny_*) writes its folders now, before the process group exists:
     # transformers' save_pretrained writes nothing on a rank other than 0 of an initialised group
-    instantiate(cfg.model)
+    family = instantiate(cfg.model)
     accelerator = make_accelerator(cfg)
     run_dir = shared_run_dir(accelerator, run_dir)
     try:
@@ -206,7 +206,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     try:
         # one process owns a run dir for the run's life (the main one; the others share its folder)
         with run_dir_lock(run_dir) if accelerator.is_main_process else nullcontext():
-            return _train(cfg, run_dir, accelerator, callbacks)
+            return _train(cfg, run_dir, accelerator, callbacks, family)
     except Preempted:
         raise  # every rank stops together (the stop request is gathered)
     except Exception as err:
@@ -218,12 +218,17 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
 
 
 def _train(
-    cfg: DictConfig, run_dir: Path, accelerator: Accelerator, callbacks: Sequence[Callback]
+    cfg: DictConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    callbacks: Sequence[Callback],
+    family: ModelFamily,
 ) -> list[dict[str, Any]]:
-    """`train` once the run dir is this process's: checks, build, resume, fit."""
+    """`train` once the run dir is this process's: checks, build, resume, fit (`family`: cfg.model,
+    its folders already built)."""
     check_batches(cfg, accelerator.num_processes)  # refuse bad batch arithmetic before any model loads
     # the image size against the VAE's factor, read from the member's config: no weights load
-    family, member = instantiate(cfg.model), sampler_member(cfg.sampler)
+    member = sampler_member(cfg.sampler)
     check_resolution(family, member, cfg.sampler.get("resolution"))
     # the training call's estimate (weights + saved activations) against the device: no weights load
     check_training_memory(cfg, family, member, accelerator.mixed_precision, accelerator.device)
