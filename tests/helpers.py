@@ -94,15 +94,27 @@ ENTRY_PRELOAD = [
 _FORK_SERVER: list = []  # the multiprocessing context, made on first use
 
 
-def _entry_child(args: list[str], env: dict[str, str], out: str, err: str, driver: str | None) -> None:
-    """In a fresh child of the fork server: the environment, stdout and stderr files and argv that a
-    new `python -m rlcm_exp ARGS` process gets, then the entry point run as `-m` runs it (or `driver`,
-    a script that calls it). Its exit status (SystemExit code, a signal) is the child process's."""
+def _entry_child(
+    module: str,
+    args: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    logs: tuple[str, str],
+    driver: str | None,
+) -> None:
+    """In a fresh child of the fork server: the environment, working folder, stdout and stderr files
+    and argv that a new `python -m MODULE ARGS` process gets, then the module run as `-m` runs it (or
+    `driver`, a script that calls the entry point). Its exit status (SystemExit code, a signal) is the
+    child process's."""
     import atexit
     import runpy
 
     os.environ.clear()
     os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.path.insert(0, os.getcwd())  # as `python -m` puts the working folder first
+    out, err = logs
     sys.stdout.flush()
     sys.stderr.flush()
     for fd, path in ((1, out), (2, err)):
@@ -111,8 +123,8 @@ def _entry_child(args: list[str], env: dict[str, str], out: str, err: str, drive
         os.close(opened)
     try:
         if driver is None:
-            sys.argv = ["rlcm_exp", *args]
-            runpy.run_module("rlcm_exp", run_name="__main__", alter_sys=True)
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = ["-c", json.dumps(args)]
             exec(compile(driver, "<driver>", "exec"), {"__name__": "__main__"})  # noqa: S102
@@ -121,13 +133,20 @@ def _entry_child(args: list[str], env: dict[str, str], out: str, err: str, drive
 
 
 class Entry:
-    """`python -m rlcm_exp ARGS` as a real child process, forked from a server process that has already
+    """`python -m rlcm_exp ARGS` (or another MODULE of the package) as a real child process, forked from a server process that has already
     imported torch and the package (ENTRY_PRELOAD) instead of a fresh interpreter that imports them
     again: its own pid, environment, stdout/stderr (files) and exit status or signal, so SIGKILL,
     SIGTERM and exit codes are tested as they are on a fresh process. Imports at startup are not (the
     tests that run `python -m rlcm_exp` itself hold those: test_cli's smoke run, the README commands)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], driver: str | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        driver: str | None = None,
+        module: str = "rlcm_exp",
+        cwd: Path | None = None,
+    ) -> None:
         import multiprocessing
         import tempfile
 
@@ -139,7 +158,15 @@ class Entry:
         self.out, self.err = Path(self._logs.name) / "stdout", Path(self._logs.name) / "stderr"
         self.args = args
         self.proc = _FORK_SERVER[0].Process(
-            target=_entry_child, args=(args, env, str(self.out), str(self.err), driver)
+            target=_entry_child,
+            args=(
+                module,
+                args,
+                env,
+                None if cwd is None else str(cwd),
+                (str(self.out), str(self.err)),
+                driver,
+            ),
         )
         self.proc.start()
 
@@ -169,9 +196,11 @@ def run_entry(
     check: bool = False,
     timeout: float = 600,
     driver: str | None = None,
+    module: str = "rlcm_exp",
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m rlcm_exp ARGS` run to its end in a forked child (Entry); check: raise on a nonzero exit."""
-    res = Entry(args, env, driver).wait(timeout)
+    """`python -m MODULE ARGS` run to its end in a forked child (Entry); check: raise on a nonzero exit."""
+    res = Entry(args, env, driver, module, cwd).wait(timeout)
     if check and res.returncode != 0:
         raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
     return res
