@@ -170,6 +170,10 @@ class Entry:
         )
         self.proc.start()
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
     def poll(self) -> int | None:
         """The exit code (-N: killed by signal N), None while it runs."""
         return self.proc.exitcode
