@@ -137,7 +137,9 @@ class Entry:
     imported torch and the package (ENTRY_PRELOAD) instead of a fresh interpreter that imports them
     again: its own pid, environment, stdout/stderr (files) and exit status or signal, so SIGKILL,
     SIGTERM and exit codes are tested as they are on a fresh process. Imports at startup are not (the
-    tests that run `python -m rlcm_exp` itself hold those: test_cli's smoke run, the README commands)."""
+    tests that run `python -m rlcm_exp` itself hold those: test_cli's smoke run, the README commands),
+    nor variables read at import time (HF_HUB_OFFLINE, OMP_NUM_THREADS: the test process's, which
+    conftest.py sets as cli_env does)."""
 
     def __init__(
         self,
