@@ -81,7 +81,7 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 # what `python -m rlcm_exp` imports before it parses its arguments (~10 s of CPU per fresh process on
-# the 2-core machine): the fork server of start_entry imports them once per test process
+# the 2-core machine): Entry's fork server imports them once per test process
 ENTRY_PRELOAD = [
     "torch",
     "diffusers",
@@ -133,9 +133,9 @@ def _entry_child(
 
 
 class Entry:
-    """`python -m rlcm_exp ARGS` (or another MODULE of the package) as a real child process, forked from a server process that has already
-    imported torch and the package (ENTRY_PRELOAD) instead of a fresh interpreter that imports them
-    again: its own pid, environment, stdout/stderr (files) and exit status or signal, so SIGKILL,
+    """`python -m rlcm_exp ARGS` (or another MODULE) as a real child process, forked from a server
+    process that has already imported torch and the package (ENTRY_PRELOAD) instead of a fresh
+    interpreter that imports them again: its own pid, environment, stdout/stderr (files) and exit status or signal, so SIGKILL,
     SIGTERM and exit codes are tested as they are on a fresh process. Imports at startup are not (the
     tests that run `python -m rlcm_exp` itself hold those: test_cli's smoke run, the README commands),
     nor variables read at import time (HF_HUB_OFFLINE, OMP_NUM_THREADS: the test process's, which
