@@ -169,6 +169,7 @@ class Entry:
                 (str(self.out), str(self.err)),
                 driver,
             ),
+            daemon=True,  # one a failed test left running is killed when the test process exits
         )
         self.proc.start()
 
