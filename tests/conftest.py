@@ -1,8 +1,9 @@
 """Tests run offline on a CPU: no hub, no wandb cloud, tiny models built into a per-session cache.
 
 Tiers (markers declared in pyproject.toml): `make test-fast` leaves out `slow` (over a minute: the
-learning tests, the README's toy runs) and `subprocess` (a fresh Python process: the real CLI, a
-server, torchrun); `make test` runs everything but `gpu`, `hub` and `long` (the README's 10+ minute
+learning tests, the README's toy runs) and `subprocess` (a process of its own: the real CLI, most
+runs forked from a per-test-process server that imported the package once, helpers.Entry; a server,
+torchrun); `make test` runs everything but `gpu`, `hub` and `long` (the README's 10+ minute
 sweep), on two pytest-xdist workers (`-n 2 --dist loadgroup`). Under xdist, see pytest_collection_modifyitems for what shares a worker.
 Shared helpers are in tests/helpers.py; test modules never import one another.
 """

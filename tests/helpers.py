@@ -5,6 +5,7 @@ Test modules import from here, never from one another; fixtures live in conftest
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -79,14 +80,145 @@ def without_timings(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+# what `python -m rlcm_exp` imports before it parses its arguments (~10 s of CPU per fresh process on
+# the 2-core machine): Entry's fork server imports them once per test process
+ENTRY_PRELOAD = [
+    "torch",
+    "diffusers",
+    "hydra",
+    "rlcm_exp.configs",
+    "rlcm_exp.training.build",
+    "rlcm_exp.analysis.summary",
+    "tests.helpers",
+]
+_FORK_SERVER: list = []  # the multiprocessing context, made on first use
+
+
+def _entry_child(
+    module: str,
+    args: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    logs: tuple[str, str],
+    driver: str | None,
+) -> None:
+    """In a fresh child of the fork server: the environment, working folder, stdout and stderr files
+    and argv that a new `python -m MODULE ARGS` process gets, then the module run as `-m` runs it (or
+    `driver`, a script that calls the entry point). Its exit status (SystemExit code, a signal) is the
+    child process's."""
+    import atexit
+    import runpy
+
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.path.insert(0, os.getcwd())  # as `python -m` puts the working folder first
+    out, err = logs
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    try:
+        if driver is None:
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = ["-c", json.dumps(args)]
+            exec(compile(driver, "<driver>", "exec"), {"__name__": "__main__"})  # noqa: S102
+    finally:
+        atexit._run_exitfuncs()  # a multiprocessing child skips them; a fresh interpreter runs them
+
+
+class Entry:
+    """`python -m rlcm_exp ARGS` (or another MODULE) as a real child process, forked from a server
+    process that has already imported torch and the package (ENTRY_PRELOAD) instead of a fresh
+    interpreter that imports them again: its own pid, environment, stdout/stderr (files) and exit status or signal, so SIGKILL,
+    SIGTERM and exit codes are tested as they are on a fresh process. Imports at startup are not (the
+    tests that run `python -m rlcm_exp` itself hold those: test_cli's smoke run, the README commands),
+    nor variables read at import time (HF_HUB_OFFLINE, OMP_NUM_THREADS: the test process's, which
+    conftest.py sets as cli_env does)."""
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        driver: str | None = None,
+        module: str = "rlcm_exp",
+        cwd: Path | None = None,
+    ) -> None:
+        import multiprocessing
+        import tempfile
+
+        if not _FORK_SERVER:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(ENTRY_PRELOAD)
+            _FORK_SERVER.append(ctx)
+        self._logs = tempfile.TemporaryDirectory(prefix="entry")
+        self.out, self.err = Path(self._logs.name) / "stdout", Path(self._logs.name) / "stderr"
+        self.args = args
+        self.proc = _FORK_SERVER[0].Process(
+            target=_entry_child,
+            args=(
+                module,
+                args,
+                env,
+                None if cwd is None else str(cwd),
+                (str(self.out), str(self.err)),
+                driver,
+            ),
+            daemon=True,  # one a failed test left running is killed when the test process exits
+        )
+        self.proc.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """The exit code (-N: killed by signal N), None while it runs."""
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Its exit code and output; past `timeout` seconds it is killed and TimeoutExpired raised."""
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+            raise subprocess.TimeoutExpired(["rlcm_exp", *self.args], timeout or 0.0)
+        stdout, stderr = (p.read_text() if p.is_file() else "" for p in (self.out, self.err))
+        self._logs.cleanup()
+        return subprocess.CompletedProcess(self.args, self.proc.exitcode, stdout, stderr)
+
+
+def run_entry(
+    args: list[str],
+    env: dict[str, str],
+    *,
+    check: bool = False,
+    timeout: float = 600,
+    driver: str | None = None,
+    module: str = "rlcm_exp",
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` run to its end in a forked child (Entry); check: raise on a nonzero exit."""
+    res = Entry(args, env, driver, module, cwd).wait(timeout)
+    if check and res.returncode != 0:
+        raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
+    return res
+
+
 def train_subprocess(
     run_dir: Path, tiny_cache: str, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The RESUMABLE run through the real entry point (`python -m rlcm_exp`), `extra` overrides last."""
-    argv = [sys.executable, "-m", "rlcm_exp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(
-        argv, env=cli_env(tiny_cache), check=check, capture_output=True, text=True, timeout=600
-    )
+    """The RESUMABLE run through the real entry point in its own process (run_entry), `extra` last."""
+    args = [*RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
+    return run_entry(args, cli_env(tiny_cache), check=check)
 
 
 # the toy world at its smallest (one 8-image round per epoch, 2 steps): seconds per epoch on a CPU

@@ -162,8 +162,10 @@ ALGOS = {
 def test_every_algorithm_keeps_the_first_ratio_at_one(tiny_cache, tmp_path, algo) -> None:
     extra = [
         "train.epochs=2",
+        "train.samples_per_epoch=8",  # one optimizer step per epoch: the first ratio is the first step's
         "reward@gold_reward=jpeg_incompressibility",
         "task.eval_prompts.prompts=[a cat]",
+        "train.eval_seeds=1",
     ]
     records = run_in_process([*SMALL, *ALGOS[algo], *extra], tmp_path)
     assert len(records) == 2

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.bench.__main__ import main as bench_main
 from benchmarks.bench.report import update_readme
+
+from .helpers import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 SMALLEST = [
@@ -54,17 +54,9 @@ FLOOR = {"text_encoder", "unet_sample", "vae_decode", "reward", "unet_train", "o
 def report(tiny_cache: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench",
-        *SMALLEST,
-        "--out",
-        str(out),
-        "--readme",
-        str(out / "README.md"),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    args = [*SMALLEST, "--out", str(out), "--readme", str(out / "README.md")]
+    # its own process, forked from one that imported torch and the package (helpers.Entry)
+    proc = run_entry(args, env, module="benchmarks.bench", cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "tiny-cpu.json").read_text()), out
 

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,16 @@ from rlcm_exp.policies.build import build_policy
 from rlcm_exp.prompts import prompt_set
 from rlcm_exp.validation import check_before_loading, check_targets
 
-from .helpers import SMALL, run_in_process
+from .helpers import SMALL, run_entry, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_command(module: str, args: list[str], cwd: Path, tiny_cache: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in `cwd`, its own process (forked from one that imported the package)."""
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
+    return run_entry(args, env, module=module, cwd=cwd, timeout=300)
 
 
 # --- own prompts ---------------------------------------------------------------------------------

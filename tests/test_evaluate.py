@@ -19,7 +19,7 @@ from rlcm_exp.policies.ddim import build_ddim_policy
 from rlcm_exp.policies.lcm import build_lcm_policy
 from rlcm_exp.tracking import read_metrics
 
-from .helpers import SMALL, compose_eval, run_in_process
+from .helpers import SMALL, compose_eval, run_entry, run_in_process
 
 PROMPTS = ["a red cat", "a blue dog"]
 
@@ -86,15 +86,8 @@ def test_evaluate_cli_reads_the_run_and_matches_its_heldout_eval(tiny_cache, tmp
 
     # the real entry point prints the numbers
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlcm_exp.evaluate",
-        f"checkpoint={run_dir}",
-        f"out={tmp_path / 'cli'}",
-        "eval_seeds=1",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    args = [f"checkpoint={run_dir}", f"out={tmp_path / 'cli'}", "eval_seeds=1"]
+    proc = run_entry(args, env, module="rlcm_exp.evaluate", timeout=300)  # its own (forked) process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out reward" in proc.stdout and (tmp_path / "cli" / "eval.json").is_file()
 

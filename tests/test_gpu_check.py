@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.bench.gpu_plan import FLOW_ROUNDS, REFERENCE_GPUS, VARIANTS, paper_settings, round_scale
+
+from .helpers import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = {"sampling", "reward_wait", "training", "optimizer", "other"}
@@ -24,8 +24,9 @@ PHASES = {"sampling", "reward_wait", "training", "optimizer", "other"}
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.bench.gpu_check", "--cpu-scale", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # its own process, forked from one that imported torch and the package (helpers.Entry)
+    args = ["--cpu-scale", "--out", str(out)]
+    proc = run_entry(args, env, module="benchmarks.bench.gpu_check", cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "gpu-cpu.json").read_text()), out
 

@@ -12,7 +12,7 @@ import torch
 
 from rlcm_exp.tracking import read_metrics
 
-from .helpers import SMALL, cli_env, free_port, run_ranks
+from .helpers import SMALL, cli_env, free_port, run_entry, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,20 +21,22 @@ RUN = [*SMALL, "train.sample_batch_size=4", "train.epochs=2", "train.dump_rollou
 
 def launch(tiny_cache: str, run_dir: Path, processes: int, cwd: Path) -> None:
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        cmd = [sys.executable, "-m", "rlcm_exp", *RUN, f"hydra.run.dir={run_dir}"]
-    else:  # no hydra.run.dir: each process makes its own timestamped dir and must adopt the main one's
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            f"--master_port={free_port()}",
-            "-m",
-            "rlcm_exp",
-            *RUN,
-            f"hydra.run.dir={run_dir}/${{now:%f}}",
-        ]
+    if processes == 1:  # its own process, forked from one that imported the package (helpers.Entry)
+        res = run_entry([*RUN, f"hydra.run.dir={run_dir}"], env, cwd=cwd)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return
+    # two: no hydra.run.dir: each process makes its own timestamped dir and must adopt the main one's
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+        "-m",
+        "rlcm_exp",
+        *RUN,
+        f"hydra.run.dir={run_dir}/${{now:%f}}",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -26,7 +26,7 @@ from rlcm_exp.models.hub import MemberSource
 from rlcm_exp.policies.build import build_policy
 from rlcm_exp.toy.family import toy_family
 
-from .helpers import CONF, SMALL
+from .helpers import CONF, SMALL, run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -378,8 +378,8 @@ def test_overwrite_replaces_only_the_earlier_samples(tiny_cache, tmp_path: Path)
 @pytest.mark.subprocess
 def test_sample_cli_refuses_an_empty_prompt_list_with_one_line(tiny_cache, tmp_path: Path) -> None:
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "rlcm_exp.sample", "model=tiny", "prompts=[]", f"out={tmp_path / 'out'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    args = ["model=tiny", "prompts=[]", f"out={tmp_path / 'out'}"]
+    proc = run_entry(args, env, module="rlcm_exp.sample", timeout=300)  # its own (forked) process
     assert proc.returncode == 2, proc.stderr
     assert "prompts=" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("*.png"))
@@ -428,9 +428,8 @@ def test_sampling_refuses_the_resolution_before_loading(tiny_cache, tmp_path: Pa
 def test_training_cli_refuses_the_resolution_quickly(tiny_cache, tmp_path: Path) -> None:
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1"}
     overrides = ["model=tiny", "task=compression", "sampler.resolution=33", "train.epochs=1"]
-    cmd = [sys.executable, "-m", "rlcm_exp", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    start = time.monotonic()  # its own process, forked from one that imported the package
+    proc = run_entry([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "sampler.resolution=33" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

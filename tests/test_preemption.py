@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +19,7 @@ from rlcm_exp.evaluation.sampling import check_request
 from rlcm_exp.rewards.timeout import RewardTimeout, TimedReward
 from rlcm_exp.tracking import read_metrics
 
-from .helpers import RESUMABLE, cli_env, run_in_process, train_subprocess
+from .helpers import RESUMABLE, Entry, cli_env, run_in_process, train_subprocess
 
 HANGING = ["reward=custom", "reward._target_=tests.user_reward.hangs", "train.eval_every=0"]
 
@@ -75,20 +73,18 @@ def test_sample_sizes_are_bounded(request_, needle) -> None:
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigterm_stops_a_run_whose_reward_hangs_and_checkpoints_the_last_epoch(tiny_cache, tmp_path) -> None:
-    run_dir, mark, err = tmp_path / "run", tmp_path / "hanging", tmp_path / "stderr.txt"
-    argv = [sys.executable, "-m", "rlcm_exp", *RESUMABLE, *HANGING, "train.checkpoint_every=0"]
+    run_dir, mark = tmp_path / "run", tmp_path / "hanging"
+    argv = [*RESUMABLE, *HANGING, "train.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
     env = {**cli_env(tiny_cache), "RLCM_TEST_HANG_AFTER": "2", "RLCM_TEST_HANG_MARK": str(mark)}
-    with err.open("w") as stderr:  # epochs 0 and 1 score; epoch 2's reward call hangs for an hour
-        proc = subprocess.Popen(
-            [*argv, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+    proc = Entry(argv, env)  # epochs 0 and 1 score; epoch 2's reward call hangs for an hour
     deadline = time.monotonic() + 300
     while not mark.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+        assert proc.poll() is None and time.monotonic() < deadline, proc.wait().stderr[-2000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75, err.read_text()[-2000:]  # not an hour: the reward is left behind
-    assert "during epoch 2's sampling; checkpoint after epoch 1 written" in err.read_text()
+    res = proc.wait(timeout=60)
+    assert res.returncode == 75, res.stderr[-2000:]  # not an hour: the reward is left behind
+    assert "during epoch 2's sampling; checkpoint after epoch 1 written" in res.stderr
     state = json.loads((run_dir / "checkpoints" / "epoch_000002" / "state.json").read_text())
     assert state["epoch"] == 2 and [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]
     resumed = train_subprocess(run_dir, tiny_cache, *HANGING, "train.checkpoint_every=0", "resume=auto")

@@ -8,12 +8,10 @@ The kill-and-resume runs share one module-scoped reference run, so they stay on 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,11 +27,12 @@ from rlcm_exp.training.checkpoint import (
     write_checkpoint,
 )
 
-from .helpers import RESUMABLE, cli_env, train_subprocess, without_timings
+from .helpers import RESUMABLE, Entry, cli_env, run_entry, train_subprocess, without_timings
 
 pytestmark = pytest.mark.xdist_group("kill_resume")
 
-# Runs the real entry point in a process that SIGKILLs itself at a chosen moment: KILL_AT=point:n
+# Runs the real entry point (helpers.Entry: a child process forked from one that has imported the
+# package) in a process that SIGKILLs itself at a chosen moment: KILL_AT=point:n
 # kills at the n-th time the point is reached (a torn metrics line, mid-checkpoint, ...).
 DRIVER = r"""
 import json, os, signal, sys
@@ -115,13 +114,13 @@ EMA = [
 ]
 
 
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, err: Path, timeout: float = 180) -> None:
+def wait_for_lines(path: Path, n: int, proc: Entry, timeout: float = 180) -> None:
     start = time.time()
     while time.time() - start < timeout:
         if path.is_file() and len(path.read_text().splitlines()) >= n:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {err.read_text()[-2000:]}")
+            raise AssertionError(f"run ended early: {proc.wait().stderr[-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting for metrics")
 
@@ -132,23 +131,14 @@ def killed_run(run_dir: Path, tiny_cache: str, point: str, *extra: str) -> None:
     name, n = point.split(":")
     argv = [*RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
     if name == "random":
-        err = run_dir.parent / "killed_run.stderr"  # a file, not a pipe nobody reads while it runs
-        with err.open("w") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )  # fmt: skip
-        wait_for_lines(run_dir / "metrics.jsonl", int(n), proc, err)
+        proc = Entry(argv, cli_env(tiny_cache))
+        wait_for_lines(run_dir / "metrics.jsonl", int(n), proc)
         time.sleep(random.Random(int(n)).uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({point})"
+        assert proc.wait().returncode == -signal.SIGKILL, f"the run ended before the kill ({point})"
         return
-    proc2 = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(argv)], env={**cli_env(tiny_cache), "KILL_AT": point},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc2.returncode == -signal.SIGKILL, f"{point} was never reached: {proc2.stderr[-2000:]}"
+    res = run_entry(argv, {**cli_env(tiny_cache), "KILL_AT": point}, driver=DRIVER)
+    assert res.returncode == -signal.SIGKILL, f"{point} was never reached: {res.stderr[-2000:]}"
 
 
 def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -215,16 +205,11 @@ def test_a_checkpoint_whose_files_do_not_load_falls_back_to_the_previous_one(
 def test_sigterm_checkpoints_and_exits_with_the_distinct_code(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "run"
     argv = [*RESUMABLE, "train.epochs=50", "train.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
-    err = tmp_path / "stderr.txt"
-    with err.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rlcm_exp", *argv], env=cli_env(tiny_cache), stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )  # fmt: skip
-    wait_for_lines(run_dir / "metrics.jsonl", 1, proc, err)
+    proc = Entry(argv, cli_env(tiny_cache))
+    wait_for_lines(run_dir / "metrics.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == 75, err.read_text()[-2000:]
+    res = proc.wait(timeout=120)
+    assert res.returncode == 75, res.stderr[-2000:]
     ckpt = latest_checkpoint(run_dir, world_size=1)
     assert ckpt is not None and is_complete(ckpt, 1)
     epochs_done = read_checkpoint(ckpt, 0, torch.device("cpu"))["state"]["epoch"]

@@ -24,6 +24,8 @@ from rlcm_exp.rewards.combine import weighted
 from rlcm_exp.rewards.jpeg import jpeg_size_kb
 from rlcm_exp.rewards.remote import remote
 
+from .helpers import run_entry
+
 TARGET = "tests.test_reward_contract.redness"
 PROMPTS = ["a red apple", "a blue sky", "a green field"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,10 +184,10 @@ def test_a_plain_function_is_a_weighted_component():
 @pytest.mark.subprocess
 def test_a_plain_function_trains_through_the_entry_point(tiny_cache, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rlcm_exp", "model=tiny", "task=compression", "train.epochs=1"]
+    cmd = ["model=tiny", "task=compression", "train.epochs=1"]
     cmd += ["reward=custom", f"reward._target_={TARGET}", "+reward.scale=2.0", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    proc = run_entry(cmd, env, cwd=ROOT, timeout=900)  # its own process, forked from one that imported it
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all(0.0 <= r["reward_mean"] <= 2.0 for r in records)

@@ -19,22 +19,21 @@ from rlcm_exp.errors import ConfigError
 from rlcm_exp.tracking import read_metrics
 from rlcm_exp.training import runlock
 
-from .helpers import RESUMABLE, cli_env, run_in_process, train_subprocess
+from .helpers import RESUMABLE, Entry, cli_env, run_in_process, train_subprocess
 
 
-def start(run_dir: Path, tiny_cache: str, log: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "rlcm_exp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"]
-    with log.open("w") as err:  # a file, not a pipe nobody reads while it runs
-        return subprocess.Popen(argv, env=cli_env(tiny_cache), stdout=subprocess.DEVNULL, stderr=err)
+def start(run_dir: Path, tiny_cache: str, *extra: str) -> Entry:
+    """The RESUMABLE run started through the entry point in its own process (forked: helpers.Entry)."""
+    return Entry([*RESUMABLE, *extra, f"hydra.run.dir={run_dir}"], cli_env(tiny_cache))
 
 
-def wait_for_epoch(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def wait_for_epoch(run_dir: Path, proc: Entry, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
         if path.is_file() and path.read_text().count("\n") >= 1:
             return
-        assert proc.poll() is None, f"the run ended early: {log.read_text()[-2000:]}"
+        assert proc.poll() is None, f"the run ended early: {proc.wait().stderr[-2000:]}"
         time.sleep(0.05)
     raise AssertionError("no epoch finished in time")
 
@@ -44,10 +43,10 @@ def wait_for_epoch(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: fl
 def test_a_second_run_or_resume_beside_a_live_run_is_refused_and_the_lock_dies_with_it(
     tiny_cache, tmp_path
 ) -> None:
-    run_dir, log = tmp_path / "run", tmp_path / "first.stderr"
-    first = start(run_dir, tiny_cache, log, "train.epochs=200", "train.checkpoint_every=0")
+    run_dir = tmp_path / "run"
+    first = start(run_dir, tiny_cache, "train.epochs=200", "train.checkpoint_every=0")
     try:
-        wait_for_epoch(run_dir, first, log)
+        wait_for_epoch(run_dir, first)
         hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
         for extra in ((), ("resume=auto",)):
             res = train_subprocess(run_dir, tiny_cache, "train.epochs=200", *extra, check=False)
@@ -69,9 +68,9 @@ def test_a_second_run_or_resume_beside_a_live_run_is_refused_and_the_lock_dies_w
 @pytest.mark.slow
 def test_two_starts_at_the_same_moment_make_one_run(tiny_cache, tmp_path) -> None:
     run_dir = tmp_path / "new" / "run"  # neither exists: both starts would create it
-    procs = [start(run_dir, tiny_cache, tmp_path / f"{i}.stderr", "train.epochs=2") for i in range(2)]
-    codes = sorted(p.wait(timeout=300) for p in procs)
-    assert codes == [0, 2], [(tmp_path / f"{i}.stderr").read_text()[-1500:] for i in range(2)]
+    procs = [start(run_dir, tiny_cache, "train.epochs=2") for _ in range(2)]
+    results = [p.wait(timeout=300) for p in procs]
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-1500:] for r in results]
     assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1]  # each epoch once
     assert (run_dir / "checkpoints" / "final").is_dir()
 

@@ -30,6 +30,8 @@ from rlcm_exp.secrets import (
     secret_values,
 )
 
+from .helpers import Entry, run_entry
+
 SECRET = "s3cr3t-VALUE-4242"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,9 +234,10 @@ def test_a_training_run_writes_no_secret_into_its_run_dir(token_server, tmp_path
     url, _ = token_server
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "RLCM_REWARD_TOKEN"}
-    args = [sys.executable, "-m", "rlcm_exp", "model=tiny", "task=compression", "reward=remote"]
+    args = ["model=tiny", "task=compression", "reward=remote"]
     args += [f"reward.url={url}", f"reward.token={SECRET}", "train.epochs=1", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(args, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    # the entry point in its own process, forked from one that imported the package (helpers.Entry)
+    proc = run_entry(args, {**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").is_file()  # the run scored through the server with the token
     leaks = [
@@ -263,18 +266,12 @@ def test_no_secret_of_the_command_line_reaches_stderr_or_the_run_dir(tiny_cache,
     }
     env = {**os.environ, "RLCM_EXP_CACHE": tiny_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "rlcm_exp", *argv, f"hydra.run.dir={tmp_path / name}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+    procs = {  # each its own process, forked from one that imported the package (helpers.Entry)
+        name: Entry([*argv, f"hydra.run.dir={tmp_path / name}"], env, cwd=ROOT)
         for name, argv in argvs.items()
     }
-    results = {name: (proc.communicate(timeout=600), proc.returncode) for name, proc in procs.items()}
+    done = {name: proc.wait(timeout=600) for name, proc in procs.items()}
+    results = {name: ((res.stdout, res.stderr), res.returncode) for name, res in done.items()}
     (_, banner), code = results["banner"]
     assert code != 0 and "reward.token" in banner and REDACTED in banner
     (_, crashed), code = results["traceback"]

@@ -18,6 +18,8 @@ from rlcm_exp.configs import compose, conf_dir, is_building_block
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.validation import check_config, leaves, rule_for
 
+from .helpers import run_entry
+
 GROUPS = ["algo", "model", "sampler", "task", "reward", "optimizer", "logger"]
 
 
@@ -160,13 +162,8 @@ def test_fuzz_bad_overrides_exit_cleanly_naming_the_key(tmp_path: Path) -> None:
         ["model=tiny", "task=compression", *overrides, f"hydra.run.dir={tmp_path / f'run{i}'}"]
         for i, (overrides, _) in enumerate(all_cases)
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(argvs)],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-        timeout=900,
-    )
+    # one process (forked from one that imported the package: helpers.run_entry) runs every case
+    proc = run_entry(argvs, {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, driver=DRIVER, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failures = []
