@@ -10,7 +10,8 @@ shared with other jobs (load ~6): the times below are that machine's wall clock 
 epochs; an idle core is ~2.5x faster. Whole tests on a near-idle core (pytest --durations): Flow-GRPO
 compression 52 s, RLCM compression 51 s, Flow-GRPO alignment 96 s, RLCM alignment (xfail) ~160 s (the
 CLI run of its setting). All are marked slow: `make test` runs them, `make test-fast` and a
-bare `pytest` do not.
+bare `pytest` do not; the RLCM alignment test, a known shortfall (xfail), is also `long`: only
+`pytest -m long tests/test_learning_flow.py` runs it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def test_flow_grpo_alignment_raises_detector_score(tmp_path) -> None:  # noqa: A
     assert detector_gain(tmp_path) >= 0.05
 
 
+# long: a known shortfall (xfail) costs CI ~150 s and can decide nothing there; run it with -m long
+@pytest.mark.long
 @pytest.mark.xfail(
     reason="issue 28's +0.05 not reached in the budget: best found +0.017 (seed 42)", strict=False
 )
