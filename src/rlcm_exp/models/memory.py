@@ -95,6 +95,14 @@ def _fits(profile: MemoryProfile, call: TrainingCall, budget: float) -> bool:
     return estimate(profile, call).total <= budget
 
 
+def largest_transitions(profile: MemoryProfile, call: TrainingCall, budget: float, trained: int) -> int:
+    """The most trained transitions per call (at most `trained`) whose estimate fits `budget` bytes;
+    0 when not even one does (train.transitions_per_forward=auto's cap)."""
+    return max(
+        (n for n in range(1, trained + 1) if _fits(profile, replace(call, transitions=n), budget)), default=0
+    )
+
+
 def knob(profile: MemoryProfile, call: TrainingCall, budget: float, trained: int) -> str:
     """The first change that brings the call within `budget` bytes, those that change no result first:
     fewer transitions per call (a divisor of the `trained` transitions per trajectory), gradient

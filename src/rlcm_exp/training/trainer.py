@@ -32,6 +32,7 @@ from rlcm_exp.rewards.timeout import RewardTimeout, TimedReward
 from rlcm_exp.rl.multi_reward import RewardNormalisation
 from rlcm_exp.tracking import DIVERGED_FILE, Logger, MetricsFile, mark_diverged
 from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
+from rlcm_exp.training.autotune import AUTO, choose
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import (
@@ -91,6 +92,7 @@ class Trainer(Resumable):
         gold_reward_fn: RewardFn | None = None,
         normalisation: RewardNormalisation | None = None,
         run_identity: dict[str, Any] | None = None,
+        transitions_cap: int | None = None,
     ) -> None:
         # every reward call bounded by train.reward_timeout_s, on a thread SIGTERM does not wait for
         reward_fn = TimedReward(reward_fn, settings.reward_timeout_s)
@@ -124,6 +126,10 @@ class Trainer(Resumable):
         # run id + the config keys that define the run (rundir.run_identity), in every checkpoint: a
         # resume proves it continues the same run; a restore adopts the checkpoint's
         self.run_identity = run_identity
+        # train.transitions_per_forward=auto: measured on this start's first round (training/autotune.py),
+        # none above `transitions_cap` (the memory model's largest; None: no figure)
+        self._tune_transitions = settings.transitions_per_forward == AUTO
+        self.transitions_cap = transitions_cap
 
     # The optimizer side and the round's pieces under the names callers (tests, benchmarks) use.
     @property
@@ -149,6 +155,14 @@ class Trainer(Resumable):
     def update(self, epoch: int, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
         """The algorithm's update (algo.update) on this process's share of the round."""
         ctx = UpdateContext(self.policy, self.accelerator, self.plan, self.algo, self.optimization, self.seed)
+        if self._tune_transitions:  # once per process start, on the round's own first minibatch
+            self._tune_transitions = False
+            self.plan, line = choose(self.algo.update, ctx, traj, advantages, self.transitions_cap)
+            ctx.plan = self.plan
+            if self.accelerator.is_main_process:
+                print(line)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "transitions_per_forward.txt").write_text(line + "\n")
         return self.algo.update(ctx, epoch, traj, advantages)
 
     # ------------------------------------------------------------------ the run
