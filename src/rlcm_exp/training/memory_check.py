@@ -13,16 +13,14 @@ import torch
 from omegaconf import DictConfig
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.models.memory import HEADROOM, MemoryProfile, TrainingCall, largest_transitions, refusal
-
-
-def free_memory(device: torch.device) -> int:
-    """Free bytes of `device`: CUDA's own count, or the host's available memory for a CPU run."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+from rlcm_exp.models.memory import (
+    HEADROOM,
+    MemoryProfile,
+    TrainingCall,
+    free_memory,
+    largest_transitions,
+    refusal,
+)
 
 
 def stated_transitions(train: Any) -> int:
