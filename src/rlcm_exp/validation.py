@@ -400,6 +400,15 @@ def check_sampler_fits_model(cfg: DictConfig) -> None:
         check_family(instantiate(model), node)
 
 
+def check_optimizer_available(cfg: DictConfig) -> None:
+    """An optimizer builder's own `check_available()` (training/optimizers.py: adam8bit needs
+    bitsandbytes), before any model loads."""
+    target = cfg.get("optimizer", {}).get("_target_")
+    check = getattr(locate(target), "check_available", None) if target else None
+    if check is not None:
+        check()
+
+
 def check_before_loading(cfg: DictConfig) -> None:
     """Everything about a training config that needs no model: types and ranges, the device and
     precision, `_target_`s, the sampler's options, the user's prompt files, the sampler against the
@@ -407,6 +416,7 @@ def check_before_loading(cfg: DictConfig) -> None:
     check_config(cfg)
     check_device(cfg)
     check_targets(cfg)
+    check_optimizer_available(cfg)
     check_sampler_options(cfg)
     check_prompt_sources(cfg)
     check_sampler_fits_model(cfg)
