@@ -71,6 +71,7 @@ def run_job(cfg: DictConfig, hc: Any) -> None:
         exit_on_config_error(lambda: train(cfg, run_dir, callbacks=[RunSummary()]))
     except Preempted as err:
         print(str(err), file=sys.stderr)
+        hand_back(err.signum)  # submitit (SLURM launcher): its handler requeues the job, which resumes
         sys.exit(PREEMPTED_EXIT_CODE)
     except RunStopped as err:  # diverged, a reward that hung: one line, not a traceback
         print(f"error: {err}", file=sys.stderr)
@@ -79,6 +80,16 @@ def run_job(cfg: DictConfig, hc: Any) -> None:
         if created_by_this_command(run_dir):
             clean_up_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)
         raise
+
+
+def hand_back(signum: int | None) -> None:
+    """Once the checkpoint is written, deliver the stop signal to the handler the training replaced,
+    when that is a Python one: submitit's (hydra/launcher=slurm, submitit_local) checkpoints the job's
+    submission and requeues it (exiting itself); the requeued job continues with resume=auto."""
+    import signal
+
+    if signum is not None and callable(signal.getsignal(signum)):
+        signal.raise_signal(signum)
 
 
 # run dirs (and sweep dirs) named on the command line that existed before this command ran: never

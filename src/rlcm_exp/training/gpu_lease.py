@@ -40,9 +40,7 @@ def _try_slot(folder: Path, slot: int) -> int | None:
 
 
 @contextmanager
-def gpu_lease(
-    folder: Path, slots: int, timeout_s: float | None = None, poll_s: float = 0.1
-) -> Iterator[int]:
+def gpu_lease(folder: Path, slots: int, timeout_s: float | None = None, poll_s: float = 0.1) -> Iterator[int]:
     """Hold the first free of `slots` GPU slots leased in `folder` for the `with` block; yields its
     index. Waits while all are held (None: as long as it takes), else raises ConfigError."""
     if slots < 1:

@@ -43,7 +43,9 @@ class TrainSettings:
     reward_timeout_s: float | None = 3600.0
     max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
-    checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
+    checkpoint_every: int = (
+        10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1/SIGUSR2)
+    )
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
     dump_rollouts: bool = (
         False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts

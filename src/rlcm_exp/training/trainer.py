@@ -45,15 +45,24 @@ from rlcm_exp.training.rounds import RoundAdvantages, RoundSampler
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
 from rlcm_exp.training.update import Optimization, UpdateContext
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=auto continues
+PREEMPTED_EXIT_CODE = (
+    75  # EX_TEMPFAIL: stopped by a STOP_SIGNALS signal after a checkpoint; resume=auto continues
+)
+# SIGTERM (SLURM's, Kubernetes'), SIGUSR1 (`sbatch --signal`), SIGUSR2 (submitit's preemption/timeout signal)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE."""
+    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE.
+    `signum`: the signal that asked for the stop on this process (None: another process's)."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class Abandoned(BaseException):
-    """Raised by the SIGTERM/SIGUSR1 handler inside the phase that may be dropped (sampling and scoring
+    """Raised by the STOP_SIGNALS handler inside the phase that may be dropped (sampling and scoring
     a round: nothing of the epoch is applied yet), so a reward that hangs cannot outlive preemption. A BaseException:
     no `except Exception` of a reward or a library on the way swallows it."""
 
@@ -115,7 +124,8 @@ class Trainer(Resumable):
         self.epoch = 0
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
-        self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
+        self.stop_requested = False  # set by STOP_SIGNALS: checkpoint at the next epoch boundary, exit
+        self.stop_signal: int | None = None  # the signal that set it (handed back by the entry point)
         self._interruptible = False  # in a phase the signal handler abandons at once (one process only)
         self._untouched = True  # nothing of the current epoch applied yet: its state is the last epoch's
         self._epoch_rng: dict[str, Any] | None = None  # every RNG at the current epoch's start
@@ -169,7 +179,7 @@ class Trainer(Resumable):
 
     def fit(self) -> list[dict[str, Any]]:
         """Epochs from `self.epoch` to `settings.epochs`, checkpoints every `checkpoint_every` and at the
-        end, the final LoRA in checkpoints/final. SIGTERM/SIGUSR1 ask for a checkpoint at the next epoch
+        end, the final LoRA in checkpoints/final. STOP_SIGNALS ask for a checkpoint at the next epoch
         boundary, then `Preempted` is raised."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -180,10 +190,11 @@ class Trainer(Resumable):
 
         def request_stop(signum: int, frame: Any) -> None:
             self.stop_requested = True
+            self.stop_signal = signum
             if self._interruptible:
                 raise Abandoned
 
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
         records = []
         try:
             for epoch in range(self.epoch, self.settings.epochs):
@@ -224,7 +235,8 @@ class Trainer(Resumable):
             self._timed_checkpoint(self.save_checkpoint)
         if stop:
             raise Preempted(
-                f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto"
+                f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto",
+                self.stop_signal,
             )
 
     def _stop_mid_epoch(self, epoch: int, stop: BaseException) -> None:
@@ -238,7 +250,8 @@ class Trainer(Resumable):
             raise stop
         done = f"checkpoint after epoch {self.epoch - 1} written" if saved else "no epoch finished yet"
         raise Preempted(
-            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto"
+            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto",
+            self.stop_signal,
         ) from None
 
     @contextmanager
