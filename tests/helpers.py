@@ -374,3 +374,21 @@ def detector_gain(run_dir) -> float:  # noqa: ANN001
     print(f"detector score before {before:.4f} after {after:.4f} ({after - before:+.4f})")
     print_detector_parts(run_dir)
     return after - before
+
+
+def first_update(trainer) -> tuple[dict, list[torch.Tensor]]:  # noqa: ANN001
+    """The first round's update of a built Trainer: its metrics and every gradient the optimizer was
+    about to apply (recorded at each optimizer step); the trainer is closed after."""
+    grads: list[torch.Tensor] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        grads.extend(p.grad.detach().clone() for p in trainer.params)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    traj, rewards, _ = trainer.sample_round(0)
+    advantages, _ = trainer.advantages(traj.prompts, rewards["reward"])
+    stats = trainer.update(0, traj, advantages)
+    trainer.close()
+    return stats, grads

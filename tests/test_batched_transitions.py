@@ -11,6 +11,7 @@ from rlcm_exp.configs import compose
 from rlcm_exp.errors import ConfigError
 from rlcm_exp.training.batching import plan_batches
 from rlcm_exp.training.build import build_trainer, make_accelerator
+from tests.helpers import first_update
 
 SAMPLERS = {  # each trains 4 transitions per trajectory, so 1, 2 and 4 (= 0, all) divide it
     "lcm": ["algo=rlcm", "sampler.num_steps=5"],
@@ -31,19 +32,7 @@ def one_update(tmp_path, sampler: list[str], per_call: int) -> tuple[dict, list[
         ]
     )  # fmt: skip
     trainer = build_trainer(cfg, tmp_path / f"run{per_call}", make_accelerator(cfg))
-    grads: list[torch.Tensor] = []
-    step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):  # the gradient the optimizer is about to apply
-        grads.extend(p.grad.detach().clone() for p in trainer.params)
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
-    traj, rewards, _ = trainer.sample_round(0)
-    advantages, _ = trainer.advantages(traj.prompts, rewards["reward"])
-    stats = trainer.update(0, traj, advantages)
-    trainer.close()
-    return stats, grads
+    return first_update(trainer)
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

@@ -10,7 +10,9 @@ import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -25,8 +27,35 @@ register_help_resolver()  # ${rlcm_options:GROUP} of the --help template (conf/h
 
 @hydra.main(version_base="1.3", config_path=HYDRA_CONFIG_PATH, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    import torch
     from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+
+    def job() -> None:
+        with job_gpu(cfg, hc.sweep.dir):
+            run_job(cfg, hc)
+
+    exit_on_config_error(job)  # a lease that cannot be taken: one line
+
+
+@contextlib.contextmanager
+def job_gpu(cfg: DictConfig, sweep_dir: str) -> Iterator[None]:
+    """device=job (parallel sweep jobs): the job leases a GPU of its own for its life, the first free
+    one, whatever order earlier jobs finished in (training/gpu_lease.py)."""
+    import torch
+
+    from rlcm_exp.training.gpu_lease import gpu_lease, lease_folder
+
+    if cfg.device != "job" or not torch.cuda.is_available():
+        yield
+        return
+    with gpu_lease(lease_folder(sweep_dir), torch.cuda.device_count()) as slot:
+        torch.cuda.set_device(slot)
+        yield
+
+
+def run_job(cfg: DictConfig, hc: Any) -> None:
+    """One job: train into Hydra's run dir; exit codes for a preempted or stopped run."""
     from hydra.types import RunMode
     from omegaconf import open_dict
 
@@ -34,9 +63,6 @@ def hydra_main(cfg: DictConfig) -> None:
     from rlcm_exp.training.build import train
     from rlcm_exp.training.trainer import PREEMPTED_EXIT_CODE, Preempted
 
-    hc = HydraConfig.get()
-    if cfg.device == "job" and torch.cuda.is_available():  # parallel sweep jobs: job N takes GPU N mod count
-        torch.cuda.set_device(int(getattr(hc.job, "num", None) or 0) % torch.cuda.device_count())
     if hc.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
         with open_dict(cfg):  # every run of a sweep lands in one wandb group, so their curves overlay
             cfg.logger.group = f"sweep-{Path(hc.sweep.dir).name}"
@@ -45,6 +71,7 @@ def hydra_main(cfg: DictConfig) -> None:
         exit_on_config_error(lambda: train(cfg, run_dir, callbacks=[RunSummary()]))
     except Preempted as err:
         print(str(err), file=sys.stderr)
+        hand_back(err.signum)  # submitit (SLURM launcher): its handler requeues the job, which resumes
         sys.exit(PREEMPTED_EXIT_CODE)
     except RunStopped as err:  # diverged, a reward that hung: one line, not a traceback
         print(f"error: {err}", file=sys.stderr)
@@ -53,6 +80,16 @@ def hydra_main(cfg: DictConfig) -> None:
         if created_by_this_command(run_dir):
             clean_up_unstarted(run_dir, f"{hc.job.name}.log", date_folder=not NAMED_DIR)
         raise
+
+
+def hand_back(signum: int | None) -> None:
+    """Once the checkpoint is written, deliver the stop signal to the handler the training replaced,
+    when that is a Python one: submitit's (hydra/launcher=slurm, submitit_local) checkpoints the job's
+    submission and requeues it (exiting itself); the requeued job continues with resume=auto."""
+    import signal
+
+    if signum is not None and callable(signal.getsignal(signum)):
+        signal.raise_signal(signum)
 
 
 # run dirs (and sweep dirs) named on the command line that existed before this command ran: never

@@ -26,7 +26,7 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     nullable: bool = False  # null is a valid value (e.g. "the member's native resolution")
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # a choice's values; for a number, words it also takes ("auto")
     what: str = ""  # meaning, for the message
 
     def describe(self) -> str:
@@ -40,7 +40,8 @@ class Rule:
         hi = "" if self.high is None else (f"< {self.high}" if self.high_open else f"<= {self.high}")
         bounds = " and ".join(b for b in (lo, hi) if b)
         kind = "an integer" if self.kind == "int" else "a number"
-        return f"{kind}" + (f" {bounds}" if bounds else "") + (" (or null)" if self.nullable else "")
+        words = "".join(f" or {w!r}" for w in self.choices)
+        return f"{kind}" + (f" {bounds}" if bounds else "") + words + (" (or null)" if self.nullable else "")
 
 
 def _int(low: float | None = None, high: float | None = None, what: str = "", nullable: bool = False) -> Rule:
@@ -113,7 +114,9 @@ RULES: dict[str, Rule] = {
     "train.train_batch_size": _int(1, None, "PER PROCESS trajectories per minibatch"),
     "train.samples_per_step": _int(1, None, "GLOBAL trajectories per optimizer step"),
     "train.inner_epochs": _int(1, None),
-    "train.transitions_per_forward": _int(0, None, "PER PROCESS trained transitions per UNet call; 0: all"),
+    "train.transitions_per_forward": Rule(
+        "int", 0, choices=("auto",), what="PER PROCESS trained transitions per UNet call; 0: all"
+    ),
     "train.max_grad_norm": _pos("gradient-norm clip"),
     "train.save_images": _int(0),
     "train.save_images_every": _int(0),
@@ -216,6 +219,8 @@ def _valid(rule: Rule, value: Any) -> bool:
         return isinstance(value, str) and (value in rule.choices or value.split(":")[0] in rule.choices)
     if rule.kind == "name":
         return isinstance(value, str) and bool(value.strip())
+    if isinstance(value, str):
+        return value in rule.choices  # a number's words ("auto")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     if rule.kind == "int" and not isinstance(value, int):
@@ -395,6 +400,15 @@ def check_sampler_fits_model(cfg: DictConfig) -> None:
         check_family(instantiate(model), node)
 
 
+def check_optimizer_available(cfg: DictConfig) -> None:
+    """An optimizer builder's own `check_available()` (training/optimizers.py: adam8bit needs
+    bitsandbytes), before any model loads."""
+    target = cfg.get("optimizer", {}).get("_target_")
+    check = getattr(locate(target), "check_available", None) if target else None
+    if check is not None:
+        check()
+
+
 def check_before_loading(cfg: DictConfig) -> None:
     """Everything about a training config that needs no model: types and ranges, the device and
     precision, `_target_`s, the sampler's options, the user's prompt files, the sampler against the
@@ -402,6 +416,7 @@ def check_before_loading(cfg: DictConfig) -> None:
     check_config(cfg)
     check_device(cfg)
     check_targets(cfg)
+    check_optimizer_available(cfg)
     check_sampler_options(cfg)
     check_prompt_sources(cfg)
     check_sampler_fits_model(cfg)

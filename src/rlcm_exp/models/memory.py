@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 GIB = 2**30
 HEADROOM = 0.9  # a call may use this fraction of the free memory: the rest for what the model leaves out
@@ -95,6 +96,14 @@ def _fits(profile: MemoryProfile, call: TrainingCall, budget: float) -> bool:
     return estimate(profile, call).total <= budget
 
 
+def largest_transitions(profile: MemoryProfile, call: TrainingCall, budget: float, trained: int) -> int:
+    """The most trained transitions per call (at most `trained`) whose estimate fits `budget` bytes;
+    0 when not even one does (train.transitions_per_forward=auto's cap)."""
+    return max(
+        (n for n in range(1, trained + 1) if _fits(profile, replace(call, transitions=n), budget)), default=0
+    )
+
+
 def knob(profile: MemoryProfile, call: TrainingCall, budget: float, trained: int) -> str:
     """The first change that brings the call within `budget` bytes, those that change no result first:
     fewer transitions per call (a divisor of the `trained` transitions per trajectory), gradient
@@ -129,3 +138,86 @@ def refusal(profile: MemoryProfile, call: TrainingCall, available: float, traine
         f"(rlcm_exp/models/memory.py), over {HEADROOM:.0%} of the {available / GIB:.1f} GiB free: "
         + knob(profile, call, budget, trained)
     )
+
+
+# ---------------------------------------------------------------------------- a VLM reward (LLaVA)
+
+
+def transformer_params(
+    hidden: int, layers: int, intermediate: int, vocab: int, gated: bool, head: bool
+) -> float:
+    """Parameters of a transformer stack, biases and norms left out: per layer 4 h^2 (attention) +
+    (3 if gated (SwiGLU) else 2) x h x intermediate (MLP); + vocab x h embeddings (x 2 with an untied
+    LM head)."""
+    per_layer = 4 * hidden**2 + (3 if gated else 2) * hidden * intermediate
+    return layers * per_layer + vocab * hidden * (2 if head else 1)
+
+
+@dataclass(frozen=True)
+class VlmCall:
+    """One greedy `generate` call of a VLM reward, as the reward config states it."""
+
+    params_b: float  # VLM parameters, billions (vision tower, projector, language model)
+    layers: int  # language-model layers, each holding a key and a value cache
+    kv_width: int  # key (= value) values per token per layer: kv heads x head dim
+    prompt_tokens: int  # image tokens + question tokens
+    new_tokens: int  # reward.max_new_tokens
+    batch: int  # reward.batch_size: images per call
+    weight_bytes: int  # reward.dtype: 2 (float16, bfloat16) or 4 (float32); the cache has the same
+    other_b: float = 0.0  # parameters of the models loaded beside it, billions, in float32 (BERTScore)
+
+    def estimate(self) -> MemoryEstimate:
+        """Weights (the VLM at weight_bytes, the others at 4) + the KV cache of the longest answer:
+        2 x layers x kv_width x (prompt + new tokens) x batch x weight_bytes."""
+        weights = self.params_b * 1e9 * self.weight_bytes + self.other_b * 1e9 * 4
+        tokens = self.prompt_tokens + self.new_tokens
+        return MemoryEstimate(
+            weights, 2 * self.layers * self.kv_width * tokens * self.batch * self.weight_bytes
+        )
+
+
+def _vlm_batch(call: VlmCall, budget: float) -> int:
+    """The most images per call (at most `call.batch`) that fit `budget` bytes; 0 when none does."""
+    one = replace(call, batch=1).estimate()
+    assert one.activations is not None
+    return max(0, min(call.batch, int((budget - one.weights) // one.activations)))
+
+
+def vlm_knob(call: VlmCall, budget: float) -> str:
+    """The first change that brings the VLM within `budget` bytes: a smaller batch (same answers),
+    then 16-bit weights (and the batch that then fits), else a larger device."""
+    b = _vlm_batch(call, budget)
+    if b >= 1:
+        return f"set reward.batch_size={b}"
+    if call.weight_bytes > 2:
+        b = _vlm_batch(replace(call, weight_bytes=2), budget)
+        if b >= 1:
+            return "set reward.dtype=float16" + ("" if b == call.batch else f" and reward.batch_size={b}")
+    return "even one image with 16-bit weights does not fit: serve the reward on a larger GPU (rlcm_exp.reward_server)"
+
+
+def vlm_refusal(call: VlmCall, available: float) -> str | None:
+    """None when the VLM reward's estimate fits `HEADROOM` of `available` bytes, else why and the knob."""
+    need = call.estimate()
+    budget = HEADROOM * available
+    if need.total <= budget:
+        return None
+    assert need.activations is not None
+    return (
+        f"the VLM reward needs about {need.total / GIB:.1f} GiB (weights {need.weights / GIB:.1f} + KV cache "
+        f"{need.activations / GIB:.1f} for {call.batch} images x {call.prompt_tokens + call.new_tokens} tokens), "
+        f"an estimate (rlcm_exp/models/memory.py), over {HEADROOM:.0%} of the {available / GIB:.1f} GiB free: "
+        + vlm_knob(call, budget)
+    )
+
+
+def free_memory(device: Any) -> int:
+    """Free bytes of `device`: CUDA's own count, or the host's available memory for a CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -25,9 +25,10 @@ from typing import Any, Unpack
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from rlcm_exp.errors import ConfigError
+from rlcm_exp.models.memory import VlmCall, free_memory, transformer_params, vlm_refusal
 from rlcm_exp.models.precision import load_dtype
 from rlcm_exp.rewards.base import check_images, check_prompts, encode_image, to_uint8
 from rlcm_exp.rewards.bertscore import BertScorer, load_bertscore
@@ -182,6 +183,14 @@ def llava_bertscore(
     # the query is checked before the (large) models load, so a config mistake fails at once
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
     vlm = HubSource(vlm_model_id, vlm_revision, vlm_local_path, "reward.vlm_")
+    bert = HubSource(bertscore_model_id, bertscore_revision, bertscore_local_path, "reward.bertscore_")
+    # the estimate from the two configs (config.json only): a VLM that cannot fit is refused unloaded
+    call = vlm_call(
+        vlm.load(AutoConfig.from_pretrained), query, batch_size, dtype, bert.load(AutoConfig.from_pretrained)
+    )
+    why = vlm_refusal(call, free_memory(device))
+    if why is not None:
+        raise ConfigError(f"reward=llava_bertscore on {device}: {why}")
     model, processor, vlm_source = load_with_processor(
         AutoModelForImageTextToText.from_pretrained, AutoProcessor.from_pretrained, vlm, dtype
     )
@@ -199,3 +208,40 @@ def llava_bertscore(
     )
     models = {"vlm": vlm_source, "bertscore": bert_source}
     return LlavaBertscoreReward(answerer, scorer, reference_template, models)
+
+
+def _params(config: Any, head: bool) -> float:
+    """A transformer config's parameter count (models/memory.transformer_params)."""
+    gated = getattr(config, "hidden_act", "") == "silu"  # Llama-style SwiGLU: three MLP matrices
+    vocab = getattr(config, "vocab_size", 0) if head else 0  # a vision tower has no vocabulary
+    return transformer_params(
+        config.hidden_size, config.num_hidden_layers, config.intermediate_size, vocab, gated, head
+    )
+
+
+def vlm_call(vlm_config: Any, query: VlmQuery, batch_size: int, dtype: str, bert_config: Any) -> VlmCall:
+    """The memory model's view of one generate call (models/memory.VlmCall) from the VLM's and
+    BERTScore's configs: language model + vision tower + projector parameters, the language
+    model's key/value width, the image's tokens and the question's (about 3 characters a token)."""
+    text, vision = vlm_config.text_config, vlm_config.vision_config
+    projector = vision.hidden_size * text.hidden_size + text.hidden_size**2
+    params = _params(text, head=True) + _params(vision, head=False) + projector
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    image_tokens = (
+        getattr(vlm_config, "image_seq_length", None) or (vision.image_size // vision.patch_size) ** 2
+    )
+    bert = transformer_params(
+        bert_config.hidden_size, bert_config.num_hidden_layers, bert_config.intermediate_size,
+        bert_config.vocab_size, gated=False, head=False,
+    )  # fmt: skip
+    return VlmCall(
+        params_b=params / 1e9,
+        layers=text.num_hidden_layers,
+        kv_width=kv_heads * (text.hidden_size // heads),
+        prompt_tokens=image_tokens + len(query.text) // 3 + 1,
+        new_tokens=query.max_new_tokens,
+        batch=batch_size,
+        weight_bytes=4 if dtype == "float32" else 2,
+        other_b=bert / 1e9,
+    )

@@ -37,7 +37,12 @@ from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import check_checkpoint_folders
 from rlcm_exp.training.ema import EMA
 from rlcm_exp.training.failures import RankFailures
-from rlcm_exp.training.memory_check import check_training_memory, free_memory
+from rlcm_exp.training.memory_check import (
+    check_training_memory,
+    free_memory,
+    stated_transitions,
+    transitions_cap,
+)
 from rlcm_exp.training.rundir import (
     check_identity,
     check_run_dir,
@@ -69,7 +74,7 @@ def check_batches(cfg: DictConfig, world_size: int, transitions: int = 1) -> Bat
         transitions_per_trajectory=transitions,
         timestep_fraction=cfg.algo.timestep_fraction if transitions > 1 else 1.0,
         timestep_window=cfg.algo.timestep_window if transitions > 1 else 1.0,
-        transitions_per_forward=t.get("transitions_per_forward", 1) if transitions > 1 else 1,
+        transitions_per_forward=stated_transitions(t) if transitions > 1 else 1,
     )
 
 
@@ -126,9 +131,11 @@ def build_trainer(
     accelerator: Accelerator,
     callbacks: Sequence[Callback] = (),
     logger: Logger | None = None,
+    transitions_cap: int | None = None,
 ) -> Trainer:
     """model -> policy -> LoRA -> memory options -> batch plan -> reward, prompts, optimizer, schedule.
-    `logger` is built by the caller (not started: `train` starts it once a resume has named its run)."""
+    `logger` is built by the caller (not started: `train` starts it once a resume has named its run);
+    `transitions_cap`: the memory model's most transitions per call (train.transitions_per_forward=auto)."""
     set_seed(cfg.seed, device_specific=True)  # seed + process index
     policy = build_policy(cfg, accelerator.device)
     set_seed(cfg.seed, device_specific=True)  # LoRA init must not depend on what loading drew before it
@@ -161,6 +168,7 @@ def build_trainer(
         gold_reward_fn=build_reward(gold, accelerator.device) if gold is not None else None,
         normalisation=normalisation,
         run_identity=run_identity(cfg),
+        transitions_cap=transitions_cap,
     )
 
 
@@ -239,7 +247,8 @@ def _train(
     check_identity(candidates, run_identity(cfg), run_dir, cfg.resume)
     if accelerator.is_main_process:
         redact_run_dir(run_dir)  # Hydra's own copies hold the secrets until then, even if the build fails
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_logger(cfg, accelerator))
+    cap = transitions_cap(cfg, family, member, accelerator.mixed_precision, accelerator.device)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks, build_logger(cfg, accelerator), cap)
     if accelerator.is_main_process:  # only once everything is built: a failed start writes nothing here
         record_run(cfg, run_dir)
     resumed = trainer.restore(candidates, fall_back=cfg.resume == "auto")

@@ -13,16 +13,20 @@ import torch
 from omegaconf import DictConfig
 
 from rlcm_exp.errors import ConfigError
-from rlcm_exp.models.memory import MemoryProfile, TrainingCall, refusal
+from rlcm_exp.models.memory import (
+    HEADROOM,
+    MemoryProfile,
+    TrainingCall,
+    free_memory,
+    largest_transitions,
+    refusal,
+)
 
 
-def free_memory(device: torch.device) -> int:
-    """Free bytes of `device`: CUDA's own count, or the host's available memory for a CPU run."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+def stated_transitions(train: Any) -> int:
+    """train.transitions_per_forward as the first calls use it: "auto" starts at 1 (training/autotune.py)."""
+    value = train.get("transitions_per_forward", 1)
+    return 1 if value == "auto" else int(value)
 
 
 def training_call(
@@ -30,13 +34,14 @@ def training_call(
 ) -> tuple[MemoryProfile, TrainingCall, int] | None:
     """(the family's figures, the call the config states, transitions trained per trajectory), or
     None without figures. Before the policy exists the transitions per trajectory are bounded by
-    sampler.num_steps: train.transitions_per_forward=0 ("all") is estimated at that bound."""
+    sampler.num_steps: train.transitions_per_forward=0 ("all") is estimated at that bound, "auto" at
+    1 (its smallest candidate: the others are capped by `transitions_cap`)."""
     profile: MemoryProfile | None = getattr(family, "memory", None)
     if profile is None:
         return None
     sampler, train = cfg.sampler, cfg.train
     trained = max(1, int(sampler.num_steps * cfg.algo.get("timestep_fraction", 1.0)))
-    per_call = train.get("transitions_per_forward", 1) or trained
+    per_call = stated_transitions(train) or trained
     guidance = sampler.get("guidance_scale") or 1.0
     doubled = guidance > 1 and sampler.get("train_cfg", True) and member not in profile.guidance_embedding
     resolution = sampler.get("resolution") or family.member(member).resolution or profile.reference_resolution
@@ -63,3 +68,15 @@ def check_training_memory(
     why = refusal(*stated[:2], free_memory(device), stated[2])
     if why is not None:
         raise ConfigError(f"model={family.name}: {why}")
+
+
+def transitions_cap(
+    cfg: DictConfig, family: Any, member: str, mixed_precision: str, device: torch.device
+) -> int | None:
+    """The most transitions per call that fit the free memory of `device` (train.transitions_per_forward
+    =auto times none above it), or None for a family without memory figures."""
+    stated = training_call(cfg, family, member, mixed_precision)
+    if stated is None:
+        return None
+    profile, call, trained = stated
+    return max(1, largest_transitions(profile, call, HEADROOM * free_memory(device), trained))

@@ -30,7 +30,9 @@ class TrainSettings:
     sample_batch_size: int = 8  # PER PROCESS trajectories per sampling forward
     train_batch_size: int = 2  # PER PROCESS trajectories per training minibatch
     samples_per_step: int = 32  # GLOBAL trajectories per optimizer step
-    transitions_per_forward: int = 1  # PER PROCESS trained transitions per UNet call (0: all); same gradient
+    # PER PROCESS trained transitions per UNet call (0: all; "auto": the fastest that fits, measured on
+    # the first round, training/autotune.py); the same gradient for every value
+    transitions_per_forward: int | str = 1
     inner_epochs: int = 1  # passes over each round's samples
     max_grad_norm: float = 5.0  # clip of the LoRA gradient norm
     save_images: int = 16  # images of the first and last epoch saved as a grid (0: none)
@@ -41,7 +43,9 @@ class TrainSettings:
     reward_timeout_s: float | None = 3600.0
     max_nonfinite_in_a_row: int = 64  # stop when this many consecutive rewards are NaN/inf
     reward_server_gpus: int = 0  # GPUs of a remote reward server, counted in gpu_hours
-    checkpoint_every: int = 10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1)
+    checkpoint_every: int = (
+        10  # full checkpoint every N epochs (and at the end, and on SIGTERM/SIGUSR1/SIGUSR2)
+    )
     keep_last: int = 3  # complete checkpoints kept (older ones deleted)
     dump_rollouts: bool = (
         False  # save each process's prompts, rewards, advantages per epoch to RUN_DIR/rollouts

@@ -32,6 +32,7 @@ from rlcm_exp.rewards.timeout import RewardTimeout, TimedReward
 from rlcm_exp.rl.multi_reward import RewardNormalisation
 from rlcm_exp.tracking import DIVERGED_FILE, Logger, MetricsFile, mark_diverged
 from rlcm_exp.training.artifacts import dump_rollouts, save_sample_grid
+from rlcm_exp.training.autotune import AUTO, choose
 from rlcm_exp.training.batching import BatchPlan
 from rlcm_exp.training.callbacks import Callback
 from rlcm_exp.training.checkpoint import (
@@ -44,15 +45,24 @@ from rlcm_exp.training.rounds import RoundAdvantages, RoundSampler
 from rlcm_exp.training.settings import AlgoSettings, TrainSettings
 from rlcm_exp.training.update import Optimization, UpdateContext
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=auto continues
+PREEMPTED_EXIT_CODE = (
+    75  # EX_TEMPFAIL: stopped by a STOP_SIGNALS signal after a checkpoint; resume=auto continues
+)
+# SIGTERM (SLURM's, Kubernetes'), SIGUSR1 (`sbatch --signal`), SIGUSR2 (submitit's preemption/timeout signal)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE."""
+    """Raised after the preemption checkpoint is written; the entry point exits with PREEMPTED_EXIT_CODE.
+    `signum`: the signal that asked for the stop on this process (None: another process's)."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class Abandoned(BaseException):
-    """Raised by the SIGTERM/SIGUSR1 handler inside the phase that may be dropped (sampling and scoring
+    """Raised by the STOP_SIGNALS handler inside the phase that may be dropped (sampling and scoring
     a round: nothing of the epoch is applied yet), so a reward that hangs cannot outlive preemption. A BaseException:
     no `except Exception` of a reward or a library on the way swallows it."""
 
@@ -91,6 +101,7 @@ class Trainer(Resumable):
         gold_reward_fn: RewardFn | None = None,
         normalisation: RewardNormalisation | None = None,
         run_identity: dict[str, Any] | None = None,
+        transitions_cap: int | None = None,
     ) -> None:
         # every reward call bounded by train.reward_timeout_s, on a thread SIGTERM does not wait for
         reward_fn = TimedReward(reward_fn, settings.reward_timeout_s)
@@ -113,7 +124,8 @@ class Trainer(Resumable):
         self.epoch = 0
         self.reward_queries = 0
         self.elapsed_s = 0.0  # wall-clock of training epochs (sampling, reward, update, logging)
-        self.stop_requested = False  # set by SIGTERM/SIGUSR1: checkpoint at the next epoch boundary, exit
+        self.stop_requested = False  # set by STOP_SIGNALS: checkpoint at the next epoch boundary, exit
+        self.stop_signal: int | None = None  # the signal that set it (handed back by the entry point)
         self._interruptible = False  # in a phase the signal handler abandons at once (one process only)
         self._untouched = True  # nothing of the current epoch applied yet: its state is the last epoch's
         self._epoch_rng: dict[str, Any] | None = None  # every RNG at the current epoch's start
@@ -124,6 +136,10 @@ class Trainer(Resumable):
         # run id + the config keys that define the run (rundir.run_identity), in every checkpoint: a
         # resume proves it continues the same run; a restore adopts the checkpoint's
         self.run_identity = run_identity
+        # train.transitions_per_forward=auto: measured on this start's first round (training/autotune.py),
+        # none above `transitions_cap` (the memory model's largest; None: no figure)
+        self._tune_transitions = settings.transitions_per_forward == AUTO
+        self.transitions_cap = transitions_cap
 
     # The optimizer side and the round's pieces under the names callers (tests, benchmarks) use.
     @property
@@ -149,13 +165,21 @@ class Trainer(Resumable):
     def update(self, epoch: int, traj: Trajectory, advantages: torch.Tensor) -> dict[str, float]:
         """The algorithm's update (algo.update) on this process's share of the round."""
         ctx = UpdateContext(self.policy, self.accelerator, self.plan, self.algo, self.optimization, self.seed)
+        if self._tune_transitions:  # once per process start, on the round's own first minibatch
+            self._tune_transitions = False
+            self.plan, line = choose(self.algo.update, ctx, traj, advantages, self.transitions_cap)
+            ctx.plan = self.plan
+            if self.accelerator.is_main_process:
+                print(line)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "transitions_per_forward.txt").write_text(line + "\n")
         return self.algo.update(ctx, epoch, traj, advantages)
 
     # ------------------------------------------------------------------ the run
 
     def fit(self) -> list[dict[str, Any]]:
         """Epochs from `self.epoch` to `settings.epochs`, checkpoints every `checkpoint_every` and at the
-        end, the final LoRA in checkpoints/final. SIGTERM/SIGUSR1 ask for a checkpoint at the next epoch
+        end, the final LoRA in checkpoints/final. STOP_SIGNALS ask for a checkpoint at the next epoch
         boundary, then `Preempted` is raised."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -166,10 +190,11 @@ class Trainer(Resumable):
 
         def request_stop(signum: int, frame: Any) -> None:
             self.stop_requested = True
+            self.stop_signal = signum
             if self._interruptible:
                 raise Abandoned
 
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
         records = []
         try:
             for epoch in range(self.epoch, self.settings.epochs):
@@ -210,7 +235,8 @@ class Trainer(Resumable):
             self._timed_checkpoint(self.save_checkpoint)
         if stop:
             raise Preempted(
-                f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto"
+                f"stopped by a signal after epoch {epoch}; checkpoint written, resume with resume=auto",
+                self.stop_signal,
             )
 
     def _stop_mid_epoch(self, epoch: int, stop: BaseException) -> None:
@@ -224,7 +250,8 @@ class Trainer(Resumable):
             raise stop
         done = f"checkpoint after epoch {self.epoch - 1} written" if saved else "no epoch finished yet"
         raise Preempted(
-            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto"
+            f"stopped by a signal during epoch {epoch}'s sampling; {done}, resume with resume=auto",
+            self.stop_signal,
         ) from None
 
     @contextmanager

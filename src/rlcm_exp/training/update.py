@@ -212,6 +212,25 @@ class PolicyGradientUpdate:
             self._check_first_ratios(ctx, first["ratio_first_max_dev"])
         return {**out, **first}
 
+    def warmup(
+        self,
+        ctx: UpdateContext,
+        traj: Trajectory,
+        advantages: torch.Tensor,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        per_call: int,
+    ) -> None:
+        """The forward + backward of minibatch `rows` on its `steps` (rows, width) transitions, `per_call`
+        per call, as training runs them, without an optimizer step (training/autotune.py times it; the
+        gradients it accumulates are the caller's to put back)."""
+        width = steps.shape[1]
+        plan = replace(
+            ctx.plan, trained_transitions=width, transitions_per_forward=per_call, grad_accum_minibatches=1
+        )
+        adv = advantages.to(ctx.accelerator.device)
+        self._minibatch(replace(ctx, plan=plan), traj, adv, rows, steps, True, False)
+
     def _check_first_ratios(self, ctx: UpdateContext, max_dev: float) -> None:
         """Warn (once per run) when the first minibatch's ratios, all 1 in exact arithmetic, already
         leave the clip range: the clipped loss then trains on precision noise."""
