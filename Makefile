@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev,launchers,rewards]'
+	$(BIN)/pip install -e '.[dev,launchers,rewards,memory]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (torch pinned first)
