@@ -405,6 +405,8 @@ def alignment_request(monkeypatch, name: str, x: torch.Tensor):
     vlm, processor, bert = FakeVlm(), FakeProcessor(), FakeBertScore()
     monkeypatch.setattr(llava, "load_with_processor", lambda *a, **k: (vlm, processor, "fake"))
     monkeypatch.setattr(llava, "load_bertscore", lambda *a, **k: (bert, "fake"))
+    # the memory check reads the hub models' config.json (tests/test_vlm_memory.py tests it): not here
+    monkeypatch.setattr(llava, "check_fits", lambda *a, **k: None)
     reward = build_reward(compose_reward_config([f"+reward={name}"]), "cpu")
     assert reward(x, PROMPTS).tolist() == [0.5] * len(x)
     (pil, texts), (_, references) = processor.calls[0], bert.calls[0]

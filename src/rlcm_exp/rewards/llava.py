@@ -184,13 +184,7 @@ def llava_bertscore(
     query = VlmQuery(question, prompt_template, max_new_tokens, image_transport, jpeg_quality)
     vlm = HubSource(vlm_model_id, vlm_revision, vlm_local_path, "reward.vlm_")
     bert = HubSource(bertscore_model_id, bertscore_revision, bertscore_local_path, "reward.bertscore_")
-    # the estimate from the two configs (config.json only): a VLM that cannot fit is refused unloaded
-    call = vlm_call(
-        vlm.load(AutoConfig.from_pretrained), query, batch_size, dtype, bert.load(AutoConfig.from_pretrained)
-    )
-    why = vlm_refusal(call, free_memory(device))
-    if why is not None:
-        raise ConfigError(f"reward=llava_bertscore on {device}: {why}")
+    check_fits(vlm, bert, query, batch_size, dtype, device)
     model, processor, vlm_source = load_with_processor(
         AutoModelForImageTextToText.from_pretrained, AutoProcessor.from_pretrained, vlm, dtype
     )
@@ -217,6 +211,19 @@ def _params(config: Any, head: bool) -> float:
     return transformer_params(
         config.hidden_size, config.num_hidden_layers, config.intermediate_size, vocab, gated, head
     )
+
+
+def check_fits(
+    vlm: HubSource, bert: HubSource, query: VlmQuery, batch_size: int, dtype: str, device: str
+) -> None:
+    """Refuse, before any weight loads, a VLM + BERTScore pair that cannot fit `device`'s free memory:
+    the estimate reads only the two config.json files (models/memory.py)."""
+    call = vlm_call(
+        vlm.load(AutoConfig.from_pretrained), query, batch_size, dtype, bert.load(AutoConfig.from_pretrained)
+    )
+    why = vlm_refusal(call, free_memory(device))
+    if why is not None:
+        raise ConfigError(f"reward=llava_bertscore on {device}: {why}")
 
 
 def vlm_call(vlm_config: Any, query: VlmQuery, batch_size: int, dtype: str, bert_config: Any) -> VlmCall:
