@@ -30,10 +30,10 @@ install: $(STAMP)  ## create .venv and install the package (torch pinned first)
 demo: $(STAMP)  ## the quickstart: RLCM on the toy world, a few minutes on a CPU
 	$(BIN)/python -m rlcm_exp experiment=quickstart
 
-test: $(STAMP)  ## the whole CPU suite, learning tests included (not gpu/hub/long): CI's command, 2 workers, ~50 min on 2 cores
+test: $(STAMP)  ## the whole CPU suite, learning tests included (not gpu/hub/long): CI's command, 2 workers, ~33 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not gpu and not hub and not long" $(XDIST) --durations=25
 
-test-fast: $(STAMP)  ## the inner loop: unit, hand-worked, tiny-model tests in process (not slow/subprocess/gpu/hub), ~6 min on 2 cores
+test-fast: $(STAMP)  ## the inner loop: unit, hand-worked, tiny-model tests in process (not slow/subprocess/gpu/hub), ~5 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not slow and not subprocess and not gpu and not hub" $(XDIST)
 
 lint: $(STAMP)  ## ruff lint + format check, mypy on src/
